@@ -1,0 +1,186 @@
+"""Packed per-sequence data and its movement between calls.
+
+A ``SeqBatch`` holds sequences by global id; every key is one tensor packed along dim 0 with the rows
+of each sequence contiguous (tokens of ``packed_input_ids``, one row of ``rewards``, ...), and
+``lens[key][i]`` rows belong to ``ids[i]``. Sequences are kept sorted by id, so gathering pieces from
+several producers restores the input order.
+
+Transfer of one data edge (all ranks of ``op.ranks``, in the global op order):
+1. the producer's dp heads all-gather the metadata of what they hold (ids, rows per key, dtypes);
+2. every member computes the consumer's split (contiguous id ranges balanced by tokens) the same way;
+3. each head sends each consumer rank the sequences it needs, one tensor per key, point to point.
+Nothing goes through a driver process or a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from executor import comm
+
+
+@dataclass
+class SeqBatch:
+    ids: list[int]
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
+    lens: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for k, t in self.data.items():
+            if sum(self.lens[k]) != t.shape[0] or len(self.lens[k]) != len(self.ids):
+                raise ValueError(f"key {k}: {len(self.lens[k])} lengths summing to {sum(self.lens[k])} "
+                                 f"for {len(self.ids)} sequences and {t.shape[0]} rows")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def keys(self):
+        return self.data.keys()
+
+    def offsets(self, key: str) -> list[int]:
+        out, acc = [0], 0
+        for n in self.lens[key]:
+            acc += n
+            out.append(acc)
+        return out
+
+    def seq(self, key: str, i: int) -> torch.Tensor:
+        """Rows of the i-th sequence (by position, not id)."""
+        off = self.offsets(key)
+        return self.data[key][off[i]:off[i + 1]]
+
+    def select(self, ids: Sequence[int], keys: Optional[Sequence[str]] = None) -> "SeqBatch":
+        pos = {s: i for i, s in enumerate(self.ids)}
+        idx = [pos[s] for s in ids]
+        keys = list(self.data) if keys is None else list(keys)
+        data, lens = {}, {}
+        for k in keys:
+            off = self.offsets(k)
+            parts = [self.data[k][off[i]:off[i + 1]] for i in idx]
+            data[k] = torch.cat(parts) if parts else self.data[k][:0]
+            lens[k] = [self.lens[k][i] for i in idx]
+        return SeqBatch(list(ids), data, lens)
+
+    def update(self, other: "SeqBatch") -> "SeqBatch":
+        """Add ``other``'s keys (same ids, any order)."""
+        if sorted(other.ids) != sorted(self.ids):
+            raise ValueError("update needs the same sequences")
+        o = other.select(self.ids) if other.ids != self.ids else other
+        self.data.update(o.data)
+        self.lens.update(o.lens)
+        return self
+
+    @staticmethod
+    def from_lists(ids: Sequence[int], values: dict[str, Sequence[torch.Tensor]]) -> "SeqBatch":
+        data = {k: torch.cat(list(v)) if len(v) else torch.empty(0) for k, v in values.items()}
+        return SeqBatch(list(ids), data, {k: [t.shape[0] for t in v] for k, v in values.items()})
+
+    @staticmethod
+    def concat(batches: Sequence["SeqBatch"]) -> "SeqBatch":
+        """Union of disjoint batches with the same keys, sorted by id."""
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            return SeqBatch([])
+        keys = list(batches[0].data)
+        entries = []
+        for b in batches:
+            offs = {k: b.offsets(k) for k in keys}
+            for i, s in enumerate(b.ids):
+                entries.append((s, {k: b.data[k][offs[k][i]:offs[k][i + 1]] for k in keys}))
+        entries.sort(key=lambda e: e[0])
+        return SeqBatch.from_lists([e[0] for e in entries], {k: [e[1][k] for e in entries] for k in keys})
+
+
+def split_balanced(ids: Sequence[int], tokens: Sequence[int], parts: int, min_per_part: int = 1) -> list[list[int]]:
+    """Contiguous id ranges, one per part, with token sums as even as a greedy cut allows, each with at
+    least ``min_per_part`` sequences (and at least one whenever there are enough sequences)."""
+    n = len(ids)
+    need = min(min_per_part, n // parts) if parts else 0
+    total = float(sum(tokens))
+    out, start, acc = [], 0, 0.0
+    for p in range(parts):
+        remaining_parts = parts - p - 1
+        if remaining_parts == 0:
+            end = n
+        else:
+            target = total * (p + 1) / parts
+            end = start
+            # take at least `need`, leave at least `need` for each remaining part
+            while end < n - need * remaining_parts and (end - start < need or acc + tokens[end] / 2 <= target):
+                acc += tokens[end]
+                end += 1
+        out.append(list(ids[start:end]))
+        start = end
+    return out
+
+
+def _meta(b: Optional[SeqBatch], keys: Sequence[str]):
+    if b is None:
+        return None
+    return {"ids": list(b.ids), "lens": {k: b.lens[k] for k in keys},
+            "dtype": {k: str(b.data[k].dtype).replace("torch.", "") for k in keys},
+            "shape": {k: tuple(b.data[k].shape[1:]) for k in keys}}
+
+
+def transfer(batch: Optional[SeqBatch], keys: Sequence[str], rank: int, group: comm.Group,
+             heads: Sequence[int], consumer_replicas: Sequence[Sequence[int]], min_per_replica: int,
+             device: torch.device, token_key: Optional[str] = None) -> Optional[SeqBatch]:
+    """Move ``keys`` from the producer heads (each holding ``batch``) to every consumer rank.
+
+    ``consumer_replicas[j]`` lists the ranks of the consumer's dp replica j (each receives replica j's
+    sequences). Returns this rank's ``SeqBatch`` if it is a consumer, else None.
+    """
+    keys = sorted(keys)
+    metas = comm.all_gather_objects(_meta(batch if rank in heads else None, keys), group)
+    by_rank = {r: m for r, m in zip(group.ranks, metas) if r in heads}
+    holder, rows = {}, {}
+    for h in heads:
+        m = by_rank[h]
+        for i, s in enumerate(m["ids"]):
+            holder[s] = (h, i)
+            rows[s] = m["lens"][token_key if token_key in keys else keys[0]][i]
+    all_ids = sorted(holder)
+    splits = split_balanced(all_ids, [rows[s] for s in all_ids], len(consumer_replicas), min_per_replica)
+
+    sends, recvs, received = [], [], {}
+    mine: Optional[list[int]] = None
+    for j, replica in enumerate(consumer_replicas):
+        want = splits[j]
+        for c in sorted(replica):
+            if c == rank:
+                mine = want
+            for h in heads:
+                sub = [s for s in want if holder[s][0] == h]
+                if not sub or h == c:
+                    continue
+                m = by_rank[h]
+                for k in keys:
+                    n_rows = sum(m["lens"][k][holder[s][1]] for s in sub)
+                    if rank == h:
+                        sends.append((batch.select(sub, [k]).data[k].contiguous(), c))
+                    elif rank == c:
+                        t = torch.empty((n_rows, *m["shape"][k]), dtype=getattr(torch, m["dtype"][k]), device=device)
+                        recvs.append((t, h))
+                        received[(h, k)] = (sub, [m["lens"][k][holder[s][1]] for s in sub], t)
+    comm.exchange(sends, recvs)
+    if mine is None:
+        return None
+    pieces = []
+    for h in heads:
+        sub = [s for s in mine if holder[s][0] == h]
+        if not sub:
+            continue
+        if h == rank:
+            pieces.append(batch.select(sub, keys))
+        else:
+            pieces.append(SeqBatch(sub, {k: received[(h, k)][2] for k in keys},
+                                   {k: received[(h, k)][1] for k in keys}))
+    out = SeqBatch.concat(pieces)
+    if not len(out):
+        out = SeqBatch([], {k: torch.empty((0, *by_rank[heads[0]]["shape"][k]),
+                                           dtype=getattr(torch, by_rank[heads[0]]["dtype"][k])) for k in keys},
+                       {k: [] for k in keys})
+    return out

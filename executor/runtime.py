@@ -1,0 +1,107 @@
+"""The contract between the executor and an experiment.
+
+The executor owns processes, groups, the schedule and data movement; an experiment's ``Runtime``
+owns models and math. One ``Runtime`` instance lives in each worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from executor.comm import Group
+from reallm.dataflow import Call
+from reallm.errors import NotAvailableYet
+from reallm.placement import Coord, Placement
+from reallm.plan import Plan
+
+
+@dataclass
+class CallContext:
+    """Where this rank stands in one call: its placement, coordinates and groups."""
+
+    plan: Plan
+    call: Call
+    placement: Placement
+    rank: int
+    coord: Coord
+    step: int
+    device: torch.device
+    mesh: Group  # every rank of the placement
+    tp: Group
+    pp: Group
+    dp: Group
+    replica: Group  # this dp replica's tp × pp ranks
+
+    @property
+    def is_head(self) -> bool:
+        return self.coord.pp == self.placement.pp - 1 and self.coord.tp == 0
+
+
+class Runtime:
+    """What an experiment provides. Methods run in every worker; ``on_results`` only on rank 0."""
+
+    def num_steps(self) -> int:
+        raise NotImplementedError
+
+    def step_sequences(self, step: int) -> tuple[list[int], list[int]]:
+        """Global ids of the sequences of ``step`` and their token counts (known to every rank)."""
+        raise NotImplementedError
+
+    def load(self, ids: Sequence[int], keys: Sequence[str], ctx: CallContext):
+        """The dataset keys of these sequences as a ``SeqBatch``."""
+        raise NotImplementedError
+
+    def run_call(self, ctx: CallContext, batch) -> tuple[Optional[Any], dict]:
+        """Run a call on this rank's part of the batch; returns (outputs on dp heads, stats)."""
+        raise NotImplementedError
+
+    def realloc(self, src: Optional[CallContext], dst: Optional[CallContext], group: Group, op) -> None:
+        """Build ``dst``'s replica of a model from the placement of ``src`` (weights of record)."""
+        raise NotAvailableYet("parameter reallocation between placements is not available yet (issue 8); "
+                              "give every call of a model the same placement")
+
+    def collectable(self, call: str, out) -> Any:
+        """What of a call's outputs rank 0 needs (picklable); default nothing."""
+        return None
+
+    def on_results(self, step: int, call: str, by_head: list) -> None:
+        """Rank 0: per dp head, (collectable(outputs), stats) of ``call`` at ``step``."""
+
+    def end_step(self, step: int, rank: int) -> None:
+        pass
+
+    def finish(self, rank: int) -> None:
+        pass
+
+
+def runtime_class(plan: Plan):
+    """The Runtime class of a plan's experiment; a clear error if it is not available yet."""
+    import importlib
+
+    modules = {"gen": "reallm.algorithms.gen", "sft": "reallm.algorithms.sft", "rw": "reallm.algorithms.rw",
+               "dpo": "reallm.algorithms.dpo", "ppo": "reallm.algorithms.ppo"}
+    name = modules.get(plan.experiment)
+    try:
+        mod = importlib.import_module(name) if name else None
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == name or name.startswith(e.name + ".")):
+            mod = None
+        else:
+            raise
+    if mod is None:
+        raise NotAvailableYet(f"the {plan.experiment!r} experiment cannot run yet: its runtime ({name}) "
+                              f"is not available yet; `planner show` prints the plan")
+    return mod.RUNTIME
+
+
+def _make(plan_path: Optional[str], plan: Plan, rank: int, device: torch.device) -> Runtime:
+    return runtime_class(plan)(plan, rank, device, plan_path)
+
+
+def default_runtime_factory(plan_path: Optional[str] = None):
+    """A picklable factory (spawned workers import it) building the experiment's Runtime."""
+    return functools.partial(_make, plan_path)
