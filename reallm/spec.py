@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from reallm.errors import UserError
@@ -44,7 +44,7 @@ class ModelSpec:
     #: Critic / reward model: one output per token instead of the LM head.
     is_critic: bool = False
     #: Where it came from, for messages ("preset llama-7b", "/ckpt/config.json").
-    source: str = ""
+    source: str = field(default="", compare=False)
 
     def __post_init__(self):
         problems = []
@@ -80,9 +80,9 @@ class ModelSpec:
     @property
     def num_head_params(self) -> int:
         """Final norm plus the output head (LM head, or the critic's one-output score)."""
-        out = 1 if self.is_critic else self.vocab_size
-        tied = self.tie_word_embeddings and not self.is_critic
-        return self.hidden_size + (0 if tied else out * self.hidden_size)
+        if self.is_critic:  # HF *ForTokenClassification: score = Linear(hidden, 1) with a bias
+            return self.hidden_size + self.hidden_size + 1
+        return self.hidden_size + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
 
     @property
     def num_params(self) -> int:

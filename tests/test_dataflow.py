@@ -89,7 +89,7 @@ def test_resolve_specs_from_presets_and_config_json(tmp_path):
                                                   "critic.type.is_critic=True", "ref.type._class=llama",
                                                   "ref.type.size=70", "rew.type._class=llama", "rew.type.size=7"]))
     assert exp.models["actor"].num_kv_heads == 8 and 68e9 < exp.models["actor"].num_params < 70e9
-    assert exp.models["critic"].is_critic and exp.models["critic"].num_head_params == 4096 * 2
+    assert exp.models["critic"].is_critic and exp.models["critic"].num_head_params == 4096 * 2 + 1
     d = tmp_path / "ckpt"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 64,
