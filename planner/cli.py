@@ -33,6 +33,13 @@ def _fmt_bytes(x) -> str:
     return f"{x / 2**30:.1f} GiB"
 
 
+def _fmt_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
 def format_plan(plan) -> str:
     rows = [("call", "model", "kind", "devices", "dp", "tp", "pp", "sp", "mbs", "est. time", "est. mem")]
     for c in plan.calls:
@@ -51,7 +58,7 @@ def format_plan(plan) -> str:
     if plan.estimate and plan.estimate.get("step_time_s") is not None:
         tail.append(f"estimated step time: {_fmt_s(plan.estimate['step_time_s'])}")
     for role, s in plan.models.items():
-        tail.append(f"model {role}: {s.num_params / 1e9:.3g}B parameters ({s.source})")
+        tail.append(f"model {role}: {_fmt_count(s.num_params)} parameters ({s.source})")
     return "\n".join([head, *lines, *tail])
 
 
