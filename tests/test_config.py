@@ -9,19 +9,39 @@ from reallm.config.parse import parse_experiment
 from reallm.config.schema import Mode, RecoverMode
 from reallm.errors import UserError
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "quickstart.rst"
+REPO = Path(__file__).resolve().parents[1]
+SEED = REPO.parent / "shared" / "seed" / "quickstart.rst"  # beside the checkout (CI, developers)
+SEED_COPY = REPO / "tests" / "data" / "seed_commands.txt"  # the same commands, for a lone clone
 
 
-def seed_commands() -> dict[str, list[str]]:
-    """The four quickstart commands of the seed document, as (experiment, [key=value ...])."""
-    text = SEED.read_text()
+def _commands_of_rst(text: str) -> dict[str, list[str]]:
     cmds = {}
     for block in re.findall(r"\$ python3 -m reallm\.apps\.quickstart (.*?)(?:\n\n|\Z)", text, re.S):
         words = block.replace("\\\n", " ").split()
-        words = [w for w in words if not w.startswith("#")]
         cut = next((i for i, w in enumerate(words) if w.startswith("#")), len(words))
         cmds[words[0]] = words[1:cut]
     return cmds
+
+
+def _commands_of_copy(text: str) -> dict[str, list[str]]:
+    cmds = {}
+    for line in text.splitlines():
+        if line.startswith("python3 -m reallm.apps.quickstart "):
+            words = line.split()[3:]
+            cmds[words[0]] = words[1:]
+    return cmds
+
+
+def seed_commands() -> dict[str, list[str]]:
+    """The four quickstart commands of the seed document, as {experiment: [key=value ...]}."""
+    if SEED.exists():
+        return _commands_of_rst(SEED.read_text())
+    return _commands_of_copy(SEED_COPY.read_text())
+
+
+def test_seed_copy_matches_seed_document():
+    if SEED.exists():
+        assert _commands_of_copy(SEED_COPY.read_text()) == _commands_of_rst(SEED.read_text())
 
 
 def test_seed_document_has_four_commands():

@@ -135,3 +135,16 @@ def config_to_dict(obj: Any) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(obj), enum_to_str=True)
+
+
+def config_from_dict(exp: str, d: dict) -> Any:
+    """Rebuild the typed config of an experiment from ``config_to_dict``'s output (e.g. plan.json's)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if exp not in EXPERIMENTS:
+        raise UserError(f"unknown experiment {exp!r}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EXPERIMENTS[exp]), d))
+    except OmegaConfBaseException as e:
+        raise UserError(_describe_omegaconf_error(e, "plan config")) from None
