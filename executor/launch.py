@@ -65,7 +65,9 @@ def launch(plan: Plan, plan_path: Optional[str] = None, runtime_factory=None, ve
     from executor.runtime import default_runtime_factory, runtime_class
 
     if runtime_factory is None:
-        runtime_class(plan)  # a clear error now, before any process starts
+        cls = runtime_class(plan)  # a clear error now, before any process starts
+        if hasattr(cls, "check_plan"):
+            cls.check_plan(plan)
         runtime_factory = default_runtime_factory(plan_path)
     world = plan.cluster.num_devices
     gpu = plan.cluster.device_kind == "gpu"

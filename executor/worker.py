@@ -139,13 +139,16 @@ def run_worker(plan: Plan, rank: int, world_size: int, backend: str, init_method
             dist.destroy_process_group()
 
 
-def main(argv=None) -> int:
+def main(argv=None, plan: Optional[Plan] = None) -> int:
     """torchrun entry: ``torchrun ... -m executor.worker plan.json``."""
-    from executor.runtime import default_runtime_factory
+    from executor.runtime import default_runtime_factory, runtime_class
     from reallm.plan import load_plan
 
     argv = sys.argv[1:] if argv is None else argv
-    plan = load_plan(argv[0])
+    plan = plan or load_plan(argv[0])
+    cls = runtime_class(plan)
+    if hasattr(cls, "check_plan"):
+        cls.check_plan(plan)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != plan.cluster.num_devices:
         raise SystemExit(f"torchrun started {world} processes but {argv[0]} needs {plan.cluster.num_devices}")
@@ -155,4 +158,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from reallm.errors import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main)())

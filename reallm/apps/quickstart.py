@@ -56,13 +56,25 @@ def run(exp: str, overrides: list[str], config=None, plan_only: bool = False) ->
     check_experiment_datasets(exp, cfg)
     plan = make_plan(resolve(exp, cfg))
     out = trial_dir(cfg)
-    os.makedirs(out, exist_ok=True)
     plan_path = os.path.join(out, "plan.json")
-    plan.save(plan_path)
-    print(format_plan(plan))
-    print(f"wrote {plan_path}")
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not under_torchrun or os.environ["RANK"] == "0":
+        os.makedirs(out, exist_ok=True)
+        plan.save(plan_path)
+        print(format_plan(plan))
+        print(f"wrote {plan_path}")
     if plan_only:
         return 0
+    if cfg.mode.value == "torchrun":
+        if not under_torchrun:
+            print(f"mode=torchrun: on each of the {cfg.n_nodes} node(s) run\n"
+                  f"  torchrun --nnodes={cfg.n_nodes} --nproc-per-node={cfg.n_gpus_per_node} --rdzv-backend=c10d "
+                  f"--rdzv-endpoint=HOST:29500 -m executor.worker {plan_path}\n"
+                  f"(or run this same quickstart command under torchrun)")
+            return 0
+        from executor.worker import main as worker_main
+
+        return worker_main([plan_path], plan=plan)
     from executor.launch import launch
 
     return launch(plan, plan_path=plan_path)
