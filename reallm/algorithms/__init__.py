@@ -1,0 +1,1 @@
+"""RLHF algorithms: the experiments' runtimes and their math."""
