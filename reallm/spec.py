@@ -153,6 +153,12 @@ def spec_from_hf_config(cfg: dict, source: str, is_critic: bool = False) -> Mode
         hidden = int(cfg["hidden_size"])
         head_dim = cfg.get("head_dim") or hidden // heads
         rs = cfg.get("rope_scaling")
+        params = cfg.get("rope_parameters")  # transformers 5 writes RoPE settings here
+        theta = cfg.get("rope_theta", 10000.0)
+        if isinstance(params, dict) and params:
+            theta = params.get("rope_theta", theta)
+            if rs is None and params.get("rope_type", params.get("type", "default")) != "default":
+                rs = {k: v for k, v in params.items() if k != "rope_theta"}
         return ModelSpec(
             family=mt,
             num_layers=int(cfg["num_hidden_layers"]),
@@ -163,7 +169,7 @@ def spec_from_hf_config(cfg: dict, source: str, is_critic: bool = False) -> Mode
             head_dim=int(head_dim),
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rope_theta=float(theta),
             rope_scaling_json=None if rs is None else json.dumps(rs, sort_keys=True),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

@@ -20,3 +20,11 @@ def run_cli(args, cwd=None, timeout=120):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
     return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """The tiny tokenizer, checkpoints and addition datasets, built once per test session."""
+    from reallm.assets import make_tiny_assets
+
+    return make_tiny_assets(str(tmp_path_factory.mktemp("assets") / "tiny"))

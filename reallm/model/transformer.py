@@ -1,0 +1,389 @@
+"""A plain LLaMA-family decoder (LLaMA 2/3, Mistral, Qwen2) on packed sequences, buildable as a pipeline stage.
+
+One block (pre-norm, RMSNorm, SwiGLU, RoPE, GQA; Qwen2 adds a bias to q/k/v)::
+
+    a   = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))     n1 = rmsnorm(x) * w_in
+    out = a + down_proj(silu(gate_proj(n2)) * up_proj(n2))                     n2 = rmsnorm(a) * w_post
+    rmsnorm(x) = x / sqrt(mean(x^2) + eps)    (computed in fp32, cast back, then times the weight, as HF)
+
+Packed input: tokens ``[T]`` (or hidden states ``[T, h]`` after the first stage) plus ``cu_seqlens``
+(int32 ``[B+1]``); position ids restart at 0 in every sequence; attention never crosses sequences and
+nothing is padded.
+
+Module paths equal HF parameter names (``model.embed_tokens``, ``model.layers.{i}.self_attn.q_proj``,
+``model.norm``, ``lm_head``; the critic's ``score`` = Linear(h, 1, bias) like ``*ForTokenClassification``),
+so the layout table maps 1:1. Layers live in an ``nn.ModuleDict`` keyed by the global block index, so a
+pipeline stage is "the blocks it owns" (``StageSpec``). Every linear is a plain ``nn.Linear`` attribute
+and head counts are read off the projections' output sizes, so ``reallm.parallel`` can swap in
+column/row-parallel linears and a vocab-parallel embedding/head without touching this file.
+
+Tied embeddings: on a single stage ``lm_head.weight`` *is* ``model.embed_tokens.weight``; on a last stage
+without the embedding, ``lm_head.weight`` is a separate copy whose HF name is
+``model.embed_tokens.weight`` (``hf_name_of``); the executor all-reduces its gradient with stage 0's.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from reallm.model.arch import ArchConfig, arch_from_spec
+from reallm.model.attention import AttnBackend, PackedSeqs, decode_attention, packed_causal_attention
+from reallm.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one pipeline stage holds: the blocks (global indices), and whether it has the embedding / head."""
+
+    layers: tuple[int, ...]
+    has_embedding: bool = True
+    has_head: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"stage layers must be distinct and increasing, got {list(self.layers)}")
+
+    @staticmethod
+    def full(num_layers: int) -> StageSpec:
+        """The whole model on one stage."""
+        return StageSpec(tuple(range(num_layers)), True, True)
+
+    @staticmethod
+    def from_partition(partition, stage: int) -> StageSpec:
+        """Stage ``stage`` of a ``reallm.layout.stages.StagePartition``."""
+        return StageSpec(tuple(partition.blocks(stage)), stage == 0, stage == partition.num_stages - 1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, cast back before the weight: exactly transformers' order of roundings.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_TnD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    return x_TnD * cos_TD[:, None, :] + rotate_half(x_TnD) * sin_TD[:, None, :]
+
+
+class KVCache:
+    """Preallocated keys and values per held block, ``[B, num_kv_heads_local, max_len, head_dim]`` each.
+
+    Static shapes (never resized), so a decode step can be captured in a CUDA graph: new entries are
+    written in place at tensor-valued positions.
+    """
+
+    def __init__(self, k: dict[int, torch.Tensor], v: dict[int, torch.Tensor]):
+        self.k = k
+        self.v = v
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.k.values())).shape[0] if self.k else 0
+
+    @property
+    def max_len(self) -> int:
+        return next(iter(self.k.values())).shape[2] if self.k else 0
+
+    def write(self, layer: int, k_NkD: torch.Tensor, v_NkD: torch.Tensor, rows_N: torch.Tensor,
+              cols_N: torch.Tensor) -> None:
+        """Store entry n at (sequence ``rows_N[n]``, position ``cols_N[n]``)."""
+        self.k[layer][rows_N, :, cols_N] = k_NkD
+        self.v[layer][rows_N, :, cols_N] = v_NkD
+
+    def valid_mask(self, positions_B: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+        """[B, S] bool: slots a query at ``positions_B`` may read (causal, and within the sliding window)."""
+        s = torch.arange(self.max_len, device=positions_B.device)
+        valid = s[None, :] <= positions_B[:, None]
+        if window is not None:
+            valid = valid & (s[None, :] > positions_B[:, None] - window)
+        return valid
+
+
+@dataclass
+class _Ctx:
+    """Per-forward metadata shared by every block of a stage."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    seqs: Optional[PackedSeqs] = None
+    kv_cache: Optional[KVCache] = None
+    #: Where each token's k/v goes in the cache: sequence index and position (prefill and decode).
+    cache_rows: Optional[torch.Tensor] = None
+    cache_cols: Optional[torch.Tensor] = None
+    decode: bool = False
+    #: Decode only: valid-slot masks per sliding window (None key = full causal).
+    valid: dict = field(default_factory=dict)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool,
+                 sliding_window: Optional[int], backend: AttnBackend, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias, **kw)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False, **kw)
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.backend = backend
+
+    def forward(self, x_TH: torch.Tensor, ctx: _Ctx, layer: int) -> torch.Tensor:
+        T, D = x_TH.shape[0], self.head_dim
+        # -1: the local head count comes from the projection's size (a tp shard holds num_heads / tp).
+        q = apply_rope(self.q_proj(x_TH).view(T, -1, D), ctx.cos, ctx.sin)
+        k = apply_rope(self.k_proj(x_TH).view(T, -1, D), ctx.cos, ctx.sin)
+        v = self.v_proj(x_TH).view(T, -1, D)
+        if ctx.kv_cache is not None:
+            ctx.kv_cache.write(layer, k, v, ctx.cache_rows, ctx.cache_cols)
+        if ctx.decode:
+            assert ctx.kv_cache is not None
+            o = decode_attention(q, ctx.kv_cache.k[layer], ctx.kv_cache.v[layer], ctx.valid[self.sliding_window],
+                                 self.scale)
+        else:
+            assert ctx.seqs is not None
+            o = packed_causal_attention(q, k, v, ctx.seqs, self.scale, self.sliding_window, self.backend)
+        return self.o_proj(o.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, index: int, sliding_window: Optional[int], backend: AttnBackend,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.index = index
+        self.self_attn = Attention(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.qkv_bias,
+                                   sliding_window, backend, **kw)
+        self.mlp = MLP(spec.hidden_size, spec.intermediate_size, **kw)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
+
+    def forward(self, x_TH: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        h = x_TH + self.self_attn(self.input_layernorm(x_TH), ctx, self.index)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderTrunk(nn.Module):
+    """HF's ``model.`` prefix: embedding (first stage), blocks, final norm (last stage)."""
+
+    def __init__(self, spec: ModelSpec, arch: ArchConfig, stage: StageSpec, backend: AttnBackend,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, **kw) if stage.has_embedding else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(spec, i, arch.sliding_window(i), backend, **kw)
+                                     for i in stage.layers})
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw) if stage.has_head else None
+
+
+class Transformer(nn.Module):
+    """One pipeline stage (by default the whole model) of an actor (``lm_head``) or critic (``score``).
+
+    ``forward(x, cu_seqlens)``: x is tokens ``[T]`` (int64) on the first stage, else hidden ``[T, h]``;
+    returns hidden ``[T, h]`` unless this is the last stage, which returns logits ``[T, V]`` (actor) or
+    values ``[T]`` (critic).
+    """
+
+    def __init__(self, spec: ModelSpec, stage: Optional[StageSpec] = None, *, arch: Optional[ArchConfig] = None,
+                 attn_backend: AttnBackend = AttnBackend.AUTO, device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        stage = stage or StageSpec.full(spec.num_layers)
+        if stage.layers and stage.layers[-1] >= spec.num_layers:
+            raise ValueError(f"stage holds block {stage.layers[-1]} but the model has {spec.num_layers}")
+        self.spec = spec
+        self.stage = stage
+        self.arch = arch or arch_from_spec(spec)
+        kw = dict(device=device, dtype=dtype)
+        self.model = DecoderTrunk(spec, self.arch, stage, attn_backend, **kw)
+        self.lm_head: Optional[nn.Linear] = None
+        self.score: Optional[nn.Linear] = None
+        #: True when ``lm_head.weight`` is this stage's own copy of the tied embedding (pp > 1).
+        self.lm_head_is_tied_copy = False
+        if stage.has_head:
+            if spec.is_critic:
+                self.score = nn.Linear(spec.hidden_size, 1, bias=True, **kw)
+            else:
+                self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, **kw)
+                self.lm_head_is_tied_copy = spec.tie_word_embeddings and self.model.embed_tokens is None
+                self.tie_weights()
+        #: Recompute each block in backward (torch.utils.checkpoint, non-reentrant) to save activations.
+        self.gradient_checkpointing = False
+        self._inv_freq: Optional[torch.Tensor] = None
+
+    def tie_weights(self) -> None:
+        """Make ``lm_head.weight`` the embedding's parameter when tied and both live here (again after
+        ``to_empty`` / ``to``, which may allocate them separately)."""
+        if self.spec.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def empty(spec: ModelSpec, stage: Optional[StageSpec] = None, *, device=None,
+              dtype: Optional[torch.dtype] = None, **kwargs) -> Transformer:
+        """A model with uninitialised storage (no random init: built on the meta device, then allocated),
+        for loading weights into."""
+        model = Transformer(spec, stage, device="meta", dtype=dtype, **kwargs)
+        model.to_empty(device=device or "cpu")
+        model.tie_weights()
+        return model
+
+    # -- names -----------------------------------------------------------------------------------------
+    @property
+    def is_critic(self) -> bool:
+        return self.spec.is_critic
+
+    def hf_name_of(self, name: str) -> str:
+        """HF checkpoint name of the parameter called ``name`` here (differs only for a tied copy)."""
+        if self.lm_head_is_tied_copy and name == "lm_head.weight":
+            return "model.embed_tokens.weight"
+        return name
+
+    def hf_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(HF name, parameter) for every parameter this stage holds, each once."""
+        for name, p in self.named_parameters():
+            yield self.hf_name_of(name), p
+
+    # -- rope ------------------------------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Kept out of the module's buffers so that .to(bfloat16) cannot round the frequencies.
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = self.arch.rope.inv_freq(self.spec.head_dim, device=positions.device)
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def _blocks(self, h: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and not ctx.decode
+        for layer in self.model.layers.values():
+            if ckpt:
+                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, use_reentrant=False)
+            else:
+                h = layer(h, ctx)
+        return h
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.embed_tokens is not None:
+            if x.is_floating_point():
+                raise ValueError("the first stage takes token ids, got a floating-point tensor")
+            return self.model.embed_tokens(x)
+        if not x.is_floating_point():
+            raise ValueError("a stage without the embedding takes hidden states [T, h], got integer ids")
+        return x
+
+    def _head(self, h: torch.Tensor, select_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.model.norm is None:
+            return h
+        h = self.model.norm(h)
+        if select_rows is not None:
+            h = h[select_rows]
+        if self.score is not None:
+            return self.score(h).squeeze(-1)
+        assert self.lm_head is not None
+        return self.lm_head(h)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, *, max_seqlen: Optional[int] = None,
+                position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                select_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Packed forward. ``kv_cache``: also store every token's k/v (prefill); ``select_rows``: apply the
+        head only to these rows (e.g. each prompt's last token), returning ``[len(select_rows), ...]``."""
+        seqs = PackedSeqs.from_cu_seqlens(cu_seqlens.to(x.device), max_seqlen)
+        if seqs.num_tokens != x.shape[0]:
+            raise ValueError(f"cu_seqlens ends at {seqs.num_tokens} but the input has {x.shape[0]} tokens")
+        h = self._embed(x)
+        seq_idx = None
+        if position_ids is None or kv_cache is not None:
+            seq_idx, pos = packed_positions(seqs, x.device)
+            position_ids = pos if position_ids is None else position_ids
+        cos, sin = self._rope(position_ids, h.dtype)
+        ctx = _Ctx(cos, sin, seqs=seqs, kv_cache=kv_cache, cache_rows=seq_idx, cache_cols=position_ids)
+        return self._head(self._blocks(h, ctx), select_rows)
+
+    def decode(self, x: torch.Tensor, positions_B: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """One new token per cached sequence: x is tokens ``[B]`` (or hidden ``[B, h]``) at ``positions_B``;
+        writes their k/v into ``kv_cache`` and returns logits ``[B, V]`` / values ``[B]`` / hidden ``[B, h]``.
+        Static shapes throughout, so the call can be captured in a CUDA graph."""
+        h = self._embed(x)
+        cos, sin = self._rope(positions_B, h.dtype)
+        windows = {layer.self_attn.sliding_window for layer in self.model.layers.values()}
+        valid = {w: kv_cache.valid_mask(positions_B, w) for w in windows}
+        rows = torch.arange(x.shape[0], device=x.device)
+        ctx = _Ctx(cos, sin, kv_cache=kv_cache, cache_rows=rows, cache_cols=positions_B, decode=True, valid=valid)
+        return self._head(self._blocks(h, ctx), None)
+
+    # -- caches and init -------------------------------------------------------------------------------
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                     device=None) -> KVCache:
+        """Zeroed cache for ``batch_size`` sequences of up to ``max_len`` tokens, for the blocks held here."""
+        k, v = {}, {}
+        for key, layer in self.model.layers.items():
+            w = layer.self_attn.k_proj.weight
+            num_kv = w.shape[0] // self.spec.head_dim
+            shape = (batch_size, num_kv, max_len, self.spec.head_dim)
+            kw = dict(dtype=dtype or w.dtype, device=device or w.device)
+            k[int(key)] = torch.zeros(shape, **kw)
+            v[int(key)] = torch.zeros(shape, **kw)
+        return KVCache(k, v)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, std: float = 0.02) -> None:
+        """Deterministic random init (norms 1, biases 0, matrices N(0, std)), keyed by (seed, HF name)."""
+        for name, p in self.hf_named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def packed_positions(seqs: PackedSeqs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, position within its sequence) of every packed token, int64 [T] each."""
+    lengths = [b - a for a, b in zip(seqs.bounds, seqs.bounds[1:], strict=False)]
+    T = seqs.num_tokens
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens, output_size=T)
+    starts = torch.tensor(seqs.bounds[:-1], dtype=torch.int64, device=device)
+    return seq_idx, torch.arange(T, device=device) - starts[seq_idx]
+
+
+def pack_sequences(seqs: Sequence[Sequence[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (tokens int64 [T], cu_seqlens int32 [B+1])."""
+    lengths = [len(s) for s in seqs]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    flat = [t for s in seqs for t in s]
+    return torch.tensor(flat, dtype=torch.int64, device=device), cu.to(device)

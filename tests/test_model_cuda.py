@@ -1,0 +1,107 @@
+"""The CUDA paths (skipped without a GPU): varlen attention equals the SDPA reference, CUDA-graph decode
+equals eager decode, and a bf16 training step with fp32 masters learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reallm.model import (
+    AttnBackend,
+    GenerationConfig,
+    MixedPrecisionAdamW,
+    OptimizerSettings,
+    PackedSeqs,
+    load_hf_model,
+    pack_sequences,
+    sft_loss,
+    sft_micro_batch,
+    train_step,
+)
+from reallm.model.attention import sdpa_loop_attention, varlen_attention, varlen_usable
+from reallm.model.generate import generate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def tiny(request, tmp_path_factory):
+    """The tiny checkpoints: the shared conftest fixture when there is one, else built here."""
+    try:
+        return request.getfixturevalue("tiny_assets")
+    except pytest.FixtureLookupError:
+        from reallm.assets import make_tiny_assets
+
+        return make_tiny_assets(str(tmp_path_factory.getbasetemp() / "tiny_assets"))
+
+
+def _seqs(vocab: int, lengths, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("window", [None, 32])
+def test_varlen_attention_equals_the_sdpa_reference(window):
+    q0 = torch.empty(1, 8, 64, device="cuda", dtype=torch.bfloat16)
+    if not varlen_usable(q0, window):
+        pytest.skip(f"torch {torch.__version__} has no usable varlen_attn for window={window}")
+    lengths = [1, 17, 128, 300]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    seqs = PackedSeqs.from_cu_seqlens(cu)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T = sum(lengths)
+    q = torch.randn(T, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    k = torch.randn(T, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    v = torch.randn(T, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    w = torch.randn(T, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    outs, grads = [], []
+    for fn in (varlen_attention, sdpa_loop_attention):
+        o = fn(q, k, v, seqs, 64 ** -0.5, window)
+        (o.float() * w.float()).sum().backward()
+        outs.append(o.float())
+        grads.append([t.grad.float().clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_cuda_fp32_logits_equal_cpu_and_bf16_backends_agree(tiny):
+    cpu = load_hf_model(tiny["qwen2"]).eval()
+    gpu = load_hf_model(tiny["qwen2"], device="cuda").eval()
+    seqs = _seqs(384, (5, 40, 1, 77))
+    tokens, cu = pack_sequences(seqs)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(tokens.cuda(), cu.cuda()).cpu(), cpu(tokens, cu), atol=1e-4, rtol=0)
+        bf = load_hf_model(tiny["qwen2"], device="cuda", dtype=torch.bfloat16).eval()
+        auto = bf(tokens.cuda(), cu.cuda()).float()
+        for layer in bf.model.layers.values():
+            layer.self_attn.backend = AttnBackend.SDPA_LOOP
+        ref = bf(tokens.cuda(), cu.cuda()).float()
+    torch.testing.assert_close(auto, ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_cuda_graph_decode_equals_eager_decode(tiny, greedy):
+    model = load_hf_model(tiny["llama"], device="cuda").eval()
+    prompts = _seqs(384, (3, 9, 5, 12), seed=1)
+    cfg = GenerationConfig(max_new_tokens=16, greedy=greedy, temperature=0.8, top_k=40, top_p=0.95)
+    eager = generate(model, prompts, cfg, eos_token_id=2, pad_token_id=3, seed=1)
+    graph = generate(model, prompts, cfg, eos_token_id=2, pad_token_id=3, seed=1, use_cuda_graph=True)
+    assert eager.sequences() == graph.sequences()
+    torch.testing.assert_close(eager.logprobs_BN, graph.logprobs_BN, atol=1e-5, rtol=0)
+    cpu = generate(load_hf_model(tiny["llama"]).eval(), prompts, cfg, eos_token_id=2, pad_token_id=3, seed=1)
+    assert cpu.sequences() == eager.sequences()  # randomness is device-independent
+
+
+def test_bf16_training_step_with_fp32_masters_learns(tiny):
+    model = load_hf_model(tiny["mistral"], device="cuda", dtype=torch.bfloat16)
+    model.gradient_checkpointing = True
+    seqs = _seqs(384, (30, 50, 20, 64), seed=2)
+    mb = sft_micro_batch(seqs, [5, 5, 5, 5], device="cuda")
+    opt = MixedPrecisionAdamW(model.named_parameters(), OptimizerSettings(lr=3e-3, warmup_steps_proportion=0.0),
+                              total_steps=8)
+    assert all(m.dtype == torch.float32 for m in opt.masters.values())
+    losses = [train_step(model, opt, [mb], sft_loss)["loss"] for _ in range(8)]
+    assert losses[-1] < 0.8 * losses[0]
