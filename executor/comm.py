@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -14,8 +14,9 @@ Nothing goes through a driver process or a file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -52,7 +53,7 @@ class SeqBatch:
         off = self.offsets(key)
         return self.data[key][off[i]:off[i + 1]]
 
-    def select(self, ids: Sequence[int], keys: Optional[Sequence[str]] = None) -> "SeqBatch":
+    def select(self, ids: Sequence[int], keys: Optional[Sequence[str]] = None) -> SeqBatch:
         pos = {s: i for i, s in enumerate(self.ids)}
         idx = [pos[s] for s in ids]
         keys = list(self.data) if keys is None else list(keys)
@@ -64,7 +65,7 @@ class SeqBatch:
             lens[k] = [self.lens[k][i] for i in idx]
         return SeqBatch(list(ids), data, lens)
 
-    def update(self, other: "SeqBatch") -> "SeqBatch":
+    def update(self, other: SeqBatch) -> SeqBatch:
         """Add ``other``'s keys (same ids, any order)."""
         if sorted(other.ids) != sorted(self.ids):
             raise ValueError("update needs the same sequences")
@@ -74,12 +75,12 @@ class SeqBatch:
         return self
 
     @staticmethod
-    def from_lists(ids: Sequence[int], values: dict[str, Sequence[torch.Tensor]]) -> "SeqBatch":
+    def from_lists(ids: Sequence[int], values: dict[str, Sequence[torch.Tensor]]) -> SeqBatch:
         data = {k: torch.cat(list(v)) if len(v) else torch.empty(0) for k, v in values.items()}
         return SeqBatch(list(ids), data, {k: [t.shape[0] for t in v] for k, v in values.items()})
 
     @staticmethod
-    def concat(batches: Sequence["SeqBatch"]) -> "SeqBatch":
+    def concat(batches: Sequence[SeqBatch]) -> SeqBatch:
         """Union of disjoint batches with the same keys, sorted by id."""
         batches = [b for b in batches if len(b)]
         if not batches:

@@ -7,8 +7,9 @@ owns models and math. One ``Runtime`` instance lives in each worker process.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 

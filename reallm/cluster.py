@@ -67,7 +67,7 @@ class Cluster:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "cluster") -> "Cluster":
+    def from_dict(cls, d: dict, where: str = "cluster") -> Cluster:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:

@@ -10,8 +10,9 @@ call at step i−1 (``graph.graph["cross_step"]``, kept out of the DAG because t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import networkx as nx
 
@@ -60,7 +61,7 @@ class Call:
                 "max_new_tokens": self.max_new_tokens, "n_minibatches": self.n_minibatches}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Call":
+    def from_dict(cls, d: dict) -> Call:
         keys = {"name", "role", "kind", "inputs", "outputs", "n_seqs", "max_seqlen", "max_new_tokens",
                 "n_minibatches"}
         unknown = sorted(set(d) - keys - {"placement", "estimate"})
@@ -111,7 +112,7 @@ def build_graph(calls: Iterable[Call]) -> nx.DiGraph:
     if not nx.is_directed_acyclic_graph(g):
         raise UserError(f"the dataflow graph has a cycle: {nx.find_cycle(g)}")
     order = topological_order(g)
-    for role, cs in by_role.items():
+    for role in by_role:
         mine = [n for n in order if g.nodes[n]["call"].role == role]
         if any(g.nodes[n]["call"].is_train for n in mine):
             cross.append((mine[-1], mine[0], role))

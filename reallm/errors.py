@@ -7,7 +7,7 @@ Entry points catch it and print one short paragraph instead of a traceback, then
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class UserError(ValueError):

@@ -11,8 +11,9 @@ Everything else (process groups, shards, reallocation, the cost model) asks this
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from reallm.errors import UserError
 
@@ -111,7 +112,7 @@ class Placement:
                 "sequence_parallel": self.sequence_parallel, "num_micro_batches": self.num_micro_batches}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Placement":
+    def from_dict(cls, d: dict) -> Placement:
         known = {"devices", "dp", "tp", "pp", "sequence_parallel", "num_micro_batches"}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -100,7 +100,7 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "model spec") -> "ModelSpec":
+    def from_dict(cls, d: dict, where: str = "model spec") -> ModelSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -110,7 +110,7 @@ class ModelSpec:
         except TypeError as e:
             raise UserError(f"{where}: {e}") from None
 
-    def with_critic(self, is_critic: bool) -> "ModelSpec":
+    def with_critic(self, is_critic: bool) -> ModelSpec:
         return dataclasses.replace(self, is_critic=is_critic)
 
     def to_hf_config(self) -> dict:

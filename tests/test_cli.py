@@ -1,12 +1,11 @@
 """The command lines: seed commands plan as written; every bad input is a short error, exit code 2."""
 
 import json
-import sys
 
 import pytest
 
-from planner.cli import main as planner_main
 from executor.cli import main as executor_main
+from planner.cli import main as planner_main
 from reallm.apps.quickstart import main as quickstart_main
 from tests.conftest import run_cli
 from tests.test_config import seed_commands

@@ -12,7 +12,7 @@ from executor.data import SeqBatch, split_balanced
 from executor.launch import launch
 from executor.schedule import build_schedule
 from reallm.placement import Placement
-from tests.toy_runtime import toy_plan, factory
+from tests.toy_runtime import factory, toy_plan
 
 
 def read_logs(d, n):

@@ -12,8 +12,9 @@ no template); an answer follows as ``tokenizer(answer, add_special_tokens=False)
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from reallm.datasets import read_records
 

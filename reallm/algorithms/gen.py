@@ -15,25 +15,11 @@ import torch
 
 from executor.data import SeqBatch
 from executor.runtime import CallContext, Runtime
+from reallm.algorithms.base import check_single_device_layout, trial_dir_of
 from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_prompts
 from reallm.config.parse import config_from_dict
 from reallm.datasets import read_records
-from reallm.errors import NotAvailableYet
 from reallm.plan import Plan
-
-
-def trial_dir_of(cfg) -> str:
-    return os.path.join(cfg.output_dir, cfg.experiment_name, cfg.trial_name)
-
-
-def check_single_device_layout(plan: Plan) -> None:
-    """Until tensor/pipeline parallelism lands, a replica must fit one process."""
-    for c in plan.calls:
-        p = plan.placements[c.name]
-        if p.tp > 1 or p.pp > 1:
-            raise NotAvailableYet(f"call {c.name}: tensor/pipeline parallelism (tp={p.tp}, pp={p.pp}) is not "
-                                  f"available yet; use data parallelism only (e.g. allocation_mode=d"
-                                  f"{len(p.devices)}p1m1)")
 
 
 class GenRuntime(Runtime):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 
 class Mode(enum.Enum):
@@ -96,7 +96,7 @@ class MFCConfig:
     """Allocation of one model function call (used when ``allocation_mode=manual``)."""
 
     parallel: ParallelismConfig = field(default_factory=ParallelismConfig)
-    device_mesh: Optional[List[int]] = None
+    device_mesh: Optional[list[int]] = None
     """Global device ids, e.g. ``[0,1,2,3]``. Default: all devices of the cluster."""
     n_mbs: Optional[int] = None
     """Micro-batches. Default: 1 without pp, 2·pp for training, pp for inference and generation."""
