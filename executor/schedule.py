@@ -83,7 +83,7 @@ def build_schedule(plan: Plan) -> Schedule:
             if keys:
                 ops.append(Op("transfer", name, pred, tuple(keys), transfer_ranks(plan.placements[pred], cons)))
         src = record.get(call.role)
-        if src is not None and src != name and plan.placements[src] != cons:
+        if src is not None and src != name and not plan.placements[src].same_layout(cons):
             a = plan.placements[src]
             ops.append(Op("realloc", name, src, (), tuple(sorted(set(a.devices) | set(cons.devices)))))
         ops.append(Op("call", name, ranks=tuple(sorted(cons.devices))))

@@ -18,7 +18,7 @@ from typing import Optional
 
 from reallm.config.resolve import Experiment
 from reallm.dataflow import Call
-from reallm.errors import NotAvailableYet, PlanError, UserError
+from reallm.errors import PlanError, UserError
 from reallm.placement import Placement
 from reallm.plan import Plan, check, placement_problems
 from reallm.spec import ModelSpec
@@ -55,15 +55,16 @@ def make_plan(exp: Experiment) -> Plan:
     elif mode == "heuristic":
         placements = _heuristic(exp)
     elif mode == "pipe_data":
-        placements = _uniform(exp, dp=exp.cluster.n_devices_per_node, pp=exp.cluster.n_nodes, tp=1)
+        placements = uniform_placements(exp, dp=exp.cluster.n_devices_per_node, pp=exp.cluster.n_nodes, tp=1)
     elif mode == "pipe_model":
-        placements = _uniform(exp, dp=1, pp=exp.cluster.n_nodes, tp=exp.cluster.n_devices_per_node)
+        placements = uniform_placements(exp, dp=1, pp=exp.cluster.n_nodes, tp=exp.cluster.n_devices_per_node)
     elif mode == "search":
-        raise NotAvailableYet("allocation_mode=search needs the planner's search, which is not available yet; "
-                              "use manual, heuristic, pipe_data, pipe_model or a d{D}p{P}m{M} layout")
+        from planner.search import search  # lazy: numpy, the C++ annealer and the cost tables
+
+        return search(exp)  # a checked Plan with per-call and step estimates
     elif (deg := parse_symmetric(mode)) is not None:
         dp, pp, tp = deg
-        placements = _uniform(exp, dp=dp, pp=pp, tp=tp)
+        placements = uniform_placements(exp, dp=dp, pp=pp, tp=tp)
     else:
         raise UserError(f"allocation_mode={mode!r}: expected manual, heuristic, search, pipe_data, pipe_model "
                         f"or d{{D}}p{{P}}m{{M}} (e.g. d4p1m2)")
@@ -72,7 +73,7 @@ def make_plan(exp: Experiment) -> Plan:
     return check(plan, source=f"allocation_mode={mode}")
 
 
-def _uniform(exp: Experiment, dp: int, pp: int, tp: int) -> dict[str, Placement]:
+def uniform_placements(exp: Experiment, dp: int, pp: int, tp: int) -> dict[str, Placement]:
     n = exp.cluster.num_devices
     if dp * pp * tp != n:
         raise UserError(f"allocation_mode={exp.config.allocation_mode}: d{dp}·p{pp}·m{tp} = {dp * pp * tp} "
@@ -135,6 +136,11 @@ def fit_layout(spec: ModelSpec, devices: tuple[int, ...], devices_per_node: int,
         raise UserError(f"no valid layout of {spec.source} on {n} devices")
     _, _, pp, tp = min(options)
     return n // (tp * pp), tp, pp
+
+
+def heuristic_placements(exp: Experiment) -> dict[str, Placement]:
+    """The heuristic plan's placements (the search starts from them and compares against them)."""
+    return _heuristic(exp)
 
 
 def _heuristic(exp: Experiment) -> dict[str, Placement]:

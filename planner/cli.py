@@ -67,12 +67,25 @@ def cmd_search(args) -> int:
     from reallm.config.parse import experiment_of_yaml, parse_experiment
     from reallm.config.resolve import resolve
 
-    exp, data = experiment_of_yaml(args.config)
-    cfg = parse_experiment(exp, args.overrides, yaml_path=args.config, yaml_data=data)
-    plan = make_plan(resolve(exp, cfg))
+    kind, data = experiment_of_yaml(args.config)
+    cfg = parse_experiment(kind, args.overrides, yaml_path=args.config, yaml_data=data)
+    exp = resolve(kind, cfg)
+    if exp.config.allocation_mode == "search":
+        from planner.search import format_comparison, search_detailed
+
+        plan = search_detailed(exp, profile=args.profile, seed=args.seed, time_budget_s=args.time_budget,
+                               gantt_path=args.gantt).plan
+    else:
+        plan = make_plan(exp)
+        if args.estimate or args.gantt:
+            from planner.search import estimate_plan
+
+            plan = estimate_plan(exp, plan, profile=args.profile, gantt_path=args.gantt)
     plan.save(args.out)
     print(format_plan(plan))
-    print(f"wrote {args.out}")
+    if plan.allocation_mode == "search":
+        print(format_comparison(plan))
+    print(f"wrote {args.out}" + (f" and {args.gantt}" if args.gantt else ""))
     return 0
 
 
@@ -91,6 +104,11 @@ def main(argv=None) -> int:
     s.add_argument("config", help="experiment YAML, e.g. configs/ppo.yaml")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. allocation_mode=d4p1m2")
     s.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")
+    s.add_argument("--profile", default=None, help="cost profile JSON (default: profiles/<cluster>_*.json)")
+    s.add_argument("--seed", type=int, default=0, help="annealing seed (allocation_mode=search)")
+    s.add_argument("--time-budget", type=float, default=60.0, help="search time cap in seconds")
+    s.add_argument("--gantt", default=None, help="also draw the simulated schedule to this PNG")
+    s.add_argument("--estimate", action="store_true", help="add cost-model estimates to a non-searched plan")
     s.set_defaults(fn=cmd_search)
     sh = sub.add_parser("show", help="print a plan as a table")
     sh.add_argument("plan")

@@ -74,9 +74,13 @@ class Cluster:
             raise UserError(f"{where}: " + "; ".join(
                 ([f"unknown field(s) {unknown}"] if unknown else []) + ([f"missing field(s) {missing}"] if missing else [])))
         d = dict(d)
+        casts = {"float": float, "int": int, "str": str}
         for f in dataclasses.fields(cls):
-            if f.type in ("float",) and isinstance(d[f.name], int):
-                d[f.name] = float(d[f.name])
+            # YAML 1.1 reads "989.0e12" (no sign in the exponent) as a string: cast, naming the field
+            try:
+                d[f.name] = casts[f.type](d[f.name])
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: {f.name} must be a {f.type}, got {d[f.name]!r}") from None
         return cls(**d)
 
 

@@ -68,25 +68,81 @@ class MetricsWriter:
 
 
 class LocalModel:
-    """A whole model on this rank (tp = pp = 1), trained with dp gradient sums over ``ctx.dp``."""
+    """A whole model on this rank (tp = pp = 1), trained with dp gradient sums over ``ctx.dp``.
+
+    Built from an HF checkpoint, or (``from_flat``) from a flat buffer in the layout algebra's
+    convention, which is how a reallocated replica arrives.
+    """
 
     def __init__(self, path: str, is_critic: bool, device: torch.device, seed: int,
-                 optimizer_cfg=None, total_steps: int = 1, gradient_checkpointing: bool = False):
+                 optimizer_cfg=None, total_steps: int = 1, gradient_checkpointing: bool = False,
+                 model=None):
         from reallm.model.hf_io import load_hf_model
-        from reallm.model.optim import MixedPrecisionAdamW, OptimizerSettings
 
         self.path = path
-        self.model = load_hf_model(path, is_critic=is_critic, device=device, critic_init_seed=seed)
+        self.model = model if model is not None else load_hf_model(path, is_critic=is_critic, device=device,
+                                                                    critic_init_seed=seed)
         self.model.gradient_checkpointing = gradient_checkpointing
         self.optimizer = None
         if optimizer_cfg is not None and optimizer_cfg.type.value != "empty":
+            from reallm.model.optim import MixedPrecisionAdamW, OptimizerSettings
+
             self.optimizer = MixedPrecisionAdamW(self.model.hf_named_parameters(),
                                                  OptimizerSettings.from_config(optimizer_cfg), total_steps)
 
+    # -- reallocation in the layout algebra's flat-buffer convention --------------------------------
+    def flat_params(self, placement, device_id: int) -> torch.Tensor:
+        from reallm.layout import shards_of
+
+        params = dict(self.model.hf_named_parameters())
+        shards = shards_of(self.model.spec, placement, device_id).shards
+        return torch.cat([params[sh.name].detach().reshape(-1) for sh in shards])
+
+    @staticmethod
+    def from_flat(path: str, is_critic: bool, flat: torch.Tensor, placement, device_id: int,
+                  device: torch.device) -> "LocalModel":
+        from reallm.layout import shards_of
+        from reallm.model.hf_io import read_hf_model
+        from reallm.model.transformer import Transformer
+
+        info = read_hf_model(path, is_critic)
+        model = Transformer.empty(info.spec, arch=info.arch, device=device)
+        params = dict(model.hf_named_parameters())
+        with torch.no_grad():
+            for sh in shards_of(info.spec, placement, device_id).shards:
+                params[sh.name].copy_(flat[sh.offset:sh.offset + sh.num_elements].view(sh.local_shape))
+        return LocalModel(path, is_critic, device, 0, model=model)
+
+    # -- calls ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, micro_batches: Sequence[dict]) -> list[torch.Tensor]:
         self.model.eval()
         return [self.model(mb["tokens"], mb["cu_seqlens"]) for mb in micro_batches]
+
+    def backward(self, micro_batches: Sequence[dict], loss_fn: Callable) -> list:
+        """Forward and backward every micro-batch (gradients accumulate); returns the loss_fn stats."""
+        self.model.train()
+        out = []
+        for mb in micro_batches:
+            loss, stats = loss_fn(self.model(mb["tokens"], mb["cu_seqlens"]), mb)
+            loss.backward()
+            out.append(stats)
+        return out
+
+    def sync_grads(self, ctx: CallContext) -> None:
+        """Sum the fp32 gradients over the dp ranks (a rank without data contributes zeros)."""
+        if ctx.dp.size == 1:
+            return
+        masters = self.optimizer.masters
+        names = sorted(masters)
+        flat = torch.cat([(masters[n].grad if masters[n].grad is not None else torch.zeros_like(masters[n]))
+                          .reshape(-1) for n in names])
+        comm.all_reduce(flat, ctx.dp)
+        off = 0
+        for n in names:
+            m = masters[n]
+            m.grad = flat[off:off + m.numel()].view_as(m).clone()
+            off += m.numel()
 
     def train_step(self, ctx: CallContext, micro_batches: Sequence[dict], loss_fn: Callable) -> dict:
         from reallm.model.train import forward_backward
@@ -94,17 +150,7 @@ class LocalModel:
         self.model.train()
         self.optimizer.zero_grad()
         stats = forward_backward(self.model, micro_batches, loss_fn)
-        if ctx.dp.size > 1:
-            grads = self.optimizer.master_grads()
-            names = sorted(grads)
-            if names:
-                flat = torch.cat([grads[n].reshape(-1) for n in names])
-                comm.all_reduce(flat, ctx.dp)
-                off = 0
-                for n in names:
-                    g = grads[n]
-                    g.copy_(flat[off:off + g.numel()].view_as(g))
-                    off += g.numel()
+        self.sync_grads(ctx)
         stats.update(self.optimizer.step())
         return stats
 

@@ -1,0 +1,235 @@
+"""Time of one model function call on one placement: ``t_call(call, placement, spec, profile, cluster)``.
+
+Notation: placement (dp, tp, pp, m micro-batches, sp sequence parallel); per-stage layer times come from
+the profile (``profile.layer_time_s`` / ``decode_time_s``, one tp rank, bilinear tables); T = tokens of
+one micro-batch on one dp rank (``shapes.py``); h hidden size, V vocabulary, 2 bytes per element.
+
+Per micro-batch stage times (``stage_forward_s`` etc.), for the slowest stage (max over stages):
+
+  F = Σ_blocks fwd(T) + [embedding fwd] + [head fwd] + tp_comm_fwd
+  B = Σ_blocks (bwd(T) + fwd(T) if gradient checkpointing) + [embedding, head bwd] + tp_comm_bwd
+  tp_comm per block, forward and backward alike (``tp_block_comm_s``): 2 all-reduces of T·h·2 bytes
+      over the tp group, or with sp 2 all-gathers + 2 reduce-scatters of the same buffer (the same
+      bytes, twice the latency terms). The analytic profile's layer times exclude tp collectives
+      (``includes_tp_comm: false``), so they are added here; a profile with ``includes_tp_comm: true``
+      already contains them and this term is 0. Embedding: 1 all-reduce forward (vocab parallel);
+      head: with sp an all-gather of its input, 2 small all-reduces (vocab-parallel log-softmax), and
+      in decode an all-gather of the b·V/tp logits for sampling.
+  p2p = α + T·h·2/(tp if sp else 1) / β  between neighbouring stages (ib when stages cross nodes).
+
+Calls (``t_call``):
+
+  train      = M · [ (pp + m − 1)·(F + B + 2·p2p) + dp_grad_allreduce + optimizer ]     M minibatches
+               dp_grad_allreduce = all_reduce(2 bytes · params/(tp·pp) of the largest stage, dp group)
+               (ZeRO-1: reduce-scatter + all-gather, the same ring time); optimizer = params/device
+               · profile.optimizer.time_s_per_param (/dp with ZeRO-1)
+  inference  = (pp + m − 1)·(F + p2p)
+  generate   = prefill + Σ_{k=0}^{N−1} decode_step(P + k)
+               prefill = (pp + m − 1)·(F_prefill(T = b·P) + p2p), b = sequences per micro-batch
+               decode_step(K) = max(m, pp)·(D_stage(b, K) + p2p(b·h·2)) — the ring pipeline of
+               generation: a token of micro-batch j needs all pp stages, so one decoding round of all
+               m micro-batches takes max(m, pp) stage slots
+               Σ decode_step is integrated over K ∈ [P, P+N−1] with the trapezoid rule on 9 points
+               (exact where the table is linear in K, as decode is between grid points).
+
+Not modelled: overlap of the dp all-reduce with backward (counted serial), kernel-level overlap of
+tp collectives with compute, stragglers, and data loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.cost_model.collectives import all_gather_time_s, all_reduce_time_s, p2p_time_s, reduce_scatter_time_s
+from planner.cost_model.profile import LinkRate, Profile
+from planner.cost_model.shapes import (
+    DTYPE_BYTES,
+    ModelOptions,
+    Stage,
+    groups_span_nodes,
+    head_kind,
+    max_params_per_device,
+    pp_crosses_nodes,
+    prompt_len,
+    seqs_per_micro_batch,
+    stages_of,
+)
+from reallm.dataflow import Call
+from reallm.placement import Placement
+from reallm.spec import ModelSpec
+
+DECODE_INTEGRATION_POINTS = 9
+
+
+@dataclass
+class CallTime:
+    """A call's estimated time and where it goes (all seconds)."""
+
+    time_s: float
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Links:
+    tp: LinkRate
+    pp: LinkRate
+    dp: LinkRate
+
+
+def _links(p: Placement, profile: Profile, cluster) -> _Links:
+    tp_link = "ib" if groups_span_nodes(cluster, p.tp_groups()[:1]) else "nvlink"
+    pp_link = "ib" if pp_crosses_nodes(cluster, p) else "nvlink"
+    dp_link = "ib" if groups_span_nodes(cluster, p.dp_groups()) else "nvlink"
+    return _Links(profile.link(tp_link, p.tp), profile.link(pp_link, 2), profile.link(dp_link, p.dp))
+
+
+# -- tensor-parallel collectives -----------------------------------------------------------------
+def tp_block_comm_s(tokens: float, spec: ModelSpec, p: Placement, rate: LinkRate) -> float:
+    """One block, one direction (forward or backward): 2 all-reduces, or 2 AG + 2 RS with sp."""
+    if p.tp == 1:
+        return 0.0
+    buf = tokens * spec.hidden_size * DTYPE_BYTES
+    if p.sequence_parallel:
+        return 2 * (all_gather_time_s(buf, p.tp, rate) + reduce_scatter_time_s(buf, p.tp, rate))
+    return 2 * all_reduce_time_s(buf, p.tp, rate)
+
+
+def tp_embedding_comm_s(tokens: float, spec: ModelSpec, p: Placement, rate: LinkRate) -> float:
+    """Vocab-parallel embedding forward: partial rows summed (reduce-scatter with sp)."""
+    buf = tokens * spec.hidden_size * DTYPE_BYTES
+    return (reduce_scatter_time_s if p.sequence_parallel else all_reduce_time_s)(buf, p.tp, rate)
+
+
+def tp_head_comm_s(tokens: float, spec: ModelSpec, p: Placement, rate: LinkRate) -> float:
+    """Head forward or backward: sp input all-gather, vocab-parallel log-softmax max/sum all-reduces."""
+    if p.tp == 1 or spec.is_critic:
+        return 0.0
+    t = 2 * all_reduce_time_s(tokens * 4, p.tp, rate)
+    if p.sequence_parallel:
+        t += all_gather_time_s(tokens * spec.hidden_size * DTYPE_BYTES, p.tp, rate)
+    return t
+
+
+def tp_decode_comm_s(batch: float, num_blocks: int, has_head: bool, spec: ModelSpec, p: Placement,
+                     rate: LinkRate) -> float:
+    """One decode step of a stage: 2 all-reduces of b·h·2 per block; the head gathers b·V/tp logits."""
+    if p.tp == 1:
+        return 0.0
+    t = num_blocks * 2 * all_reduce_time_s(batch * spec.hidden_size * DTYPE_BYTES, p.tp, rate)
+    if has_head and not spec.is_critic:
+        t += all_gather_time_s(batch * spec.vocab_size * DTYPE_BYTES, p.tp, rate)
+    return t
+
+
+# -- per-stage times ------------------------------------------------------------------------------
+def stage_forward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, op: str, tokens: float,
+                    seqlen: float, rate: LinkRate) -> float:
+    """Forward (op = forward) or prefill of one micro-batch on one stage, tp collectives included."""
+    comm = not profile.includes_tp_comm
+    t = st.num_blocks * (profile.layer_time_s(spec, "block", op, p.tp, tokens, seqlen)
+                         + (tp_block_comm_s(tokens, spec, p, rate) if comm else 0.0))
+    if st.has_embedding:
+        t += profile.layer_time_s(spec, "embedding", op, p.tp, tokens, seqlen)
+        t += tp_embedding_comm_s(tokens, spec, p, rate) if comm and p.tp > 1 else 0.0
+    if st.has_head:
+        t += profile.layer_time_s(spec, head_kind(spec), op, p.tp, tokens, seqlen)
+        t += tp_head_comm_s(tokens, spec, p, rate) if comm else 0.0
+    return t
+
+
+def stage_backward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, tokens: float, seqlen: float,
+                     rate: LinkRate, checkpointing: bool) -> float:
+    """Backward of one micro-batch on one stage; recomputes the blocks' forward under checkpointing."""
+    comm = not profile.includes_tp_comm
+    blk = profile.layer_time_s(spec, "block", "backward", p.tp, tokens, seqlen)
+    if checkpointing:
+        blk += profile.layer_time_s(spec, "block", "forward", p.tp, tokens, seqlen)
+    blk_comm = tp_block_comm_s(tokens, spec, p, rate) * (2 if checkpointing else 1) if comm else 0.0
+    t = st.num_blocks * (blk + blk_comm)
+    if st.has_embedding:
+        t += profile.layer_time_s(spec, "embedding", "backward", p.tp, tokens, seqlen)
+    if st.has_head:
+        t += profile.layer_time_s(spec, head_kind(spec), "backward", p.tp, tokens, seqlen)
+        t += tp_head_comm_s(tokens, spec, p, rate) if comm else 0.0
+    return t
+
+
+def stage_decode_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, batch: float, kv_len: float,
+                   rate: LinkRate) -> float:
+    t = st.num_blocks * profile.decode_time_s(spec, "block", p.tp, batch, kv_len)
+    if st.has_head:
+        t += profile.decode_time_s(spec, head_kind(spec), p.tp, batch, kv_len)
+    if not profile.includes_tp_comm:
+        t += tp_decode_comm_s(batch, st.num_blocks, st.has_head, spec, p, rate)
+    return t
+
+
+def pipeline_p2p_s(tokens: float, spec: ModelSpec, p: Placement, rate: LinkRate) -> float:
+    """Send one micro-batch's activations to the next stage (scattered over tp ranks with sp)."""
+    if p.pp == 1:
+        return 0.0
+    return p2p_time_s(tokens * spec.hidden_size * DTYPE_BYTES / (p.tp if p.sequence_parallel else 1), rate)
+
+
+def pipeline_slots(p: Placement) -> int:
+    """Stage slots a pipelined pass over m micro-batches takes: fill (pp − 1) + m."""
+    return p.pp + p.num_micro_batches - 1
+
+
+def dp_grad_allreduce_s(spec: ModelSpec, p: Placement, rate: LinkRate) -> float:
+    """Ring all-reduce of the bf16 gradients of the largest stage over the dp group."""
+    return all_reduce_time_s(DTYPE_BYTES * max_params_per_device(spec, p.tp, p.pp), p.dp, rate)
+
+
+def optimizer_s(spec: ModelSpec, p: Placement, profile: Profile, opts: ModelOptions) -> float:
+    n = max_params_per_device(spec, p.tp, p.pp)
+    return n * profile.optimizer_time_s_per_param / (p.dp if opts.zero_stage >= 1 else 1)
+
+
+def sum_over_steps_s(f, k0: float, n: int, points: int = DECODE_INTEGRATION_POINTS) -> float:
+    """Σ_{k=0}^{n−1} f(k0 + k) by the trapezoid rule on ``points`` evenly spaced K (exact for linear f)."""
+    if n <= 0:
+        return 0.0
+    if n <= points:
+        return sum(f(k0 + k) for k in range(n))
+    ks = [k0 + (n - 1) * j / (points - 1) for j in range(points)]
+    vals = [f(k) for k in ks]
+    mean = (sum(vals) - 0.5 * (vals[0] + vals[-1])) / (points - 1)
+    return n * mean
+
+
+# -- calls ----------------------------------------------------------------------------------------
+def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, cluster,
+           opts: ModelOptions = ModelOptions()) -> CallTime:
+    """Estimated wall time of ``call`` on ``placement`` (module docstring has the formulas)."""
+    p = placement
+    links = _links(p, profile, cluster)
+    sts = stages_of(spec, p.tp, p.pp)
+    b = seqs_per_micro_batch(call, p)
+    slots = pipeline_slots(p)
+    if call.kind == "generate":
+        P, N = prompt_len(call), call.max_new_tokens
+        tok = b * P
+        p2p = pipeline_p2p_s(tok, spec, p, links.pp)
+        prefill = slots * (max(stage_forward_s(st, spec, p, profile, "prefill", tok, P, links.tp) for st in sts) + p2p)
+        p2p_dec = pipeline_p2p_s(b, spec, p, links.pp)
+        ring = max(p.num_micro_batches, p.pp)
+
+        def step_s(kv: float) -> float:
+            return ring * (max(stage_decode_s(st, spec, p, profile, b, kv, links.tp) for st in sts) + p2p_dec)
+
+        decode = sum_over_steps_s(step_s, P, N)
+        return CallTime(prefill + decode, {"prefill_s": prefill, "decode_s": decode})
+    tok, s = b * call.max_seqlen, call.max_seqlen
+    fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp) for st in sts)
+    p2p = pipeline_p2p_s(tok, spec, p, links.pp)
+    if call.kind == "inference":
+        return CallTime(slots * (fwd + p2p), {"compute_s": slots * fwd, "pp_comm_s": slots * p2p})
+    bwd = max(stage_backward_s(st, spec, p, profile, tok, s, links.tp, opts.gradient_checkpointing) for st in sts)
+    dp_s = dp_grad_allreduce_s(spec, p, links.dp)
+    opt_s = optimizer_s(spec, p, profile, opts)
+    M = call.n_minibatches
+    compute = M * slots * (fwd + bwd)
+    pp_comm = M * slots * 2 * p2p
+    return CallTime(compute + pp_comm + M * (dp_s + opt_s),
+                    {"compute_s": compute, "pp_comm_s": pp_comm, "dp_comm_s": M * dp_s, "optimizer_s": M * opt_s})

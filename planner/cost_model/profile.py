@@ -1,0 +1,393 @@
+"""Cost profiles: measured (or analytic) layer times and collective rates, as versioned JSON.
+
+Schema (``"format": "reallm.profile"``, version 1)::
+
+    {
+      "format": "reallm.profile", "version": 1,
+      "source": "analytic" | "measured",       # analytic: from datasheet rates (analytic_profile.py)
+      "device": "NVIDIA H100 80GB HBM3",      # Cluster.gpu_name, or "cpu"
+      "dtype": "bf16",                        # bf16 | fp32 (the CPU profile of the tiny models)
+      "includes_tp_comm": false,              # true: layer times already contain their tp collectives
+      "notes": "free text: how it was made",
+      "rates": {...},                         # optional: the rates an analytic profile was made from
+      "models": {
+        "<shape key>": {                      # shape_key(spec), e.g. "h4096-i11008-q32-kv32-d128-v32000"
+          "shape": {"hidden_size": 4096, "intermediate_size": 11008, "num_heads": 32,
+                    "num_kv_heads": 32, "head_dim": 128, "vocab_size": 32000, "qkv_bias": false},
+          "layers": {
+            "embedding":  {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK}},
+            "block":      {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK, "decode": DEC}},
+            "head":       {"<tp>": {... same four ...}},      # final norm + LM head (+ log-softmax)
+            "score_head": {"<tp>": {... same four ...}}       # final norm + critic score head
+          }
+        }
+      },
+      "optimizer": {"time_s_per_param": 1.0e-11},            # Adam step, per parameter on one device
+      "collectives": {                                       # alpha-beta per link type and group size
+        "nvlink": {"2": {"bandwidth_bytes_per_s": 3.6e11, "latency_s": 1e-5}, "4": ..., "8": ...},
+        "ib":     {"2": {...}, ..., "128": {...}},
+        "host":   {"1": {...}}                               # pinned host <-> device copies
+      }
+    }
+
+``TOK`` is the time of one call of the layer on one tp rank for a micro-batch of ``tokens`` tokens
+packed in sequences of ``seqlen`` tokens: ``{"seqlen": [s..], "tokens": [t..], "time_s": [[..] per
+seqlen]}`` (one seqlen row makes it a function of tokens alone). ``DEC`` is one decode step of
+``batch`` sequences whose KV cache holds ``kv_len`` tokens: ``{"batch": [b..], "kv_len": [k..],
+"time_s": [[..] per batch]}``. Both are piecewise linear (bilinear between grid points); beyond the
+last grid point a table extrapolates along its last segment, below the first it holds the first value
+(a kernel-launch floor). Layer times exclude the tp collectives unless ``includes_tp_comm``, exclude
+the recomputation of gradient checkpointing (the cost model adds a forward) and exclude pipeline
+send/receive. Collective bandwidth is the per-device "bus bandwidth" of a ring (cost formulas in
+``collectives.py``); a group size missing from the table uses the nearest smaller one's bandwidth and
+scales latency with log2 of the size.
+
+Time is always seconds (``_s``), sizes bytes (``_bytes``). A model shape missing from a profile (or
+a tp degree missing for it) falls back to an analytic entry made from the profile's ``rates`` (or the
+cluster's datasheet rates), and the fallback is recorded in ``Profile.fallbacks``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from reallm.errors import UserError
+from reallm.spec import ModelSpec
+
+PROFILE_FORMAT = "reallm.profile"
+PROFILE_VERSION = 1
+PROFILE_DIR = Path(__file__).resolve().parent.parent.parent / "profiles"
+
+LAYER_KINDS = ("embedding", "block", "head", "score_head")
+TOKEN_OPS = ("forward", "backward", "prefill")
+#: Ops each layer kind must provide.
+REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + ("decode",), "head": TOKEN_OPS + ("decode",),
+                "score_head": TOKEN_OPS + ("decode",)}
+LINK_TYPES = ("nvlink", "ib", "host")
+
+
+def shape_key(spec: ModelSpec) -> str:
+    """The profile key of a model's layer shapes (the number of layers does not change a layer)."""
+    key = (f"h{spec.hidden_size}-i{spec.intermediate_size}-q{spec.num_heads}-kv{spec.num_kv_heads}"
+           f"-d{spec.head_dim}-v{spec.vocab_size}")
+    return key + ("-bias" if spec.qkv_bias else "")
+
+
+def shape_of(spec: ModelSpec) -> dict:
+    return {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+            "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+            "vocab_size": spec.vocab_size, "qkv_bias": spec.qkv_bias}
+
+
+# -- piecewise-linear tables -----------------------------------------------------------------------
+def _interp_axis(xs: list[float], x: float) -> tuple[int, float]:
+    """Segment index i and weight w so that value = (1-w)·v[i] + w·v[i+1]. Below the grid: hold the first
+    value (w=0 on segment 0); above: extrapolate along the last segment (w > 1); one point: constant."""
+    n = len(xs)
+    if n == 1:
+        return 0, 0.0
+    if x <= xs[0]:
+        return 0, 0.0
+    i = min(bisect.bisect_right(xs, x) - 1, n - 2)
+    return i, (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
+@dataclass(frozen=True)
+class Table2D:
+    """``time_s[i][j]`` at ``(x[i], y[j])``, bilinear in between (see the module docstring)."""
+
+    x_name: str
+    y_name: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    time_s: tuple[tuple[float, ...], ...]
+
+    def __call__(self, x: float, y: float) -> float:
+        i, wx = _interp_axis(self.x, x)
+        j, wy = _interp_axis(self.y, y)
+        t = self.time_s
+
+        def row(r: int) -> float:
+            if len(self.y) == 1:
+                return t[r][0]
+            return (1 - wy) * t[r][j] + wy * t[r][j + 1]
+
+        v = row(i) if len(self.x) == 1 else (1 - wx) * row(i) + wx * row(i + 1)
+        return max(v, 0.0)
+
+    def to_dict(self) -> dict:
+        return {self.x_name: list(self.x), self.y_name: list(self.y), "time_s": [list(r) for r in self.time_s]}
+
+    @classmethod
+    def from_dict(cls, d: Any, x_name: str, y_name: str, where: str, problems: list[str]) -> Optional[Table2D]:
+        if not isinstance(d, dict):
+            problems.append(f"{where}: expected an object with {x_name}, {y_name}, time_s")
+            return None
+        missing = [k for k in (x_name, y_name, "time_s") if k not in d]
+        unknown = sorted(set(d) - {x_name, y_name, "time_s"})
+        if missing or unknown:
+            problems.append(f"{where}: " + "; ".join(([f"missing {missing}"] if missing else [])
+                                                     + ([f"unknown {unknown}"] if unknown else [])))
+            return None
+        xs, ys, ts = d[x_name], d[y_name], d["time_s"]
+        ok = True
+        for name, axis in ((x_name, xs), (y_name, ys)):
+            if (not isinstance(axis, list) or not axis or not all(isinstance(v, (int, float)) for v in axis)
+                    or any(v < 0 for v in axis) or any(a >= b for a, b in zip(axis, axis[1:]))):
+                problems.append(f"{where}.{name}: must be a non-empty, strictly increasing list of numbers ≥ 0")
+                ok = False
+        if ok and (not isinstance(ts, list) or len(ts) != len(xs)
+                   or any(not isinstance(r, list) or len(r) != len(ys) for r in ts)):
+            problems.append(f"{where}.time_s: must be {len(xs)} rows ({x_name}) of {len(ys)} values ({y_name})")
+            ok = False
+        if ok and any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for r in ts for v in r):
+            problems.append(f"{where}.time_s: every time must be a finite number ≥ 0 (seconds)")
+            ok = False
+        if not ok:
+            return None
+        return cls(x_name, y_name, tuple(map(float, xs)), tuple(map(float, ys)),
+                   tuple(tuple(map(float, r)) for r in ts))
+
+
+def token_table(d: Any, where: str, problems: list[str]) -> Optional[Table2D]:
+    return Table2D.from_dict(d, "seqlen", "tokens", where, problems)
+
+
+def decode_table(d: Any, where: str, problems: list[str]) -> Optional[Table2D]:
+    return Table2D.from_dict(d, "batch", "kv_len", where, problems)
+
+
+@dataclass(frozen=True)
+class LinkRate:
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+
+# -- the profile -----------------------------------------------------------------------------------
+@dataclass
+class Profile:
+    """A loaded, validated profile. ``layers[shape][kind][tp][op]`` is a ``Table2D``."""
+
+    source: str
+    device: str
+    dtype: str
+    includes_tp_comm: bool
+    layers: dict[str, dict[str, dict[int, dict[str, Table2D]]]]
+    optimizer_time_s_per_param: float
+    collectives: dict[str, dict[int, LinkRate]]
+    notes: str = ""
+    rates: Optional[dict] = None
+    shapes: dict[str, dict] = field(default_factory=dict)
+    #: Model shapes / tp degrees that were missing and got an analytic entry (for reports).
+    fallbacks: list[str] = field(default_factory=list)
+    path: Optional[str] = None
+
+    # -- lookups ------------------------------------------------------------------------------------
+    def _entry(self, spec: ModelSpec, kind: str, tp: int) -> dict[str, Table2D]:
+        key = shape_key(spec)
+        per_tp = self.layers.get(key, {}).get(kind, {})
+        if tp not in per_tp:
+            self._fill_analytic(spec, tp)
+            per_tp = self.layers[key][kind]
+        return per_tp[tp]
+
+    def _fill_analytic(self, spec: ModelSpec, tp: int) -> None:
+        from planner.cost_model.analytic_profile import AnalyticRates, analytic_layers
+
+        rates = AnalyticRates.from_dict(self.rates) if self.rates else AnalyticRates.h100()
+        key = shape_key(spec)
+        entry = analytic_layers(spec, rates, tps=(tp,))
+        mine = self.layers.setdefault(key, {})
+        for kind, per_tp in entry.items():
+            for t, ops in per_tp.items():
+                mine.setdefault(kind, {}).setdefault(t, ops)
+        self.shapes.setdefault(key, shape_of(spec))
+        self.fallbacks.append(f"{key} tp={tp}: analytic ({rates.name})")
+
+    def layer_time_s(self, spec: ModelSpec, kind: str, op: str, tp: int, tokens: float, seqlen: float) -> float:
+        """One call of ``op`` (forward/backward/prefill) of one layer on one tp rank."""
+        return self._entry(spec, kind, tp)[op](seqlen, tokens)
+
+    def decode_time_s(self, spec: ModelSpec, kind: str, tp: int, batch: float, kv_len: float) -> float:
+        """One decode step of one layer on one tp rank for ``batch`` sequences with ``kv_len`` cached tokens."""
+        return self._entry(spec, kind, tp)["decode"](batch, kv_len)
+
+    def link(self, link_type: str, group_size: int) -> LinkRate:
+        """Alpha-beta rates of ``link_type`` for a group of ``group_size`` devices (module docstring)."""
+        table = self.collectives[link_type]
+        if group_size in table:
+            return table[group_size]
+        sizes = sorted(table)
+        below = [s for s in sizes if s <= group_size]
+        base = below[-1] if below else sizes[0]
+        r = table[base]
+        scale = (1 + math.log2(max(group_size, 2))) / (1 + math.log2(max(base, 2)))
+        return LinkRate(r.bandwidth_bytes_per_s, r.latency_s * scale)
+
+    # -- (de)serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        models = {}
+        for key, kinds in self.layers.items():
+            models[key] = {"shape": self.shapes.get(key, {}),
+                           "layers": {k: {str(tp): {op: t.to_dict() for op, t in ops.items()}
+                                          for tp, ops in sorted(per_tp.items())} for k, per_tp in kinds.items()}}
+        d = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "source": self.source, "device": self.device,
+             "dtype": self.dtype, "includes_tp_comm": self.includes_tp_comm, "notes": self.notes}
+        if self.rates is not None:
+            d["rates"] = self.rates
+        d["models"] = models
+        d["optimizer"] = {"time_s_per_param": self.optimizer_time_s_per_param}
+        d["collectives"] = {lt: {str(n): {"bandwidth_bytes_per_s": r.bandwidth_bytes_per_s, "latency_s": r.latency_s}
+                                 for n, r in sorted(tab.items())} for lt, tab in self.collectives.items()}
+        return d
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+def profile_from_dict(d: Any, where: str = "profile") -> Profile:
+    """Validate and load; raises ``UserError`` listing every problem at once."""
+    if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
+        raise UserError(f"{where}: not a reallm profile (expected \"format\": \"{PROFILE_FORMAT}\")")
+    v = d.get("version")
+    if not isinstance(v, int) or v < 1:
+        raise UserError(f"{where}: version must be a positive integer, got {v!r}")
+    if v > PROFILE_VERSION:
+        raise UserError(f"{where}: version {v} is newer than this reallm understands (≤ {PROFILE_VERSION})")
+    problems: list[str] = []
+    known = {"format", "version", "source", "device", "dtype", "includes_tp_comm", "notes", "rates", "models",
+             "optimizer", "collectives"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        problems.append(f"unknown top-level field(s) {unknown}")
+    for k in ("source", "device", "dtype", "models", "optimizer", "collectives"):
+        if k not in d:
+            problems.append(f"missing top-level field {k!r}")
+    if problems:
+        raise UserError(f"{where}: " + "; ".join(problems))
+    if d["source"] not in ("analytic", "measured"):
+        problems.append(f"source must be 'analytic' or 'measured', got {d['source']!r}")
+    if d["dtype"] not in ("bf16", "fp16", "fp32"):
+        problems.append(f"dtype must be bf16, fp16 or fp32, got {d['dtype']!r}")
+
+    layers: dict = {}
+    shapes: dict = {}
+    models = d["models"]
+    if not isinstance(models, dict):
+        problems.append("models must be an object keyed by shape key")
+        models = {}
+    for key, m in models.items():
+        w = f"models.{key}"
+        if not isinstance(m, dict) or "layers" not in m:
+            problems.append(f"{w}: expected {{\"shape\": ..., \"layers\": ...}}")
+            continue
+        shapes[key] = m.get("shape", {})
+        kinds = m["layers"]
+        if not isinstance(kinds, dict):
+            problems.append(f"{w}.layers: expected an object keyed by layer kind")
+            continue
+        for kind, per_tp in kinds.items():
+            if kind not in LAYER_KINDS:
+                problems.append(f"{w}.layers.{kind}: unknown layer kind (known: {', '.join(LAYER_KINDS)})")
+                continue
+            if not isinstance(per_tp, dict) or not per_tp:
+                problems.append(f"{w}.layers.{kind}: expected an object keyed by tp degree")
+                continue
+            for tp_s, ops in per_tp.items():
+                wt = f"{w}.layers.{kind}.{tp_s}"
+                if not str(tp_s).isdigit() or int(tp_s) < 1:
+                    problems.append(f"{wt}: tp degree keys must be positive integers")
+                    continue
+                if not isinstance(ops, dict):
+                    problems.append(f"{wt}: expected an object keyed by op")
+                    continue
+                missing = [op for op in REQUIRED_OPS[kind] if op not in ops]
+                extra = sorted(set(ops) - set(REQUIRED_OPS[kind]))
+                if missing or extra:
+                    problems.append(f"{wt}: " + "; ".join(([f"missing op(s) {missing}"] if missing else [])
+                                                          + ([f"unknown op(s) {extra}"] if extra else [])))
+                out = {}
+                for op, td in ops.items():
+                    if op not in REQUIRED_OPS[kind]:
+                        continue
+                    t = (decode_table if op == "decode" else token_table)(td, f"{wt}.{op}", problems)
+                    if t is not None:
+                        out[op] = t
+                layers.setdefault(key, {}).setdefault(kind, {})[int(tp_s)] = out
+
+    opt = d["optimizer"]
+    opt_t = opt.get("time_s_per_param") if isinstance(opt, dict) else None
+    if not isinstance(opt_t, (int, float)) or not math.isfinite(opt_t) or opt_t < 0:
+        problems.append(f"optimizer.time_s_per_param must be a number ≥ 0, got {opt_t!r}")
+        opt_t = 0.0
+
+    colls: dict[str, dict[int, LinkRate]] = {}
+    cd = d["collectives"]
+    if not isinstance(cd, dict):
+        problems.append("collectives must be an object keyed by link type")
+        cd = {}
+    for lt in ("nvlink", "ib"):
+        if lt not in cd:
+            problems.append(f"collectives.{lt}: missing (every profile needs nvlink and ib rates)")
+    for lt, tab in cd.items():
+        if lt not in LINK_TYPES:
+            problems.append(f"collectives.{lt}: unknown link type (known: {', '.join(LINK_TYPES)})")
+            continue
+        if not isinstance(tab, dict) or not tab:
+            problems.append(f"collectives.{lt}: expected an object keyed by group size")
+            continue
+        for n_s, r in tab.items():
+            wl = f"collectives.{lt}.{n_s}"
+            if not str(n_s).isdigit() or int(n_s) < 1:
+                problems.append(f"{wl}: group size keys must be positive integers")
+                continue
+            bw = r.get("bandwidth_bytes_per_s") if isinstance(r, dict) else None
+            lat = r.get("latency_s") if isinstance(r, dict) else None
+            if not isinstance(bw, (int, float)) or bw <= 0 or not isinstance(lat, (int, float)) or lat < 0:
+                problems.append(f"{wl}: needs bandwidth_bytes_per_s > 0 and latency_s ≥ 0")
+                continue
+            colls.setdefault(lt, {})[int(n_s)] = LinkRate(float(bw), float(lat))
+    if problems:
+        raise UserError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return Profile(source=d["source"], device=d["device"], dtype=d["dtype"],
+                   includes_tp_comm=bool(d.get("includes_tp_comm", False)), layers=layers,
+                   optimizer_time_s_per_param=float(opt_t), collectives=colls, notes=d.get("notes", ""),
+                   rates=d.get("rates"), shapes=shapes)
+
+
+def load_profile(path: str) -> Profile:
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        p = PROFILE_DIR / f"{path}.json"
+    try:
+        text = p.read_text()
+    except OSError as e:
+        known = sorted(q.stem for q in PROFILE_DIR.glob("*.json"))
+        raise UserError(f"{path}: cannot read profile ({e.strerror}); shipped profiles: {', '.join(known)}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: line {e.lineno}: malformed JSON ({e.msg})") from None
+    prof = profile_from_dict(d, where=str(p))
+    prof.path = str(p)
+    return prof
+
+
+def default_profile(cluster) -> Profile:
+    """The shipped profile for a cluster: ``profiles/<cluster.name>_measured.json`` if present, else
+    ``<name>_analytic.json``, else an analytic profile made now from the cluster's datasheet rates."""
+    from planner.cost_model.analytic_profile import AnalyticRates, empty_analytic_profile
+
+    for suffix in ("measured", "analytic"):
+        p = PROFILE_DIR / f"{cluster.name}_{suffix}.json"
+        if p.exists():
+            prof = load_profile(str(p))
+            if prof.device == cluster.gpu_name or cluster.device_kind == "cpu" and prof.device == "cpu":
+                return prof
+    return empty_analytic_profile(AnalyticRates.from_cluster(cluster), cluster.gpu_name,
+                                  "fp32" if cluster.device_kind == "cpu" else "bf16")

@@ -1,0 +1,131 @@
+"""Cost model sanity: call times, memory, collectives, reallocation, transfers."""
+
+import pytest
+
+from planner.cost_model.call_time import sum_over_steps_s, t_call
+from planner.cost_model.collectives import all_gather_time_s, all_reduce_time_s
+from planner.cost_model.memory import call_memory
+from planner.cost_model.profile import PROFILE_DIR, LinkRate, load_profile
+from planner.cost_model.realloc import realloc_estimate_s, realloc_time_s
+from planner.cost_model.shapes import ModelOptions, max_params_per_device
+from planner.cost_model.tables import candidate_meshes, enumerate_candidates
+from planner.cost_model.transfer import edge_bytes
+from reallm.cluster import load_cluster
+from reallm.dataflow import ppo_calls
+from reallm.placement import Placement
+from reallm.spec import preset_spec
+
+PROF = load_profile(str(PROFILE_DIR / "h100_analytic.json"))
+NODE = load_cluster("h100")
+CLUSTER16 = load_cluster("h100", n_nodes=2)
+CALLS = {c.name: c for c in ppo_calls(n_seqs=128, max_prompt_len=256, max_new_tokens=256, n_minibatches=4)}
+S7, S13 = preset_spec("llama", 7), preset_spec("llama", 13)
+
+
+def test_collective_formulas():
+    r = LinkRate(100e9, 1e-5)
+    assert all_reduce_time_s(1e9, 1, r) == 0.0
+    assert all_reduce_time_s(1e9, 4, r) == pytest.approx(1e-5 + 2 * 3 / 4 * 1e9 / 100e9)
+    assert all_gather_time_s(1e9, 8, r) == pytest.approx(1e-5 + 7 / 8 * 1e9 / 100e9)
+
+
+def test_inference_in_one_node_never_slower_with_more_dp():
+    call = CALLS["ref_inf"]
+    for tp in (1, 2):
+        prev = float("inf")
+        for n in (tp, 2 * tp, 4 * tp, 8):
+            if n % tp:
+                continue
+            best = min(t_call(call, Placement(tuple(range(n)), n // tp, tp, 1, False, m), S7, PROF, NODE).time_s
+                       for m in (1, 2, 4))
+            assert best <= prev * (1 + 1e-9), (tp, n)
+            prev = best
+
+
+def test_static_memory_falls_with_tp_and_pp():
+    call = CALLS["actor_train"]
+    for spec in (S7, S13):
+        prev = None
+        for tp, pp in ((1, 1), (2, 1), (4, 1), (8, 1)):
+            m = call_memory(call, Placement(tuple(range(tp * pp)), 1, tp, pp), spec)
+            assert prev is None or m.state_bytes < prev
+            prev = m.state_bytes
+        prev = None
+        for pp in (1, 2, 4, 8):
+            m = call_memory(call, Placement(tuple(range(pp)), 1, 1, pp, False, pp), spec)
+            assert prev is None or m.state_bytes < prev
+            prev = m.state_bytes
+        # 16 bytes per parameter (bf16 weights and grads, fp32 master and two moments); ZeRO-1 shards 12 of them
+        p = Placement(tuple(range(8)), 8, 1, 1)
+        n = max_params_per_device(spec, 1, 1)
+        assert call_memory(call, p, spec).state_bytes == 16 * n
+        assert call_memory(call, p, spec, ModelOptions(zero_stage=1)).state_bytes == pytest.approx(4 * n + 12 * n / 8)
+
+
+def test_activation_memory_checkpointing_and_sequence_parallel():
+    call = CALLS["actor_train"]
+    p = Placement(tuple(range(8)), 1, 8, 1, False, 4)
+    full = call_memory(call, p, S7, ModelOptions(gradient_checkpointing=False)).transient_bytes
+    ckpt = call_memory(call, p, S7, ModelOptions(gradient_checkpointing=True)).transient_bytes
+    sp = call_memory(call, Placement(tuple(range(8)), 1, 8, 1, True, 4), S7).transient_bytes
+    assert sp < ckpt < full
+    gen = call_memory(CALLS["actor_gen"], Placement(tuple(range(8)), 8, 1, 1), S7)
+    assert gen.transient_bytes > gen.weights_bytes  # KV cache on top of its replica
+    assert gen.shared_transient_bytes == gen.transient_bytes - gen.weights_bytes
+
+
+def test_generation_is_prefill_plus_decode_growing_with_kv():
+    call = CALLS["actor_gen"]
+    ct = t_call(call, Placement(tuple(range(8)), 8, 1, 1), S7, PROF, NODE)
+    assert ct.time_s == pytest.approx(ct.terms["prefill_s"] + ct.terms["decode_s"])
+    assert sum_over_steps_s(lambda k: 2 * k + 1, 10, 100) == pytest.approx(sum(2 * k + 1 for k in range(10, 110)))
+    longer = CALLS["actor_gen"].__class__(**{**CALLS["actor_gen"].__dict__, "max_seqlen": 256 + 1024, "max_new_tokens": 1024})
+    t_long = t_call(longer, Placement(tuple(range(8)), 8, 1, 1), S7, PROF, NODE).terms["decode_s"]
+    assert t_long > 4 * ct.terms["decode_s"]  # more steps, and each step reads a longer KV cache
+
+
+def test_train_terms_dp_allreduce_crosses_nodes():
+    call = CALLS["actor_train"]
+    inside = t_call(call, Placement(tuple(range(8)), 8, 1, 1, False, 1), S7, PROF, CLUSTER16).terms["dp_comm_s"]
+    across = t_call(call, Placement(tuple(range(16)), 16, 1, 1, False, 1), S7, PROF, CLUSTER16).terms["dp_comm_s"]
+    assert across > 5 * inside  # IB is 9x slower than NVLink
+
+
+def test_reallocation_identical_is_free_and_estimate_matches_layout_plan():
+    a = Placement(tuple(range(8)), 2, 4, 1, True, 2)
+    assert realloc_time_s(S7, a, Placement(a.devices, 2, 4, 1, False, 8), NODE, PROF) == 0.0
+    assert realloc_estimate_s(S7, a, a, NODE, PROF) == 0.0
+    pairs = [(Placement(tuple(range(8)), 1, 8, 1), Placement(tuple(range(8)), 2, 2, 2)),
+             (Placement(tuple(range(8)), 2, 4, 1), Placement(tuple(range(4)), 1, 2, 2)),
+             (Placement(tuple(range(16)), 1, 4, 4), Placement(tuple(range(8, 16)), 8, 1, 1)),
+             (Placement(tuple(range(8)), 1, 2, 4), Placement(tuple(range(8, 16)), 2, 4, 1))]
+    for a, b in pairs:
+        exact = realloc_time_s(S13, a, b, CLUSTER16, PROF)
+        est = realloc_estimate_s(S13, a, b, CLUSTER16, PROF)
+        assert exact > 0 and est == pytest.approx(exact, rel=0.1), (a.layout_str, b.layout_str)
+
+
+def test_transfer_bytes_of_ppo_edges():
+    gen = CALLS["actor_gen"]
+    b = edge_bytes(("packed_input_ids", "packed_logprobs", "seq_no_eos_mask"), gen, S7)
+    assert b == 128 * 512 * (8 + 4) + 128 * 1
+
+
+def test_candidates_cover_small_meshes_and_fit_memory():
+    meshes = candidate_meshes(CLUSTER16)
+    sizes = {len(m) for m in meshes}
+    assert {1, 2, 4, 8, 16} <= sizes and all(m == tuple(range(m[0], m[0] + len(m))) for m in meshes)
+    cands = enumerate_candidates(CALLS["actor_train"], S7, PROF, CLUSTER16, ModelOptions(), False)
+    assert cands and all(c.memory.standalone_bytes <= 0.92 * CLUSTER16.device_memory_bytes for c in cands)
+    everything = enumerate_candidates(CALLS["actor_train"], S7, PROF, CLUSTER16, ModelOptions(), False,
+                                      meshes=[tuple(range(8))], prune=False)
+    assert any(c.placement.sequence_parallel for c in everything)
+    assert len({c.placement.num_micro_batches for c in everything}) > 1
+    # sequence parallel saves activation memory at the cost of twice the collective latencies
+    sp = {(c.placement.dp, c.placement.tp, c.placement.num_micro_batches): c for c in everything if c.placement.sequence_parallel}
+    for c in everything:
+        twin = sp.get((c.placement.dp, c.placement.tp, c.placement.num_micro_batches))
+        if twin is not None and not c.placement.sequence_parallel and c.placement.pp == twin.placement.pp:
+            assert twin.memory.transient_bytes < c.memory.transient_bytes and twin.time_s >= c.time_s
+    gen = enumerate_candidates(CALLS["actor_gen"], S7, PROF, CLUSTER16, ModelOptions(), False)
+    assert any(len(c.placement.devices) <= 2 for c in gen)  # 1- and 2-device meshes are searched
