@@ -52,6 +52,9 @@ def placement_rank_sets(p: Placement) -> list[tuple[int, ...]]:
     sets += p.tp_groups() + p.pp_groups() + p.dp_groups()
     # a dp replica's ranks (its tp × pp grid): inputs are broadcast inside it
     sets += [tuple(p.device_at(pp, d, t) for pp in range(p.pp) for t in range(p.tp)) for d in range(p.dp)]
+    # first and last pipeline stage of each (dp, tp): the tied embedding's gradient sum (pp = 2: the pp groups)
+    if p.pp > 2:
+        sets += [(p.device_at(0, d, t), p.device_at(p.pp - 1, d, t)) for d in range(p.dp) for t in range(p.tp)]
     return sets
 
 

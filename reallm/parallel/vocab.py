@@ -1,0 +1,187 @@
+"""Log-probabilities and losses on vocabulary shards: the full-vocabulary logits are never gathered.
+
+tp rank r holds logit columns ``[s, s + W)`` of the padded vocabulary V' (s = r W, W = V'/tp). For row n
+with target token y_n (a global id), z = logits / temperature, and columns removed by the generation's
+logits mask or beyond the real vocabulary V set to finfo(fp32).min (as ``reallm.algorithms.functional``)::
+
+    M_n   = max over tp of (max_j z[n, j])                         all-reduce MAX   [N]
+    S_n   = sum over tp of sum_j exp(z[n, j] - M_n)                all-reduce SUM   [N]   } one
+    zy_n  = sum over tp of (z[n, y_n - s] if s <= y_n < s + W else 0)                   } all-reduce
+    logp_n = zy_n - (M_n + log S_n)
+
+Backward needs no communication: every tp rank computes the same loss, and the gradient of logp_n with
+respect to its own columns is ``g_n (onehot(y_n - s) - exp(z - lse_n)) / temperature`` (masked columns:
+exp(finfo.min - lse) = 0). Rows are processed in chunks in both passes, so beyond the logits and their
+gradient one fp32 ``[chunk, W]`` buffer is alive, as in ``functional.gather_logprobs_chunked``.
+
+Layouts follow the two conventions the codebase uses: ``LogitsShard.logprobs`` returns the *shifted*
+layout [N = T - B] of ``reallm.algorithms.functional`` (entry k of sequence i: log-prob of token k+1);
+``LogitsShard.row_logprobs`` the row layout [T] of ``reallm.model.losses`` (row t: token t+1, 0 on each
+sequence's last row). With tp = 1 both equal their single-process counterparts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from reallm.parallel.groups import AxisGroup
+
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _prepared(logits: torch.Tensor, temperature: float, removed: Optional[torch.Tensor], vocab_start: int,
+              vocab_size: int) -> torch.Tensor:
+    """fp32 shard / temperature with removed columns and padded vocabulary at finfo(fp32).min."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lowest = torch.finfo(torch.float32).min
+    W = z.shape[-1]
+    if removed is not None:
+        cols = removed[..., vocab_start:vocab_start + W]
+        if cols.shape[-1] < W:
+            cols = torch.nn.functional.pad(cols, (0, W - cols.shape[-1]), value=False)
+        z = z.masked_fill(cols.bool(), lowest)
+    first_pad = vocab_size - vocab_start
+    if first_pad < W:
+        col = torch.arange(W, device=z.device)
+        z = z.masked_fill(col >= max(first_pad, 0), lowest)
+    return z
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TW, rows_N, targets_N, temperature, removed_TV, vocab_start, vocab_size, chunk_rows,
+                tp):
+        N, W = rows_N.shape[0], logits_TW.shape[-1]
+        dev = logits_TW.device
+        local_max = torch.empty(N, dtype=torch.float32, device=dev)
+        local_target = targets_N - vocab_start
+        inside = (local_target >= 0) & (local_target < W)
+        safe_target = local_target.clamp(0, max(W - 1, 0))
+
+        def chunk(a):
+            r = rows_N[a:a + chunk_rows]
+            return _prepared(logits_TW.index_select(0, r), temperature,
+                             None if removed_TV is None else removed_TV.index_select(0, r), vocab_start, vocab_size)
+
+        for a in range(0, N, chunk_rows):
+            local_max[a:a + chunk_rows] = chunk(a).amax(-1) if W else torch.finfo(torch.float32).min
+        gmax = tp.all_reduce_max(local_max)
+        sums = torch.zeros(2, N, dtype=torch.float32, device=dev)
+        for a in range(0, N, chunk_rows):
+            b = min(a + chunk_rows, N)
+            z = chunk(a)
+            sums[0, a:b] = torch.exp(z - gmax[a:b, None]).sum(-1)
+            zy = z.gather(-1, safe_target[a:b, None]).squeeze(-1)
+            sums[1, a:b] = torch.where(inside[a:b], zy, 0.0)
+        tp.all_reduce(sums)
+        lse = gmax + torch.log(sums[0])
+        ctx.save_for_backward(logits_TW, rows_N, safe_target, inside, lse,
+                              *(() if removed_TV is None else (removed_TV,)))
+        ctx.args = (temperature, vocab_start, vocab_size, chunk_rows, removed_TV is not None)
+        return sums[1] - lse
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        logits_TW, rows_N, safe_target, inside, lse, *rest = ctx.saved_tensors
+        temperature, vocab_start, vocab_size, c, has_mask = ctx.args
+        removed_TV = rest[0] if has_mask else None
+        grad = torch.zeros_like(logits_TW)
+        for a in range(0, rows_N.shape[0], c):
+            r = rows_N[a:a + c]
+            z = _prepared(logits_TW.index_select(0, r), temperature,
+                          None if removed_TV is None else removed_TV.index_select(0, r), vocab_start, vocab_size)
+            g = grad_N[a:a + c].float()
+            gz = torch.exp(z - lse[a:a + c, None]).mul_(-g[:, None])
+            gz.scatter_add_(-1, safe_target[a:a + c, None], torch.where(inside[a:a + c], g, 0.0)[:, None])
+            if temperature != 1.0:
+                gz.div_(temperature)
+            grad.index_copy_(0, r, gz.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def vocab_parallel_target_logprobs(logits_TW: torch.Tensor, rows_N: torch.Tensor, targets_N: torch.Tensor, *,
+                                   tp: AxisGroup, vocab_start: int, vocab_size: int, temperature: float = 1.0,
+                                   logits_mask: Optional[torch.Tensor] = None,
+                                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """log_softmax over the whole (masked) vocabulary of logits row ``rows_N[n]``, at global id
+    ``targets_N[n]``; fp32 [N], differentiable (module docstring). ``logits_mask`` [T, V or V'] is global."""
+    mask = None if logits_mask is None else logits_mask.bool()
+    return _VocabParallelLogProbs.apply(logits_TW, rows_N.long(), targets_N.long(), float(temperature), mask,
+                                        int(vocab_start), int(vocab_size), int(chunk_rows), tp)
+
+
+def _shifted_rows(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Token index of each shifted entry (rows 0..L-2 of every sequence), int64 [T - B]."""
+    cu = cu_seqlens.long()
+    B = cu.numel() - 1
+    lens = cu[1:] - cu[:-1]
+    short = lens - 1
+    seg = torch.repeat_interleave(torch.arange(B, device=cu.device), short.clamp(min=0),
+                                  output_size=num_tokens - B)
+    short_cu = cu - torch.arange(B + 1, device=cu.device)
+    return torch.arange(num_tokens - B, device=cu.device) - short_cu[seg] + cu[seg]
+
+
+@dataclass
+class LogitsShard:
+    """What the last stage of an actor returns: this tp rank's columns of the logits, and how to use them.
+
+    ``logits`` is ``[T, W]``: columns ``[vocab_start, vocab_start + W)`` of the padded vocabulary (W = V'/tp;
+    with tp = 1 the whole vocabulary). Columns >= ``vocab_size`` are padding (zero weights) and are masked
+    by every method here."""
+
+    logits: torch.Tensor
+    vocab_start: int
+    vocab_size: int
+    tp: AxisGroup
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits.shape[0]
+
+    def logprobs(self, tokens_T: torch.Tensor, cu_seqlens: torch.Tensor, *, temperature: float = 1.0,
+                 logits_mask: Optional[torch.Tensor] = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+        """Shifted layout [N = T - B] (``functional.gather_logprobs``): log-prob of token k+1 of each sequence."""
+        T = tokens_T.shape[0]
+        rows = _shifted_rows(cu_seqlens.to(tokens_T.device), T)
+        targets = tokens_T.long()[rows + 1]
+        return vocab_parallel_target_logprobs(self.logits, rows, targets, tp=self.tp, vocab_start=self.vocab_start,
+                                              vocab_size=self.vocab_size, temperature=temperature,
+                                              logits_mask=logits_mask, chunk_rows=chunk_rows)
+
+    def row_logprobs(self, tokens_T: torch.Tensor, cu_seqlens: torch.Tensor, *, temperature: float = 1.0,
+                     logits_mask: Optional[torch.Tensor] = None,
+                     chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+        """Row layout [T] (``reallm.model.losses.packed_logprobs``): row t is token t+1, 0 on last rows."""
+        T = tokens_T.shape[0]
+        rows = _shifted_rows(cu_seqlens.to(tokens_T.device), T)
+        lp = self.logprobs(tokens_T, cu_seqlens, temperature=temperature, logits_mask=logits_mask,
+                           chunk_rows=chunk_rows)
+        return torch.zeros(T, dtype=lp.dtype, device=lp.device).index_put((rows,), lp)
+
+    def full(self) -> torch.Tensor:
+        """All-gathered ``[T, V]`` logits (tests and debugging only: the point of this class is not to)."""
+        return self.tp.all_gather(self.logits, dim=-1)[:, :self.vocab_size]
+
+
+def sft_loss(out: LogitsShard, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``reallm.model.losses.sft_loss`` on a logits shard: answer-token NLL / ``num_answer_tokens_global``."""
+    from reallm.model.losses import answer_loss_mask
+
+    tokens, cu = batch["tokens"], batch["cu_seqlens"]
+    mask = answer_loss_mask(tokens, cu, batch["prompt_mask"])
+    lp = out.row_logprobs(tokens, cu)
+    nll_sum = -(lp * mask).sum()
+    loss = nll_sum / float(batch["num_answer_tokens_global"])
+    return loss, {"nll_sum": float(nll_sum.detach()), "num_tokens": float(mask.sum())}
+
+
+def gather_last_logits(shard_BW: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
+    """Full padded-vocabulary logits ``[B, V']`` of a few positions (generation's sampling step only)."""
+    return tp.all_gather(shard_BW.contiguous(), dim=-1)
