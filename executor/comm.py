@@ -93,3 +93,38 @@ def exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tens
         return
     for w in dist.batch_isend_irecv(ops):
         w.wait()
+
+
+# -- added for reallm.parallel (tensor / pipeline / data parallelism) ----------------------------------
+
+
+def new_group(ranks: Sequence[int]) -> Group:
+    """Create the process group of ``ranks`` (every rank of the world must call this, member or not, in one
+    canonical order). Sorted like torch orders a group's members; a single rank needs no process group."""
+    ranks = tuple(sorted(int(r) for r in ranks))
+    if len(ranks) == 1 or not dist.is_initialized():
+        return Group(ranks, None)
+    return Group(ranks, dist.new_group(list(ranks)))
+
+
+def all_reduce_max(t: torch.Tensor, g: Group) -> torch.Tensor:
+    """Element-wise maximum over members, in place."""
+    if g.size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g.pg)
+    return t
+
+
+def all_gather_list(t: torch.Tensor, g: Group) -> list[torch.Tensor]:
+    """Equal-shaped tensors of every member, in the group's member order (``g.ranks``)."""
+    if g.size == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(g.size)]
+    dist.all_gather(parts, t.contiguous(), group=g.pg)
+    return parts
+
+
+def barrier(g: Group) -> None:
+    """Wait until every member got here (an all-reduce of one element: works the same on gloo and NCCL)."""
+    if g.size > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(g.pg) == "nccl" else "cpu"
+        dist.all_reduce(torch.zeros(1, device=device), group=g.pg)
