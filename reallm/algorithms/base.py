@@ -1,8 +1,8 @@
 """What every experiment runtime shares: its config, output folder, metrics, and model handles.
 
-A *model handle* is one model role materialised in one placement on this rank. Until tensor and
-pipeline parallelism are wired in, a handle holds the whole model (tp = pp = 1) and data parallelism
-sums gradients over the dp group (losses are normalised by global counts, so sums are right).
+A *model handle* is one model role materialised in one placement on this rank: its tensor / pipeline
+/ data-parallel shard (``reallm.parallel``). Losses are normalised by global counts, so gradients sum
+over dp ranks.
 """
 
 from __future__ import annotations
@@ -19,22 +19,11 @@ import torch
 from executor import comm
 from executor.runtime import CallContext, Runtime
 from reallm.config.parse import config_from_dict
-from reallm.errors import NotAvailableYet
 from reallm.plan import Plan
 
 
 def trial_dir_of(cfg) -> str:
     return os.path.join(cfg.output_dir, cfg.experiment_name, cfg.trial_name)
-
-
-def check_single_device_layout(plan: Plan) -> None:
-    """Until tensor/pipeline parallelism is wired into the runtimes, a replica must fit one process."""
-    for c in plan.calls:
-        p = plan.placements[c.name]
-        if p.tp > 1 or p.pp > 1:
-            raise NotAvailableYet(f"call {c.name}: tensor/pipeline parallelism (tp={p.tp}, pp={p.pp}) is not "
-                                  f"available in the runtimes yet; use data parallelism only (e.g. "
-                                  f"allocation_mode=d{len(p.devices)}p1m1)")
 
 
 class MetricsWriter:
@@ -67,6 +56,54 @@ class MetricsWriter:
         print(f"step {step}/{self.total_steps} {shown} elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
 
 
+class ModelHandle:
+    """One model role materialised in one call's placement on this rank (``reallm.parallel.ParallelModel``).
+
+    Every rank of the placement builds it and takes part in every method (they are collectives over the
+    placement's groups); outputs exist on the last pipeline stage only (None elsewhere). Parameters are
+    views of one flat buffer in the layout algebra's convention, so a reallocated replica is a handle
+    built with ``load_weights=False`` whose ``flat()`` the reallocation fills.
+    """
+
+    def __init__(self, pm, path: str):
+        self.pm, self.path = pm, path
+
+    @classmethod
+    def build(cls, ctx: CallContext, model_cfg, seed: int, *, trainable: bool, total_steps: int = 1,
+              load_weights: bool = True) -> ModelHandle:
+        from reallm.model.optim import OptimizerSettings
+        from reallm.parallel import ParallelGroups, ParallelModel
+
+        opt_cfg = model_cfg.optimizer
+        optimizer = OptimizerSettings.from_config(opt_cfg) if trainable and opt_cfg.type.value != "empty" else None
+        dtype = torch.bfloat16 if (model_cfg.bf16 and ctx.device.type == "cuda") else torch.float32
+        pm = ParallelModel.build(model_cfg.path, ParallelGroups.from_context(ctx), is_critic=model_cfg.type.is_critic,
+                                 dtype=dtype, device=ctx.device, optimizer=optimizer, total_steps=total_steps,
+                                 zero1=opt_cfg.zero_stage == 1, offload_optimizer=opt_cfg.offload,
+                                 gradient_checkpointing=model_cfg.gradient_checkpointing and optimizer is not None,
+                                 critic_init_seed=seed, load_weights=load_weights)
+        return cls(pm, model_cfg.path)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pm.is_last_stage
+
+    def flat(self) -> torch.Tensor:
+        return self.pm.flat_parameters()
+
+    def forward(self, micro_batches: Sequence[dict], post: Optional[Callable] = None) -> Optional[list]:
+        return self.pm.forward(micro_batches, post)
+
+    def train_step(self, micro_batches: Sequence[dict], loss_fn: Callable) -> dict:
+        """Same stats on every rank: loss-fn stats summed over micro-batches and dp, lr, grad_norm."""
+        return self.pm.train_step(micro_batches, loss_fn)
+
+    def save_hf(self, out_dir: str) -> None:
+        """Collective over the placement; one rank writes."""
+        self.pm.save_hf(out_dir)
+
+
+# Transitional: the whole-model handle (tp = pp = 1) the rw/dpo runtimes are still being written against.
 class LocalModel:
     """A whole model on this rank (tp = pp = 1), trained with dp gradient sums over ``ctx.dp``.
 
@@ -100,7 +137,7 @@ class LocalModel:
 
     @staticmethod
     def from_flat(path: str, is_critic: bool, flat: torch.Tensor, placement, device_id: int,
-                  device: torch.device) -> "LocalModel":
+                  device: torch.device) -> LocalModel:
         from reallm.layout import shards_of
         from reallm.model.hf_io import read_hf_model
         from reallm.model.transformer import Transformer
@@ -172,10 +209,6 @@ class ExperimentRuntime(Runtime):
         torch.manual_seed(self.cfg.seed)
         self.metrics: Optional[MetricsWriter] = None
         self.pending: dict[int, dict] = {}
-
-    @classmethod
-    def check_plan(cls, plan: Plan) -> None:
-        check_single_device_layout(plan)
 
     def record(self, step: int, figures: dict) -> None:
         """Rank 0: add figures for ``step`` (1-based in metrics); written at the end of the step."""

@@ -15,7 +15,7 @@ import torch
 
 from executor.data import SeqBatch
 from executor.runtime import CallContext, Runtime
-from reallm.algorithms.base import check_single_device_layout, trial_dir_of
+from reallm.algorithms.base import ModelHandle, trial_dir_of
 from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_prompts
 from reallm.config.parse import config_from_dict
 from reallm.datasets import read_records
@@ -37,10 +37,6 @@ class GenRuntime(Runtime):
         self.model = None
         self.lines: dict[int, dict] = {}
 
-    @classmethod
-    def check_plan(cls, plan: Plan) -> None:
-        check_single_device_layout(plan)
-
     def num_steps(self) -> int:
         return len(self.steps)
 
@@ -51,36 +47,33 @@ class GenRuntime(Runtime):
     def load(self, ids, keys, ctx):
         return SeqBatch.from_lists(ids, {"packed_prompts": [torch.tensor(self.samples[i].tokens) for i in ids]})
 
-    def _model(self, ctx: CallContext):
+    def _model(self, ctx: CallContext) -> ModelHandle:
         if self.model is None:
-            from reallm.model.hf_io import load_hf_model
-
-            self.model = load_hf_model(self.cfg.model.path, device=self.device).eval()
+            self.model = ModelHandle.build(ctx, self.cfg.model, self.cfg.seed, trainable=False)
         return self.model
 
     @torch.no_grad()
     def run_call(self, ctx: CallContext, batch: SeqBatch):
-        from reallm.model.generate import generate
-
+        keys = ("packed_input_ids", "packed_logprobs", "prompt_mask", "seq_no_eos_mask")
         if not len(batch):  # a short last batch leaves some dp replicas without sequences
-            keys = ("packed_input_ids", "packed_logprobs", "prompt_mask", "seq_no_eos_mask")
             dtypes = (torch.int64, torch.float32, torch.bool, torch.bool)
             return SeqBatch([], {k: torch.empty(0, dtype=d) for k, d in zip(keys, dtypes)},
                             {k: [] for k in keys}), {"num_seqs": 0, "gen_tokens": 0}
-        model = self._model(ctx)
         prompts = [batch.seq("packed_prompts", i).tolist() for i in range(len(batch))]
-        out = generate(model, prompts, self.gen_cfg, eos_token_id=self.eos, pad_token_id=self.pad,
-                       seed=self.cfg.seed, step=ctx.step, seq_ids=batch.ids)
+        out = self._model(ctx).pm.generate(prompts, self.gen_cfg, eos_token_id=self.eos, pad_token_id=self.pad,
+                                           seed=self.cfg.seed, step=ctx.step, seq_ids=batch.ids)
+        if out is None:  # not the last pipeline stage: the dp head holds the results
+            return None, {}
         gen = out.sequences()
         packed = out.with_prompts(prompts)
         lens = [len(p) + len(g) for p, g in zip(prompts, gen)]
-        result = SeqBatch(batch.ids, {"packed_input_ids": packed["tokens"], "packed_logprobs": packed["logprobs"],
-                                      "prompt_mask": packed["prompt_mask"],
-                                      "seq_no_eos_mask": packed["no_eos"].to(torch.bool)},
+        result = SeqBatch(batch.ids, {"packed_input_ids": packed["tokens"].cpu(),
+                                      "packed_logprobs": packed["logprobs"].float().cpu(),
+                                      "prompt_mask": packed["prompt_mask"].cpu(),
+                                      "seq_no_eos_mask": packed["no_eos"].to(torch.bool).cpu()},
                           {"packed_input_ids": lens, "packed_logprobs": lens, "prompt_mask": lens,
                            "seq_no_eos_mask": [1] * len(lens)})
-        n_tokens = sum(len(g) for g in gen)
-        return result, {"num_seqs": len(gen), "gen_tokens": n_tokens}
+        return result, {"num_seqs": len(gen), "gen_tokens": sum(len(g) for g in gen)}
 
     def collectable(self, call: str, out: SeqBatch):
         plens = [len(self.samples[i].tokens) for i in out.ids]

@@ -20,6 +20,7 @@ right after, unless the placements are the same (then no copy at all).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import time
@@ -33,7 +34,7 @@ from executor.data import SeqBatch, split_balanced
 from executor.realloc import run_realloc
 from executor.runtime import CallContext
 from reallm.algorithms import functional as F
-from reallm.algorithms.base import ExperimentRuntime, LocalModel
+from reallm.algorithms.base import ExperimentRuntime, ModelHandle
 from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_prompts
 from reallm.datasets import read_records
 from reallm.errors import UserError
@@ -75,7 +76,7 @@ class PPORuntime(ExperimentRuntime):
                       for b in epoch_batches(len(self.samples), cfg.dataset.train_bs_n_seqs, cfg.seed, e,
                                              drop_last=True)]
         self.reward_fn = load_reward_fn(self.hp.reward_fn) if self.hp.reward_fn else None
-        self.models: dict[str, LocalModel] = {}  # call name → model handle on this rank
+        self.models: dict[str, ModelHandle] = {}  # call name → model handle on this rank
         self.kl = {r: F.make_kl_controller(self.hp.kl_ctl, self.hp.use_adaptive_kl_ctl, self.hp.adaptive_kl_target,
                                            self.hp.adaptive_kl_horizon) for r in ("actor", "critic")}
         self.vnorm = {r: F.ValueNormalizer(self.hp.value_norm_beta, self.hp.value_norm_eps)
@@ -99,38 +100,34 @@ class PPORuntime(ExperimentRuntime):
         train = [c for c in calls if c.is_train]
         return (train or calls)[0].name
 
-    def _model(self, ctx: CallContext) -> LocalModel:
+    def _model(self, ctx: CallContext) -> ModelHandle:
         """The model handle a call uses on this rank: the weights of record, or the call's replica."""
         name, role = ctx.call.name, ctx.call.role
         record = self._record_call(role)
         if self.plan.placements[name].same_layout(self.plan.placements[record]):
             name = record
         if name not in self.models:
-            m = getattr(self.cfg, ROLE_FIELD[role])
-            trainable = name == record and self.plan.call(record).is_train
-            self.models[name] = LocalModel(m.path, m.type.is_critic, self.device, self.cfg.seed,
-                                           m.optimizer if trainable else None,
-                                           self.num_steps() * self.hp.ppo_n_minibatches,
-                                           m.gradient_checkpointing)
+            self.models[name] = ModelHandle.build(ctx, getattr(self.cfg, ROLE_FIELD[role]), self.cfg.seed,
+                                                  trainable=name == record and self.plan.call(record).is_train,
+                                                  total_steps=self.num_steps() * self.hp.ppo_n_minibatches)
         return self.models[name]
 
     def realloc(self, src: Optional[CallContext], dst: Optional[CallContext], group, op) -> None:
-        role = self.plan.call(op.call).role
-        a, b = self.plan.placements[op.producer], self.plan.placements[op.call]
         from reallm.layout import plan_realloc
 
+        role = self.plan.call(op.call).role
+        a, b = self.plan.placements[op.producer], self.plan.placements[op.call]
         rplan = plan_realloc(self.plan.models[role], a, b, devices_per_node=self.plan.cluster.n_devices_per_node)
-        src_flat = self._model(src).flat_params(a, self.rank) if src is not None else None
-        dst_flat = None
+        src_flat = self._model(src).flat() if src is not None else None
+        dst_handle = None
         if dst is not None:
-            n = sum(sh.num_elements for sh in _shards(self.plan.models[role], b, self.rank))
-            dst_flat = torch.empty(n, dtype=torch.float32, device=self.device)
+            dst_handle = ModelHandle.build(dst, getattr(self.cfg, ROLE_FIELD[role]), self.cfg.seed, trainable=False,
+                                           load_weights=False)
         t0 = time.perf_counter()
-        run_realloc(rplan, self.rank, src_flat, dst_flat)
+        run_realloc(rplan, self.rank, src_flat, dst_handle.flat() if dst_handle is not None else None)
         self.realloc_s[op.call] = time.perf_counter() - t0
-        if dst is not None:
-            m = getattr(self.cfg, ROLE_FIELD[role])
-            self.models[op.call] = LocalModel.from_flat(m.path, m.type.is_critic, dst_flat, b, self.rank, self.device)
+        if dst_handle is not None:
+            self.models[op.call] = dst_handle
 
     def _drop_replica(self, ctx: CallContext) -> None:
         if ctx.call.name != self._record_call(ctx.call.role):
@@ -151,7 +148,7 @@ class PPORuntime(ExperimentRuntime):
 
     @torch.no_grad()
     def _actor_gen(self, ctx: CallContext, batch: SeqBatch):
-        from reallm.model.generate import GenerationConfig, generate, special_token_ids
+        from reallm.model.generate import GenerationConfig, special_token_ids
 
         keys = ["packed_input_ids", "prompt_mask", "packed_logprobs", "seq_no_eos_mask"]
         with_mask = not self.hp.force_no_logits_mask
@@ -165,9 +162,11 @@ class PPORuntime(ExperimentRuntime):
         eos, pad = special_token_ids(self.tok)
         prompts = [batch.seq("packed_prompts", i).tolist() for i in range(len(batch))]
         gcfg = GenerationConfig.from_config(self.hp)
-        out = generate(model.model, prompts, gcfg, eos_token_id=eos, pad_token_id=pad, seed=self.cfg.seed,
-                       step=ctx.step, seq_ids=batch.ids)
-        packed = out.with_prompts(prompts)
+        out = model.pm.generate(prompts, gcfg, eos_token_id=eos, pad_token_id=pad, seed=self.cfg.seed,
+                                step=ctx.step, seq_ids=batch.ids)
+        if out is None:  # not the last pipeline stage
+            return None, {}
+        packed = {k: v.cpu() for k, v in out.with_prompts(prompts).items()}
         gen = out.sequences()
         lens = [len(p) + len(g) for p, g in zip(prompts, gen)]
         data = {"packed_input_ids": packed["tokens"], "prompt_mask": packed["prompt_mask"],
@@ -190,19 +189,25 @@ class PPORuntime(ExperimentRuntime):
         if not len(batch):
             return _empty(["rewards"], 0), {}
         tokens, cu, lens = self._packed(batch)
-        values = self._model(ctx).forward([{"tokens": tokens, "cu_seqlens": cu}])[0]
-        scores = F.last_token_values(values, cu)
-        return SeqBatch(batch.ids, {"rewards": scores.float()}, {"rewards": [1] * len(lens)}), {}
+        out = self._model(ctx).forward([{"tokens": tokens, "cu_seqlens": cu}])
+        if out is None:
+            return None, {}
+        scores = F.last_token_values(out[0].float().cpu(), cu)
+        return SeqBatch(batch.ids, {"rewards": scores}, {"rewards": [1] * len(lens)}), {}
 
     @torch.no_grad()
     def _ref_inf(self, ctx: CallContext, batch: SeqBatch):
         if not len(batch):
             return _empty(["packed_ref_logprobs"], 0), {}
         tokens, cu, lens = self._packed(batch)
-        logits = self._model(ctx).forward([{"tokens": tokens, "cu_seqlens": cu}])[0]
-        lp = F.gather_logprobs(logits, tokens, cu, temperature=self.hp.temperature,
-                               logits_mask_TV=batch.data.get("packed_logits_mask"))
-        rows = F.shifted_to_rows(lp, cu)
+        mb = {"tokens": tokens, "cu_seqlens": cu}
+        if "packed_logits_mask" in batch.data:
+            mb["logits_mask"] = batch.data["packed_logits_mask"]
+        out = self._model(ctx).pm.logprobs([mb], temperature=self.hp.temperature,
+                                           logits_mask_key="logits_mask" if "logits_mask" in mb else None)
+        if out is None:
+            return None, {}
+        rows = F.shifted_to_rows(out[0].float().cpu(), cu)
         return SeqBatch(batch.ids, {"packed_ref_logprobs": rows}, {"packed_ref_logprobs": lens}), {}
 
     @torch.no_grad()
@@ -210,8 +215,10 @@ class PPORuntime(ExperimentRuntime):
         if not len(batch):
             return _empty(["values"], 0), {}
         tokens, cu, lens = self._packed(batch)
-        values = self._model(ctx).forward([{"tokens": tokens, "cu_seqlens": cu}])[0]
-        return SeqBatch(batch.ids, {"values": values.float()}, {"values": lens}), {}
+        out = self._model(ctx).forward([{"tokens": tokens, "cu_seqlens": cu}])
+        if out is None:
+            return None, {}
+        return SeqBatch(batch.ids, {"values": out[0].float().cpu()}, {"values": lens}), {}
 
     def _targets(self, ctx: CallContext, batch: SeqBatch, role: str) -> dict:
         tokens, cu, lens = self._packed(batch)
@@ -278,16 +285,17 @@ class PPORuntime(ExperimentRuntime):
             n_local = sum(int(mb["action_mask"].sum()) for mb in mbs)
             n_global = (float(dp_sum(torch.tensor(float(n_local), dtype=torch.float64))) if dp_sum
                         else float(n_local))
-            model.optimizer.zero_grad()
-            stats = model.backward(mbs, lambda out, mb: loss_of(out, mb, float(n_global)))
-            red = F.reduce_stats(stats or [_zero_stats(role)], dp_sum)
+            pm = model.pm
+            pm.optimizer.zero_grad()
+            local = pm.forward_backward(mbs, functools.partial(_float_stats, loss_of, n_global)) if mbs else {}
+            red = pm.gather_stats(local or {k: 0.0 for k in _zero_stats(role)})  # global, the same on every rank
             skip = role == "actor" and F.ppo_early_stop(red, self.hp.early_stop_imp_ratio)
-            model.sync_grads(ctx)
             if skip:
-                model.optimizer.zero_grad()
+                pm.optimizer.zero_grad()
                 red["skipped"] = 1.0
             else:
-                red.update(model.optimizer.step())
+                pm.reduce_gradients()
+                red.update(pm.optimizer_step())
             for k2, v in red.items():
                 totals[k2] = totals.get(k2, 0.0) + float(v)
         summary = dict(t["summary"])
@@ -313,9 +321,8 @@ class PPORuntime(ExperimentRuntime):
             cu = cu_of(batch.lens["packed_input_ids"]).tolist()
             return {"logits_mask": torch.cat([batch.data["packed_logits_mask"][cu[p]:cu[p + 1]] for p in part])}
 
-        def loss_of(logits, mb, n_global):
-            lp = F.gather_logprobs(logits, mb["tokens"], mb["cu_seqlens"], temperature=temp,
-                                   logits_mask_TV=mb.get("logits_mask"))
+        def loss_of(out, mb, n_global):  # out: this tp rank's vocabulary shard of the logits
+            lp = out.logprobs(mb["tokens"], mb["cu_seqlens"], temperature=temp, logits_mask=mb.get("logits_mask"))
             return F.ppo_actor_loss(lp, mb["logp"], mb["advantages"], mb["action_mask"],
                                     eps_clip=self.hp.eps_clip, num_tokens=n_global)
 
@@ -330,13 +337,13 @@ class PPORuntime(ExperimentRuntime):
         return self._train(ctx, batch, "critic", loss_of, lambda part: {})
 
     # -- checkpoints and metrics --------------------------------------------------------------------
-    def _maybe_save(self, ctx: CallContext, role: str, model: LocalModel) -> None:
+    def _maybe_save(self, ctx: CallContext, role: str, model: ModelHandle) -> None:
         c, step = self.cfg, ctx.step + 1
         last = step == self.num_steps()
         per_epoch = max(1, self.num_steps() // max(1, c.total_train_epochs))
         due = (last or (c.save_freq_steps and step % c.save_freq_steps == 0)
                or (c.save_freq_epochs and step % (per_epoch * c.save_freq_epochs) == 0))
-        if due and ctx.rank == ctx.placement.dp_heads()[0]:
+        if due:  # every rank of the placement takes part; one writes
             model.save_hf(os.path.join(self.out_dir, "checkpoints", role, f"step{step}"))
 
     def on_results(self, step: int, call: str, by_head: list) -> None:
@@ -369,6 +376,11 @@ def _empty(keys, vocab: int) -> SeqBatch:
     data = {k: torch.empty((0, vocab) if k == "packed_logits_mask" else (0,), dtype=dtypes.get(k, torch.float32))
             for k in keys}
     return SeqBatch([], data, {k: [] for k in keys})
+
+
+def _float_stats(loss_of: Callable, n_global: float, out, mb):
+    loss, stats = loss_of(out, mb, n_global)
+    return loss, {k: float(v) for k, v in stats.items()}
 
 
 def _zero_stats(role: str) -> dict:

@@ -17,7 +17,7 @@ import torch
 from executor import comm
 from executor.data import SeqBatch, split_balanced
 from executor.runtime import CallContext
-from reallm.algorithms.base import ExperimentRuntime, LocalModel, steps_per_epoch
+from reallm.algorithms.base import ExperimentRuntime, ModelHandle, steps_per_epoch
 from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_prompt_answer
 from reallm.datasets import read_records
 from reallm.plan import Plan
@@ -60,7 +60,7 @@ class SFTRuntime(ExperimentRuntime):
         self.per_epoch = steps_per_epoch(len(self.train), d.train_bs_n_seqs)
         self.steps = [b for e in range(cfg.total_train_epochs)
                       for b in epoch_batches(len(self.train), d.train_bs_n_seqs, cfg.seed, e)]
-        self.model: Optional[LocalModel] = None
+        self.model: Optional[ModelHandle] = None
 
     def num_steps(self) -> int:
         return len(self.steps)
@@ -74,29 +74,27 @@ class SFTRuntime(ExperimentRuntime):
             "packed_input_ids": [torch.tensor(self.train[i].tokens) for i in ids],
             "prompt_mask": [torch.arange(len(self.train[i].tokens)) < self.train[i].prompt_len for i in ids]})
 
-    def _model(self) -> LocalModel:
+    def _model(self, ctx: CallContext) -> ModelHandle:
         if self.model is None:
-            m = self.cfg.model
-            self.model = LocalModel(m.path, False, self.device, self.cfg.seed, m.optimizer, self.num_steps(),
-                                    m.gradient_checkpointing)
+            self.model = ModelHandle.build(ctx, self.cfg.model, self.cfg.seed, trainable=True,
+                                           total_steps=self.num_steps())
         return self.model
 
     def run_call(self, ctx: CallContext, batch: SeqBatch):
-        from reallm.model.losses import sft_loss
+        from reallm.parallel import sft_loss
 
-        model = self._model()
-        ids = batch.ids
+        model = self._model(ctx)
         denom = sum(answer_tokens(self.train[i]) for i in self.steps[ctx.step])
-        samples = [self.train[i] for i in ids]
+        samples = [self.train[i] for i in batch.ids]
         mbs = micro_batches(samples, ctx.placement.num_micro_batches, denom, self.device)
-        stats = model.train_step(ctx, mbs, sft_loss)
+        stats = model.train_step(mbs, sft_loss)  # the same on every rank: summed over micro-batches and dp
         out = {"loss": stats.get("loss", 0.0), "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-               "num_tokens": float(sum(len(s.tokens) for s in samples))}
+               "num_tokens": float(sum(len(self.train[i].tokens) for i in self.steps[ctx.step]))}
         epoch_end = (ctx.step + 1) % self.per_epoch == 0 or ctx.step + 1 == self.num_steps()
         epoch = ctx.step // self.per_epoch + 1
         if self.valid and epoch_end and self.cfg.eval_freq_epochs and epoch % self.cfg.eval_freq_epochs == 0:
             out["valid_loss"] = self.valid_loss(ctx)
-        if self._save_now(ctx.step, epoch_end, epoch) and ctx.rank == ctx.placement.dp_heads()[0]:
+        if self._save_now(ctx.step, epoch_end, epoch):
             model.save_hf(os.path.join(self.out_dir, "checkpoints", "default", f"step{ctx.step + 1}"))
         return None, out
 
@@ -106,25 +104,25 @@ class SFTRuntime(ExperimentRuntime):
                 or (epoch_end and c.save_freq_epochs and epoch % c.save_freq_epochs == 0))
 
     def valid_loss(self, ctx: CallContext) -> float:
-        """Mean answer-token NLL over the whole valid set; each dp rank takes a contiguous share."""
-        from reallm.model.losses import sft_loss
+        """Mean answer-token NLL over the whole valid set; each dp replica takes a contiguous share."""
+        from reallm.parallel import sft_loss
 
         ids = list(range(len(self.valid)))
         mine = split_balanced(ids, [len(s.tokens) for s in self.valid], ctx.placement.dp)[ctx.coord.dp]
         denom = sum(answer_tokens(s) for s in self.valid)
-        total = torch.zeros(())
+        total = torch.zeros((), dtype=torch.float64)
         bs = max(1, self.cfg.dataset.valid_bs_n_seqs)
         for i in range(0, len(mine), bs):
             part = [self.valid[j] for j in mine[i:i + bs]]
-            for mb in micro_batches(part, 1, denom, self.device):
-                logits = self._model().forward([mb])[0]
-                total += sft_loss(logits, mb)[0].detach().cpu()
+            losses = self._model(ctx).forward(micro_batches(part, 1, denom, self.device),
+                                              post=lambda out, mb: float(sft_loss(out, mb)[0]))
+            total += sum(losses) if losses is not None else 0.0  # only the last stage has them
         return float(comm.all_reduce(total, ctx.dp))
 
     def on_results(self, step: int, call: str, by_head: list) -> None:
-        stats = [s for _, s in by_head]
-        fig = {"loss": sum(s["loss"] for s in stats), "lr": stats[0]["lr"], "grad_norm": stats[0]["grad_norm"],
-               "num_tokens": sum(s["num_tokens"] for s in stats), "time_s": max(s["time_s"] for s in stats)}
+        stats = [s for _, s in by_head]  # every head reports the same global figures
+        fig = {"loss": stats[0]["loss"], "lr": stats[0]["lr"], "grad_norm": stats[0]["grad_norm"],
+               "num_tokens": stats[0]["num_tokens"], "time_s": max(s["time_s"] for s in stats)}
         fig["tokens_per_s"] = fig["num_tokens"] / max(fig["time_s"], 1e-9)
         if "valid_loss" in stats[0]:
             fig["valid_loss"] = stats[0]["valid_loss"]
