@@ -110,7 +110,14 @@ class PPORuntime(ExperimentRuntime):
             self.models[name] = ModelHandle.build(ctx, getattr(self.cfg, ROLE_FIELD[role]), self.cfg.seed,
                                                   trainable=name == record and self.plan.call(record).is_train,
                                                   total_steps=self.num_steps() * self.hp.ppo_n_minibatches)
-        return self.models[name]
+        handle = self.models[name]
+        if handle.pm.offloaded:
+            handle.pm.reload()
+        return handle
+
+    def _shares_devices(self, role: str) -> bool:
+        """Does this rank also serve a call of another model?"""
+        return any(c.role != role and self.rank in self.plan.placements[c.name].devices for c in self.plan.calls)
 
     def realloc(self, src: Optional[CallContext], dst: Optional[CallContext], group, op) -> None:
         from reallm.layout import plan_realloc
@@ -128,6 +135,11 @@ class PPORuntime(ExperimentRuntime):
         self.realloc_s[op.call] = time.perf_counter() - t0
         if dst_handle is not None:
             self.models[op.call] = dst_handle
+            # The replica's call runs next on this device: the training state waits in host memory (issue:
+            # keeping weights + grads + Adam resident during generation is ReaL's out-of-memory failure).
+            record = self.models.get(self._record_call(role))
+            if record is not None and record.pm.optimizer is not None and self.cfg.memory.offload_train_state:
+                record.pm.offload()
 
     def _drop_replica(self, ctx: CallContext) -> None:
         if ctx.call.name != self._record_call(ctx.call.role):
@@ -142,6 +154,11 @@ class PPORuntime(ExperimentRuntime):
             out, stats = fn(ctx, batch)
         finally:
             self._drop_replica(ctx)
+        role = ctx.call.role
+        handle = self.models.get(ctx.call.name)
+        if (handle is not None and handle.pm.optimizer is None and self.cfg.memory.offload_frozen_models
+                and self._shares_devices(role)):
+            handle.pm.offload()  # a frozen model waits in host memory until its next call
         if ctx.call.name in self.realloc_s:
             stats = dict(stats, realloc_s=self.realloc_s.pop(ctx.call.name))
         return out, stats

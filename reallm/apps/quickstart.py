@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     return run(argv[0], args.overrides, config=args.config, plan_only=args.plan_only)
 
 
-def run(exp: str, overrides: list[str], config=None, plan_only: bool = False) -> int:
+def run(exp: str, overrides: list[str], config=None, plan_only: bool = False, quiet: bool = False) -> int:
     from planner.allocation import make_plan
     from planner.cli import format_plan
     from reallm.config.parse import parse_experiment
@@ -61,8 +61,9 @@ def run(exp: str, overrides: list[str], config=None, plan_only: bool = False) ->
     if not under_torchrun or os.environ["RANK"] == "0":
         os.makedirs(out, exist_ok=True)
         plan.save(plan_path)
-        print(format_plan(plan))
-        print(f"wrote {plan_path}")
+        if not quiet:
+            print(format_plan(plan))
+            print(f"wrote {plan_path}")
     if plan_only:
         return 0
     if cfg.mode.value == "torchrun":

@@ -180,6 +180,15 @@ class PPOHyperparameters:
 
 
 @dataclass
+class MemoryConfig:
+    offload_train_state: bool = True
+    """While a model's generation / inference replica runs on devices that also hold its training state
+    (weights, gradients, Adam states), keep that state in host memory (pinned on GPU)."""
+    offload_frozen_models: bool = True
+    """Keep frozen models (ref, reward) that share devices with other models in host memory between calls."""
+
+
+@dataclass
 class CommonConfig:
     experiment_name: str = "reallm"
     trial_name: str = "trial"
@@ -199,6 +208,7 @@ class CommonConfig:
     save_freq_steps: Optional[int] = None
     save_freq_epochs: Optional[int] = None
     eval_freq_epochs: Optional[int] = 1
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass
