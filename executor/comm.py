@@ -128,3 +128,19 @@ def barrier(g: Group) -> None:
     if g.size > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(g.pg) == "nccl" else "cpu"
         dist.all_reduce(torch.zeros(1, device=device), group=g.pg)
+
+
+# -- added for recovery (reallm.algorithms.recovery) -------------------------------------------------------------
+
+
+def world() -> Group:
+    """Every rank of the job (torch's default group); one rank without a process group when not distributed."""
+    if not dist.is_initialized():
+        return Group((0,), None)
+    n = dist.get_world_size()
+    return Group(tuple(range(n)), dist.group.WORLD if n > 1 else None)
+
+
+def world_barrier() -> None:
+    """Wait until every rank of the job got here."""
+    barrier(world())

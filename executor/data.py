@@ -14,7 +14,7 @@ Nothing goes through a driver process or a file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -95,9 +95,21 @@ class SeqBatch:
         return SeqBatch.from_lists([e[0] for e in entries], {k: [e[1][k] for e in entries] for k in keys})
 
 
-def split_balanced(ids: Sequence[int], tokens: Sequence[int], parts: int, min_per_part: int = 1) -> list[list[int]]:
+def split_balanced(ids: Sequence[int], tokens: Sequence[int], parts: int, min_per_part: int = 1,
+                   group_size: int = 1) -> list[list[int]]:
     """Contiguous id ranges, one per part, with token sums as even as a greedy cut allows, each with at
-    least ``min_per_part`` sequences (and at least one whenever there are enough sequences)."""
+    least ``min_per_part`` sequences (and at least one whenever there are enough sequences).
+
+    ``group_size`` k > 1: cuts fall only between groups of k consecutive ids (positions 0..k−1, k..2k−1, …),
+    so a group (k = 2: a chosen/rejected pair) never straddles two parts; ``min_per_part`` still counts
+    sequences (rounded up to whole groups)."""
+    if group_size > 1:
+        k = group_size
+        if len(ids) % k:
+            raise ValueError(f"split_balanced: {len(ids)} sequences are not whole groups of {k}")
+        group_tokens = [sum(tokens[i:i + k]) for i in range(0, len(ids), k)]
+        by_group = split_balanced(range(len(group_tokens)), group_tokens, parts, -(-min_per_part // k))
+        return [[ids[g * k + j] for g in part for j in range(k)] for part in by_group]
     n = len(ids)
     need = min(min_per_part, n // parts) if parts else 0
     total = float(sum(tokens))
@@ -118,33 +130,47 @@ def split_balanced(ids: Sequence[int], tokens: Sequence[int], parts: int, min_pe
     return out
 
 
-def _meta(b: Optional[SeqBatch], keys: Sequence[str]):
+def _meta(b: Optional[SeqBatch], keys: Sequence[str], token_key: Optional[str] = None,
+          seq_tokens: Optional[Mapping[int, int]] = None):
     if b is None:
         return None
-    return {"ids": list(b.ids), "lens": {k: b.lens[k] for k in keys},
+    # Token counts of the sequences, even when the token key itself is not moved (e.g. one ``seqlogp`` row
+    # per sequence): the consumer's split must equal the one its other inputs (dataset keys, other edges)
+    # get, and those are balanced by tokens.
+    tokens = None
+    if token_key is not None and token_key in b.lens:
+        tokens = list(b.lens[token_key])
+    elif seq_tokens is not None and all(s in seq_tokens for s in b.ids):
+        tokens = [seq_tokens[s] for s in b.ids]
+    return {"ids": list(b.ids), "lens": {k: b.lens[k] for k in keys}, "tokens": tokens,
             "dtype": {k: str(b.data[k].dtype).replace("torch.", "") for k in keys},
             "shape": {k: tuple(b.data[k].shape[1:]) for k in keys}}
 
 
 def transfer(batch: Optional[SeqBatch], keys: Sequence[str], rank: int, group: comm.Group,
              heads: Sequence[int], consumer_replicas: Sequence[Sequence[int]], min_per_replica: int,
-             device: torch.device, token_key: Optional[str] = None) -> Optional[SeqBatch]:
+             device: torch.device, token_key: Optional[str] = None, group_size: int = 1,
+             seq_tokens: Optional[Mapping[int, int]] = None) -> Optional[SeqBatch]:
     """Move ``keys`` from the producer heads (each holding ``batch``) to every consumer rank.
 
     ``consumer_replicas[j]`` lists the ranks of the consumer's dp replica j (each receives replica j's
-    sequences). Returns this rank's ``SeqBatch`` if it is a consumer, else None.
+    sequences). Returns this rank's ``SeqBatch`` if it is a consumer, else None. The split is balanced by
+    the sequences' ``token_key`` lengths (from ``batch``, else from ``seq_tokens``, the token counts a
+    head knows for the sequences it produced; else by the rows of the first key) and cut only between
+    groups of ``group_size`` consecutive ids.
     """
     keys = sorted(keys)
-    metas = comm.all_gather_objects(_meta(batch if rank in heads else None, keys), group)
+    metas = comm.all_gather_objects(_meta(batch if rank in heads else None, keys, token_key, seq_tokens), group)
     by_rank = {r: m for r, m in zip(group.ranks, metas) if r in heads}
     holder, rows = {}, {}
     for h in heads:
         m = by_rank[h]
         for i, s in enumerate(m["ids"]):
             holder[s] = (h, i)
-            rows[s] = m["lens"][token_key if token_key in keys else keys[0]][i]
+            rows[s] = m["tokens"][i] if m["tokens"] is not None else m["lens"][keys[0]][i]
     all_ids = sorted(holder)
-    splits = split_balanced(all_ids, [rows[s] for s in all_ids], len(consumer_replicas), min_per_replica)
+    splits = split_balanced(all_ids, [rows[s] for s in all_ids], len(consumer_replicas), min_per_replica,
+                            group_size)
 
     sends, recvs, received = [], [], {}
     mine: Optional[list[int]] = None

@@ -21,6 +21,7 @@ import time
 import traceback
 from typing import Optional
 
+from reallm.errors import UserError
 from reallm.plan import Plan
 
 KILL_GRACE_S = 3.0
@@ -71,6 +72,7 @@ def launch(plan: Plan, plan_path: Optional[str] = None, runtime_factory=None, ve
         runtime_factory = default_runtime_factory(plan_path)
     world = plan.cluster.num_devices
     gpu = plan.cluster.device_kind == "gpu"
+    check_machine(plan, world)
     backend = "nccl" if gpu else "gloo"
     ctx = mp.get_context("spawn" if gpu else "fork")
     init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -85,6 +87,21 @@ def launch(plan: Plan, plan_path: Optional[str] = None, runtime_factory=None, ve
         return _watch(procs, errq, verbose)
     finally:
         _kill_all(procs)
+
+
+def check_machine(plan: Plan, world: int) -> None:
+    """A plan for GPUs needs that many GPUs here (mode=local runs every rank on this machine)."""
+    import torch
+
+    cl = plan.cluster
+    if cl.device_kind != "gpu":
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < world:
+        fix = (f"n_gpus_per_node={have} (or mode=torchrun across nodes)" if have else
+               "cluster=cpu to run on CPU worker processes")
+        raise UserError(f"the plan is for {world} GPU(s) ({cl.n_nodes} node(s) × {cl.n_devices_per_node} "
+                        f"{cl.gpu_name}) but this machine has {have}; plan again with {fix}")
 
 
 def _watch(procs, errq, verbose: bool) -> int:

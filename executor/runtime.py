@@ -36,6 +36,7 @@ class CallContext:
     pp: Group
     dp: Group
     replica: Group  # this dp replica's tp × pp ranks
+    tied: Optional[Group] = None  # {stage 0, last stage} of my (dp, tp) when pp > 2 (tied embedding gradients)
 
     @property
     def is_head(self) -> bool:
@@ -48,9 +49,19 @@ class Runtime:
     def num_steps(self) -> int:
         raise NotImplementedError
 
+    def first_step(self) -> int:
+        """The first step this run executes: 0, or where a resumed run continues (steps before it are done).
+        The worker asks before its step loop; asking again gives the same answer."""
+        return 0
+
     def step_sequences(self, step: int) -> tuple[list[int], list[int]]:
         """Global ids of the sequences of ``step`` and their token counts (known to every rank)."""
         raise NotImplementedError
+
+    def seqs_per_group(self, call: str) -> int:
+        """k: the executor splits ``call``'s sequences (sorted by id) over dp ranks only between groups of k
+        consecutive ids, e.g. 2 to keep each chosen/rejected pair on one rank. Default 1 (any cut)."""
+        return 1
 
     def load(self, ids: Sequence[int], keys: Sequence[str], ctx: CallContext):
         """The dataset keys of these sequences as a ``SeqBatch``."""

@@ -27,6 +27,9 @@ from reallm.plan import Plan
 
 RuntimeFactory = Callable[[Plan, int, torch.device], Runtime]
 
+#: The key whose rows are a sequence's tokens: dp splits are balanced by it.
+TOKEN_KEY = "packed_input_ids"
+
 
 class Worker:
     def __init__(self, plan: Plan, rank: int, runtime: Runtime, device: torch.device):
@@ -34,6 +37,8 @@ class Worker:
         self.schedule: Schedule = build_schedule(plan)
         self.graph = build_graph(plan.calls)
         self.groups: dict[tuple[int, ...], comm.Group] = {}
+        # Per call, token counts of the sequences this head last ran it on (for the splits of its outputs).
+        self.seq_tokens: dict[str, dict[int, int]] = {}
         self._make_groups()
 
     def _make_groups(self) -> None:
@@ -54,15 +59,16 @@ class Worker:
         p = self.plan.placements[call_name]
         c = p.coord(self.rank)
         replica = tuple(p.device_at(pp, c.dp, t) for pp in range(p.pp) for t in range(p.tp))
+        tied = self.group((p.device_at(0, c.dp, c.tp), p.device_at(p.pp - 1, c.dp, c.tp))) if p.pp > 2 else None
         return CallContext(plan=self.plan, call=self.plan.call(call_name), placement=p, rank=self.rank, coord=c,
                            step=step, device=self.device, mesh=self.group(p.devices),
                            tp=self.group(p.tp_group(self.rank)), pp=self.group(p.pp_group(self.rank)),
-                           dp=self.group(p.dp_group(self.rank)), replica=self.group(replica))
+                           dp=self.group(p.dp_group(self.rank)), replica=self.group(replica), tied=tied)
 
     # -- the step loop ------------------------------------------------------------------------------
     def run(self) -> None:
         my_ops = self.schedule.ops_for(self.rank)
-        for step in range(self.rt.num_steps()):
+        for step in range(self.rt.first_step(), self.rt.num_steps()):
             outputs: dict[str, Optional[SeqBatch]] = {}
             inputs: dict[str, SeqBatch] = {}
             results: dict[str, tuple[Optional[SeqBatch], dict]] = {}
@@ -79,7 +85,8 @@ class Worker:
             got = transfer(outputs.get(op.producer), op.keys, self.rank, self.group(op.ranks),
                            self.plan.placements[op.producer].dp_heads(), replicas,
                            min_per_replica=cons.num_micro_batches * call.n_minibatches, device=self.device,
-                           token_key="packed_input_ids")
+                           token_key=TOKEN_KEY, group_size=self.rt.seqs_per_group(op.call),
+                           seq_tokens=self.seq_tokens.get(op.producer))
             if got is not None:
                 inputs[op.call] = got if op.call not in inputs else inputs[op.call].update(got)
         elif op.kind == "realloc":
@@ -96,6 +103,8 @@ class Worker:
             if self.rank in ctx.placement.dp_heads():
                 outputs[op.call] = out
                 results[op.call] = (out, stats)
+                if TOKEN_KEY in batch.lens:
+                    self.seq_tokens[op.call] = dict(zip(batch.ids, batch.lens[TOKEN_KEY]))
             inputs.pop(op.call, None)
         elif op.kind == "collect":
             heads = self.plan.placements[op.call].dp_heads()
@@ -115,7 +124,8 @@ class Worker:
             return batch if batch is not None else SeqBatch([])
         ids, tokens = self.rt.step_sequences(step)
         p = ctx.placement
-        split = split_balanced(ids, tokens, p.dp, p.num_micro_batches * call.n_minibatches)
+        split = split_balanced(ids, tokens, p.dp, p.num_micro_batches * call.n_minibatches,
+                               self.rt.seqs_per_group(call_name))
         loaded = self.rt.load(split[ctx.coord.dp], ds_keys, ctx)
         return loaded if batch is None else batch.update(loaded)
 

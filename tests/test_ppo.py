@@ -64,3 +64,4 @@ def test_ppo_update_same_under_eight_process_layouts(tmp_path, tiny_assets, gree
     assert signs >= 0.99 and rel <= 0.05, (float(signs), float(rel))
     rows = [json.loads(x) for x in open(os.path.join(tmp_path, "ppo", "many", "metrics.jsonl"))]
     assert rows[0]["realloc_actor_gen_bytes"] > 0 and rows[0]["realloc_critic_inf_bytes"] > 0
+

@@ -1,8 +1,17 @@
-"""What every experiment runtime shares: its config, output folder, metrics, and model handles.
+"""What every experiment runtime shares: its config, output folder, metrics, model handles, checkpoints
+and recovery.
 
 A *model handle* is one model role materialised in one placement on this rank: its tensor / pipeline
 / data-parallel shard (``reallm.parallel``). Losses are normalised by global counts, so gradients sum
 over dp ranks.
+
+Checkpoints and recovery (formats in ``reallm.algorithms.recovery``): a runtime saves HF exports with
+``ModelHandle.save_hf(self.checkpoint_path(role, step + 1))`` when ``checkpoint_due(step)``; it hands
+every trained handle (weights of record) to ``track(key, handle)``; a subclass with state outside its
+models (PPO: value normaliser, adaptive KL) overrides ``runtime_state`` / ``load_runtime_state``. The
+base class does the rest: on the same steps it writes every rank's recovery state at the end of the
+step (``end_step``), and when resuming it starts at ``first_step()`` with the RNGs and runtime state
+restored, and loads each tracked handle's state when the handle is built.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Optional
@@ -18,7 +28,9 @@ import torch
 
 from executor import comm
 from executor.runtime import CallContext, Runtime
+from reallm.algorithms import recovery
 from reallm.config.parse import config_from_dict
+from reallm.errors import NotAvailableYet, UserError
 from reallm.plan import Plan
 
 
@@ -72,17 +84,26 @@ class ModelHandle:
     def build(cls, ctx: CallContext, model_cfg, seed: int, *, trainable: bool, total_steps: int = 1,
               load_weights: bool = True) -> ModelHandle:
         from reallm.model.optim import OptimizerSettings
-        from reallm.parallel import ParallelGroups, ParallelModel
 
         opt_cfg = model_cfg.optimizer
         optimizer = OptimizerSettings.from_config(opt_cfg) if trainable and opt_cfg.type.value != "empty" else None
         dtype = torch.bfloat16 if (model_cfg.bf16 and ctx.device.type == "cuda") else torch.float32
-        pm = ParallelModel.build(model_cfg.path, ParallelGroups.from_context(ctx), is_critic=model_cfg.type.is_critic,
-                                 dtype=dtype, device=ctx.device, optimizer=optimizer, total_steps=total_steps,
-                                 zero1=opt_cfg.zero_stage == 1, offload_optimizer=opt_cfg.offload,
-                                 gradient_checkpointing=model_cfg.gradient_checkpointing and optimizer is not None,
-                                 critic_init_seed=seed, load_weights=load_weights)
+        # Building never draws from the global generators: a resumed run builds its models at another step.
+        with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
+            pm = cls._build_pm(ctx, model_cfg, seed, optimizer, dtype, total_steps, load_weights)
         return cls(pm, model_cfg.path)
+
+    @staticmethod
+    def _build_pm(ctx: CallContext, model_cfg, seed: int, optimizer, dtype, total_steps: int, load_weights: bool):
+        from reallm.parallel import ParallelGroups, ParallelModel
+
+        opt_cfg = model_cfg.optimizer
+        return ParallelModel.build(model_cfg.path, ParallelGroups.from_context(ctx),
+                                   is_critic=model_cfg.type.is_critic, dtype=dtype, device=ctx.device,
+                                   optimizer=optimizer, total_steps=total_steps, zero1=opt_cfg.zero_stage == 1,
+                                   offload_optimizer=opt_cfg.offload,
+                                   gradient_checkpointing=model_cfg.gradient_checkpointing and optimizer is not None,
+                                   critic_init_seed=seed, load_weights=load_weights)
 
     @property
     def is_last_stage(self) -> bool:
@@ -99,8 +120,49 @@ class ModelHandle:
         return self.pm.train_step(micro_batches, loss_fn)
 
     def save_hf(self, out_dir: str) -> None:
-        """Collective over the placement; one rank writes."""
-        self.pm.save_hf(out_dir)
+        """Collective over the placement; one rank writes the checkpoint under a temporary name and renames it
+        to ``out_dir`` when whole (a crash never leaves a half checkpoint there). Readable on return."""
+        pm = self.pm
+        writer = pm.placement.device_at(0, 0, 0)
+        tmp = recovery.temp_path(out_dir)
+        if pm.groups.rank == writer:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        pm.save_hf(tmp, writer=writer)
+        if pm.groups.rank == writer:
+            recovery.publish_dir(tmp, out_dir)
+        comm.barrier(pm.groups.mesh)
+
+    # -- recovery ------------------------------------------------------------------------------------
+    def training_state(self) -> dict:
+        """This rank's part of everything training continues from: the flat parameter buffer and the optimizer
+        (fp32 masters when separate, Adam moments, update count = LR schedule position). Host copies."""
+        pm = self.pm
+        was_offloaded = pm.offloaded
+        if was_offloaded:
+            pm.reload()
+        try:
+            return {"num_elements": pm.shards.num_elements, "flat": pm.flat_parameters().detach().cpu().clone(),
+                    "optimizer": pm.optimizer.state_dict() if pm.optimizer is not None else None}
+        finally:
+            if was_offloaded:
+                pm.offload()
+
+    @torch.no_grad()
+    def load_training_state(self, state: dict) -> None:
+        """Restore what ``training_state`` returned (on a handle built for the same layout)."""
+        pm = self.pm
+        flat = pm.flat_parameters()
+        opt = pm.optimizer
+        saved_opt = state.get("optimizer")
+        shapes_ok = state["num_elements"] == pm.shards.num_elements and (opt is None) == (saved_opt is None)
+        if shapes_ok and opt is not None:
+            shapes_ok = all(k in saved_opt and saved_opt[k].shape == v.shape for k, v in opt.state_tensors().items())
+        if not shapes_ok:
+            raise UserError(f"the recovery state of {self.path} does not fit this rank's shard of it "
+                            f"(another layout or optimizer setting); resume with the settings that wrote it")
+        flat.copy_(state["flat"].to(flat.device, flat.dtype))
+        if opt is not None:
+            opt.load_state_dict(saved_opt)
 
 
 # Transitional: the whole-model handle (tp = pp = 1) the rw/dpo runtimes are still being written against.
@@ -198,9 +260,14 @@ class LocalModel:
 
 
 class ExperimentRuntime(Runtime):
-    """Config, output folder and metrics for the experiments' runtimes."""
+    """Config, output folder, metrics, checkpoints and recovery for the experiments' runtimes.
+
+    Construction is a collective over every rank when ``recover_mode`` is not ``disabled``
+    (``recovery.Recovery.open``)."""
 
     experiment = ""
+    #: Does the runtime track every trained model and its runtime state? (Else recover_mode must be disabled.)
+    supports_recovery = False
 
     def __init__(self, plan: Plan, rank: int, device: torch.device, plan_path: Optional[str] = None):
         self.plan, self.rank, self.device = plan, rank, device
@@ -209,17 +276,92 @@ class ExperimentRuntime(Runtime):
         torch.manual_seed(self.cfg.seed)
         self.metrics: Optional[MetricsWriter] = None
         self.pending: dict[int, dict] = {}
+        self._check_recover_mode(self.cfg)
+        self.recovery = recovery.Recovery.open(self.out_dir, self.cfg.recover_mode.value, plan, rank)
+        self._resume_state: Optional[dict] = self.recovery.load()
+        self._tracked: dict[str, ModelHandle] = {}
+        self._restored = False
+
+    @classmethod
+    def check_plan(cls, plan: Plan) -> None:
+        """Before any process starts: ``recover_mode=resume`` with nothing to resume, or a state written by
+        another plan or configuration, is a ``UserError``. Subclasses that override this call it."""
+        cfg = config_from_dict(cls.experiment, plan.config)
+        cls._check_recover_mode(cfg)
+        recovery.find_resume_state(trial_dir_of(cfg), cfg.recover_mode.value, plan)
+
+    @classmethod
+    def _check_recover_mode(cls, cfg) -> None:
+        if cfg.recover_mode.value != "disabled" and not cls.supports_recovery:
+            raise NotAvailableYet(f"recover_mode={cfg.recover_mode.value} is not available for the {cls.experiment} "
+                                  f"experiment yet (issue 9); use recover_mode=disabled")
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def epoch_end(self, step: int) -> tuple[bool, int]:
+        """(does 0-based ``step`` end an epoch, its 1-based epoch); override when epochs are not equal parts."""
+        per_epoch = max(1, self.num_steps() // max(1, self.cfg.total_train_epochs))
+        return (step + 1) % per_epoch == 0 or step + 1 == self.num_steps(), step // per_epoch + 1
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Save after 0-based ``step``: every ``save_freq_steps``, every ``save_freq_epochs`` and after the last.
+        The same on every rank (HF exports in ``run_call``, recovery state in ``end_step``)."""
+        c = self.cfg
+        epoch_end, epoch = self.epoch_end(step)
+        return (step + 1 == self.num_steps() or bool(c.save_freq_steps and (step + 1) % c.save_freq_steps == 0)
+                or bool(epoch_end and c.save_freq_epochs and epoch % c.save_freq_epochs == 0))
+
+    def checkpoint_path(self, role: str, step: int) -> str:
+        """``checkpoints/{role}/step{step}`` (``step``: steps done, 1-based)."""
+        return recovery.checkpoint_path(self.out_dir, role, step)
+
+    # -- recovery -----------------------------------------------------------------------------------
+    def track(self, key: str, handle: ModelHandle) -> ModelHandle:
+        """Declare ``handle`` (weights of record with their optimizer) part of the recovery state under
+        ``key`` (e.g. its role); when resuming, its saved state is loaded now. Returns ``handle``."""
+        self._tracked[key] = handle
+        if self._resume_state is not None:
+            saved = self._resume_state["models"].get(key)
+            if saved is None:
+                raise UserError(f"the recovery state of step {self.recovery.resume_step} has no model {key!r} on "
+                                f"rank {self.rank}; resume with the settings that wrote it")
+            handle.load_training_state(saved)
+        return handle
+
+    def runtime_state(self) -> dict:
+        """State of this rank outside the tracked models that the next steps depend on (tensors, numbers,
+        strings, lists, dicts: ``torch.load(weights_only=True)`` must read it). PPO: value normaliser and KL
+        controller. The data position is not part of it: it is the step."""
+        return {}
+
+    def load_runtime_state(self, state: dict) -> None:
+        """Restore what ``runtime_state`` returned (called before the first resumed step)."""
+
+    def first_step(self) -> int:
+        """0, or the saved state's next step; the first call restores the runtime state and every RNG."""
+        if self._resume_state is None:
+            return 0
+        if not self._restored:
+            self._restored = True
+            self.load_runtime_state(self._resume_state["runtime"])
+            recovery.set_rng_state(self._resume_state["rng"], self.device)
+        return int(self._resume_state["next_step"])
+
+    def _save_recovery_state(self, next_step: int) -> None:
+        self.recovery.save(next_step, {"rng": recovery.rng_state(self.device), "runtime": self.runtime_state(),
+                                       "models": {k: h.training_state() for k, h in self._tracked.items()}})
 
     def record(self, step: int, figures: dict) -> None:
         """Rank 0: add figures for ``step`` (1-based in metrics); written at the end of the step."""
         self.pending.setdefault(step, {}).update(figures)
 
     def end_step(self, step: int, rank: int) -> None:
-        if rank != 0:
-            return
-        if self.metrics is None:
-            self.metrics = MetricsWriter(self.out_dir, self.num_steps())
-        self.metrics.write(step + 1, self.pending.pop(step, {}))
+        """Rank 0 writes the step's metrics; then, on checkpoint steps, every rank its recovery state."""
+        if rank == 0:
+            if self.metrics is None:
+                self.metrics = MetricsWriter(self.out_dir, self.num_steps(), resume_from_step=self.first_step())
+            self.metrics.write(step + 1, self.pending.pop(step, {}))
+        if self.recovery.saving and self.checkpoint_due(step):
+            self._save_recovery_state(step + 1)
 
 
 def steps_per_epoch(num_entries: int, batch_size: int) -> int:

@@ -4,12 +4,12 @@ Steps: ``total_train_epochs`` epochs of ``dataset.train_bs_n_seqs`` entries, shu
 seed. The loss of a step is Σ(answer-token NLL) / (answer tokens of the whole step): every rank knows
 the step's sequences, so the denominator needs no communication and the dp gradient sum is the
 gradient of the global mean. Valid loss (same normalisation over the valid set) every
-``eval_freq_epochs`` epochs; HF checkpoints to ``checkpoints/default/step{N}/``.
+``eval_freq_epochs`` epochs; HF checkpoints to ``checkpoints/default/step{N}/``. Recovery state (model
+``default``; nothing else: the data position is the step) with them when ``recover_mode`` asks for it.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -48,6 +48,7 @@ def micro_batches(samples, n_mbs: int, denom: float, device) -> list[dict]:
 
 class SFTRuntime(ExperimentRuntime):
     experiment = "sft"
+    supports_recovery = True
 
     def __init__(self, plan: Plan, rank: int, device: torch.device, plan_path: Optional[str] = None):
         super().__init__(plan, rank, device, plan_path)
@@ -76,8 +77,8 @@ class SFTRuntime(ExperimentRuntime):
 
     def _model(self, ctx: CallContext) -> ModelHandle:
         if self.model is None:
-            self.model = ModelHandle.build(ctx, self.cfg.model, self.cfg.seed, trainable=True,
-                                           total_steps=self.num_steps())
+            self.model = self.track("default", ModelHandle.build(ctx, self.cfg.model, self.cfg.seed, trainable=True,
+                                                                 total_steps=self.num_steps()))
         return self.model
 
     def run_call(self, ctx: CallContext, batch: SeqBatch):
@@ -90,18 +91,15 @@ class SFTRuntime(ExperimentRuntime):
         stats = model.train_step(mbs, sft_loss)  # the same on every rank: summed over micro-batches and dp
         out = {"loss": stats.get("loss", 0.0), "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                "num_tokens": float(sum(len(self.train[i].tokens) for i in self.steps[ctx.step]))}
-        epoch_end = (ctx.step + 1) % self.per_epoch == 0 or ctx.step + 1 == self.num_steps()
-        epoch = ctx.step // self.per_epoch + 1
+        epoch_end, epoch = self.epoch_end(ctx.step)
         if self.valid and epoch_end and self.cfg.eval_freq_epochs and epoch % self.cfg.eval_freq_epochs == 0:
             out["valid_loss"] = self.valid_loss(ctx)
-        if self._save_now(ctx.step, epoch_end, epoch):
-            model.save_hf(os.path.join(self.out_dir, "checkpoints", "default", f"step{ctx.step + 1}"))
+        if self.checkpoint_due(ctx.step):
+            model.save_hf(self.checkpoint_path("default", ctx.step + 1))
         return None, out
 
-    def _save_now(self, step: int, epoch_end: bool, epoch: int) -> bool:
-        c = self.cfg
-        return (step + 1 == self.num_steps() or (c.save_freq_steps and (step + 1) % c.save_freq_steps == 0)
-                or (epoch_end and c.save_freq_epochs and epoch % c.save_freq_epochs == 0))
+    def epoch_end(self, step: int) -> tuple[bool, int]:
+        return (step + 1) % self.per_epoch == 0 or step + 1 == self.num_steps(), step // self.per_epoch + 1
 
     def valid_loss(self, ctx: CallContext) -> float:
         """Mean answer-token NLL over the whole valid set; each dp replica takes a contiguous share."""
