@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -64,6 +63,7 @@ def cu_of(lens) -> torch.Tensor:
 
 class PPORuntime(ExperimentRuntime):
     experiment = "ppo"
+    supports_recovery = True
 
     def __init__(self, plan: Plan, rank: int, device: torch.device, plan_path: Optional[str] = None):
         super().__init__(plan, rank, device, plan_path)
@@ -107,9 +107,10 @@ class PPORuntime(ExperimentRuntime):
         if self.plan.placements[name].same_layout(self.plan.placements[record]):
             name = record
         if name not in self.models:
-            self.models[name] = ModelHandle.build(ctx, getattr(self.cfg, ROLE_FIELD[role]), self.cfg.seed,
-                                                  trainable=name == record and self.plan.call(record).is_train,
-                                                  total_steps=self.num_steps() * self.hp.ppo_n_minibatches)
+            trainable = name == record and self.plan.call(record).is_train
+            handle = ModelHandle.build(ctx, getattr(self.cfg, ROLE_FIELD[role]), self.cfg.seed, trainable=trainable,
+                                       total_steps=self.num_steps() * self.hp.ppo_n_minibatches)
+            self.models[name] = self.track(role, handle) if trainable else handle
         handle = self.models[name]
         if handle.pm.offloaded:
             handle.pm.reload()
@@ -355,13 +356,19 @@ class PPORuntime(ExperimentRuntime):
 
     # -- checkpoints and metrics --------------------------------------------------------------------
     def _maybe_save(self, ctx: CallContext, role: str, model: ModelHandle) -> None:
-        c, step = self.cfg, ctx.step + 1
-        last = step == self.num_steps()
-        per_epoch = max(1, self.num_steps() // max(1, c.total_train_epochs))
-        due = (last or (c.save_freq_steps and step % c.save_freq_steps == 0)
-               or (c.save_freq_epochs and step % (per_epoch * c.save_freq_epochs) == 0))
-        if due:  # every rank of the placement takes part; one writes
-            model.save_hf(os.path.join(self.out_dir, "checkpoints", role, f"step{step}"))
+        if self.checkpoint_due(ctx.step):  # every rank of the placement takes part; one writes
+            model.save_hf(self.checkpoint_path(role, ctx.step + 1))
+
+    def runtime_state(self) -> dict:
+        return {"kl": {r: k.state_dict() for r, k in self.kl.items()},
+                "vnorm": {r: v.state_dict() for r, v in self.vnorm.items()} if self.vnorm else None}
+
+    def load_runtime_state(self, state: dict) -> None:
+        for r, k in state["kl"].items():
+            self.kl[r].load_state_dict(k)
+        if self.vnorm and state.get("vnorm"):
+            for r, v in state["vnorm"].items():
+                self.vnorm[r].load_state_dict(v)
 
     def on_results(self, step: int, call: str, by_head: list) -> None:
         stats = by_head[0][1] if by_head else {}
