@@ -44,5 +44,6 @@ def sft_addition_checkpoint(tmp_path_factory, tiny_assets):
                      "model.optimizer.lr_scheduler_type=constant", "eval_freq_epochs=null",
                      f"output_dir={out}", "experiment_name=sft", "trial_name=addition"], quiet=True)
     assert rc == 0
-    d = out / "sft" / "addition" / "checkpoints" / "default"
-    return str(d / max(os.listdir(d), key=lambda s: int(s[4:])))
+    from reallm.algorithms.recovery import latest_checkpoint
+
+    return latest_checkpoint(str(out / "sft" / "addition" / "checkpoints" / "default"))

@@ -20,9 +20,9 @@ EVAL_PROMPTS = 200
 
 
 def ckpt(exp: str, role: str) -> str:
-    d = os.path.join(OUT, f"tiny-{exp}", "demo", "checkpoints", role)
-    steps = sorted(os.listdir(d), key=lambda s: int(s[4:]))
-    return os.path.join(d, steps[-1])
+    from reallm.algorithms.recovery import latest_checkpoint
+
+    return latest_checkpoint(os.path.join(OUT, f"tiny-{exp}", "demo", "checkpoints", role))
 
 
 def accuracy(model_path: str, valid_path: str, tag: str) -> tuple[float, float]:
