@@ -101,7 +101,7 @@ class Placement:
         """Per dp replica, the device holding its outputs: last pipeline stage, tp rank 0."""
         return tuple(self.device_at(self.pp - 1, d, 0) for d in range(self.dp))
 
-    def same_layout(self, other: "Placement") -> bool:
+    def same_layout(self, other: Placement) -> bool:
         """Same devices and degrees: every device holds the same parameter shards (micro-batches and
         sequence parallelism change how a call runs, not what is resident)."""
         return (self.devices, self.dp, self.tp, self.pp) == (other.devices, other.dp, other.tp, other.pp)
