@@ -29,21 +29,3 @@ def tiny_assets(tmp_path_factory):
 
     return make_tiny_assets(str(tmp_path_factory.mktemp("assets") / "tiny"))
 
-
-@pytest.fixture(scope="session")
-def sft_addition_checkpoint(tmp_path_factory, tiny_assets):
-    """The tiny llama after ~600 SFT steps on the addition task (about half its greedy answers exact):
-    the starting point of the PPO learning test. Built once per session (~40 s)."""
-    from reallm.apps.quickstart import run
-
-    out = tmp_path_factory.mktemp("sft_addition")
-    rc = run("sft", [f"model.path={tiny_assets['llama']}", f"dataset.train_path={tiny_assets['sft_train']}",
-                     "allocation_mode=d2p1m1", "n_gpus_per_node=2", "cluster=cpu", "dataset.max_seqlen=32",
-                     "dataset.train_bs_n_seqs=64", "total_train_epochs=4", "model.gradient_checkpointing=False",
-                     "model.optimizer.lr=3e-3", "model.optimizer.weight_decay=0.0",
-                     "model.optimizer.lr_scheduler_type=constant", "eval_freq_epochs=null",
-                     f"output_dir={out}", "experiment_name=sft", "trial_name=addition"], quiet=True)
-    assert rc == 0
-    from reallm.algorithms.recovery import latest_checkpoint
-
-    return latest_checkpoint(str(out / "sft" / "addition" / "checkpoints" / "default"))

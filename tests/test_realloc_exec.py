@@ -63,7 +63,7 @@ def _rank_main(rank, world, port, errq):
             spec = SPECS[name]
             params = full_params(spec)
 
-            def buf(p):
+            def buf(p, spec=spec, params=params):
                 return torch.from_numpy(cut_flat(spec, p, rank, params)) if rank in p.devices else None
 
             src = buf(a)
