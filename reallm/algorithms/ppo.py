@@ -151,6 +151,8 @@ class PPORuntime(ExperimentRuntime):
         fn = {"actor_gen": self._actor_gen, "rew_inf": self._rew_inf, "ref_inf": self._ref_inf,
               "critic_inf": self._critic_inf, "actor_train": self._actor_train,
               "critic_train": self._critic_train}[ctx.call.name]
+        # Everything a call reads lives on this rank's device (NCCL moves device tensors only).
+        batch = SeqBatch(batch.ids, {k: v.to(self.device) for k, v in batch.data.items()}, batch.lens)
         try:
             out, stats = fn(ctx, batch)
         finally:
@@ -184,7 +186,7 @@ class PPORuntime(ExperimentRuntime):
                                 step=ctx.step, seq_ids=batch.ids)
         if out is None:  # not the last pipeline stage
             return None, {}
-        packed = {k: v.cpu() for k, v in out.with_prompts(prompts).items()}
+        packed = out.with_prompts(prompts)
         gen = out.sequences()
         lens = [len(p) + len(g) for p, g in zip(prompts, gen)]
         data = {"packed_input_ids": packed["tokens"], "prompt_mask": packed["prompt_mask"],
@@ -194,13 +196,13 @@ class PPORuntime(ExperimentRuntime):
         if self.reward_fn is not None:
             data["rewards"] = torch.tensor([float(self.reward_fn(self.records[i].data["prompt"],
                                                                  self.tok.decode(g, skip_special_tokens=True)))
-                                            for i, g in zip(batch.ids, gen)])
+                                            for i, g in zip(batch.ids, gen)], device=self.device)
         lens_by_key = {k: ([1] * len(lens) if k in ("seq_no_eos_mask", "rewards") else lens) for k in data}
         return SeqBatch(batch.ids, data, lens_by_key), {"num_seqs": len(gen), "gen_tokens": sum(map(len, gen))}
 
     def _packed(self, batch: SeqBatch):
         lens = batch.lens["packed_input_ids"]
-        return batch.data["packed_input_ids"], cu_of(lens), lens
+        return batch.data["packed_input_ids"], cu_of(lens).to(self.device), lens
 
     @torch.no_grad()
     def _rew_inf(self, ctx: CallContext, batch: SeqBatch):
@@ -210,7 +212,7 @@ class PPORuntime(ExperimentRuntime):
         out = self._model(ctx).forward([{"tokens": tokens, "cu_seqlens": cu}])
         if out is None:
             return None, {}
-        scores = F.last_token_values(out[0].float().cpu(), cu)
+        scores = F.last_token_values(out[0].float(), cu)
         return SeqBatch(batch.ids, {"rewards": scores}, {"rewards": [1] * len(lens)}), {}
 
     @torch.no_grad()
@@ -225,7 +227,7 @@ class PPORuntime(ExperimentRuntime):
                                            logits_mask_key="logits_mask" if "logits_mask" in mb else None)
         if out is None:
             return None, {}
-        rows = F.shifted_to_rows(out[0].float().cpu(), cu)
+        rows = F.shifted_to_rows(out[0].float(), cu)
         return SeqBatch(batch.ids, {"packed_ref_logprobs": rows}, {"packed_ref_logprobs": lens}), {}
 
     @torch.no_grad()
@@ -236,7 +238,7 @@ class PPORuntime(ExperimentRuntime):
         out = self._model(ctx).forward([{"tokens": tokens, "cu_seqlens": cu}])
         if out is None:
             return None, {}
-        return SeqBatch(batch.ids, {"values": out[0].float().cpu()}, {"values": lens}), {}
+        return SeqBatch(batch.ids, {"values": out[0].float()}, {"values": lens}), {}
 
     def _targets(self, ctx: CallContext, batch: SeqBatch, role: str) -> dict:
         tokens, cu, lens = self._packed(batch)
@@ -256,7 +258,8 @@ class PPORuntime(ExperimentRuntime):
                           gae_backend="torch" if self.device.type == "cpu" else "auto")
         self.kl[role].update(kl_now, n_seqs)
         sums = torch.tensor([float(batch.data["rewards"].double().sum()), float(len(batch)),
-                             float(t["kl_rewards"].double().sum()), float(sum(lens))], dtype=torch.float64)
+                             float(t["kl_rewards"].double().sum()), float(sum(lens))], dtype=torch.float64,
+                            device=self.device)
         if dp_sum:
             sums = dp_sum(sums)
         t["summary"] = {"reward": sums[0].item() / max(sums[1].item(), 1), "kl": kl_now,
@@ -286,7 +289,7 @@ class PPORuntime(ExperimentRuntime):
             if not part:
                 continue
             tok = torch.cat([t["tokens"][cu[p]:cu[p + 1]] for p in part])
-            mb = {"tokens": tok, "cu_seqlens": cu_of([lens[p] for p in part])}
+            mb = {"tokens": tok, "cu_seqlens": cu_of([lens[p] for p in part]).to(self.device)}
             for key in ("advantages", "action_mask", "critic_targets", "old_values", "logp"):
                 mb[key] = torch.cat([t[key][short[p]:short[p + 1]] for p in part])
             mb.update(extra(part))
@@ -301,7 +304,7 @@ class PPORuntime(ExperimentRuntime):
         for positions in self._minibatches(ctx, batch):
             mbs = self._micro(t, batch, positions, ctx.placement.num_micro_batches, extra)
             n_local = sum(int(mb["action_mask"].sum()) for mb in mbs)
-            n_global = (float(dp_sum(torch.tensor(float(n_local), dtype=torch.float64))) if dp_sum
+            n_global = (float(dp_sum(torch.tensor(float(n_local), dtype=torch.float64, device=self.device))) if dp_sum
                         else float(n_local))
             pm = model.pm
             pm.optimizer.zero_grad()
