@@ -57,6 +57,7 @@ def test_torchrun_two_agents_match_local(tmp_path, tiny_assets):
     """Two torchrun agents (2 nodes × 2 processes, c10d rendezvous on loopback) = mode=local with 4."""
     import subprocess
     import sys
+    import time
 
     from executor.launch import free_port
 
@@ -72,11 +73,19 @@ def test_torchrun_two_agents_match_local(tmp_path, tiny_assets):
     port = free_port()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    agents = [subprocess.Popen([torchrun, "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                                f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0", "-m", "executor.worker",
-                                str(plan)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for _ in range(2)]
-    logs = [a.communicate(timeout=240)[0] for a in agents]
+    agents = []
+    for _ in range(2):
+        agents.append(subprocess.Popen(
+            [torchrun, "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+             "--rdzv-conf=join_timeout=90", "--max-restarts=0", "-m", "executor.worker", str(plan)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        time.sleep(1.0)  # the first agent hosts the rendezvous store; both binding the port at once can race
+    try:
+        logs = [a.communicate(timeout=180)[0] for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, 9)
     assert all(a.returncode == 0 for a in agents), logs
     local = (tmp_path / "reallm" / "local" / "generated.jsonl").read_text()
     assert local and (tmp_path / "reallm" / "tr" / "generated.jsonl").read_text() == local
