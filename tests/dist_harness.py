@@ -15,33 +15,17 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
-import signal
-import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from executor.launch import _die_with_parent, free_port
+
 
 class WorkerError(AssertionError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, conn, parent_pid: int) -> None:
@@ -72,7 +56,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, conn, pa
 def run_workers(world_size: int, fn: Callable[..., Any], *args, timeout_s: float = 300.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked gloo workers; results in rank order."""
     ctx = mp.get_context("fork")
-    port = _free_port()
+    port = free_port()
     procs, conns = [], []
     for rank in range(world_size):
         recv, send = ctx.Pipe(duplex=False)

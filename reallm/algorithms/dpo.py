@@ -29,9 +29,9 @@ from executor import comm
 from executor.data import SeqBatch
 from executor.runtime import CallContext
 from reallm.algorithms import functional as F
-from reallm.algorithms.base import ExperimentRuntime, ModelHandle
+from reallm.algorithms.base import ModelHandle
 from reallm.algorithms.data import load_tokenizer
-from reallm.algorithms.paired import PAIR, PairedData, batch_micro_batches, eval_now, sum_stats
+from reallm.algorithms.paired import PairedData, PairedRuntime, batch_micro_batches, eval_now, sum_stats
 from reallm.errors import UserError
 from reallm.plan import Plan
 
@@ -64,7 +64,7 @@ def make_dpo_loss(beta: float):
     return loss_fn
 
 
-class DPORuntime(ExperimentRuntime):
+class DPORuntime(PairedRuntime):
     experiment = "dpo"
     supports_recovery = True  # the actor is all the state (the reference is frozen; the data position is the step)
 
@@ -80,21 +80,6 @@ class DPORuntime(ExperimentRuntime):
         if bad:
             raise UserError(f"dpo: {' and '.join(bad)} must be causal LMs (type.is_critic=False)")
         super().check_plan(plan)
-
-    def num_steps(self) -> int:
-        return self.data.num_steps()
-
-    def step_sequences(self, step: int):
-        return self.data.step_sequences(step)
-
-    def seqs_per_group(self, call: str) -> int:
-        return PAIR
-
-    def load(self, ids, keys, ctx):
-        return self.data.load(ctx.step, ids, keys)
-
-    def epoch_end(self, step: int) -> tuple[bool, int]:
-        return self.data.epoch_end(step)
 
     def _model(self, ctx: CallContext) -> ModelHandle:
         role = ctx.call.role

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from executor.data import SeqBatch, split_balanced
-from reallm.algorithms.base import steps_per_epoch
+from reallm.algorithms.base import ExperimentRuntime, steps_per_epoch
 from reallm.algorithms.data import Sample, epoch_batches, tokenize_pairs
 from reallm.datasets import read_records
 
@@ -163,3 +163,25 @@ def sum_stats(parts: Sequence[dict], keys: Sequence[str],
     if all_reduce is not None:
         local = all_reduce(local)
     return dict(zip(keys, local.tolist()))
+
+
+class PairedRuntime(ExperimentRuntime):
+    """What the rw and dpo runtimes share: ``self.data`` (a ``PairedData``) drives the steps, and the
+    executor cuts a call's sequences only between (chosen, rejected) pairs."""
+
+    data: PairedData
+
+    def num_steps(self) -> int:
+        return self.data.num_steps()
+
+    def step_sequences(self, step: int):
+        return self.data.step_sequences(step)
+
+    def seqs_per_group(self, call: str) -> int:
+        return PAIR
+
+    def load(self, ids, keys, ctx):
+        return self.data.load(ctx.step, ids, keys)
+
+    def epoch_end(self, step: int) -> tuple[bool, int]:
+        return self.data.epoch_end(step)

@@ -24,9 +24,9 @@ from executor import comm
 from executor.data import SeqBatch
 from executor.runtime import CallContext
 from reallm.algorithms import functional as F
-from reallm.algorithms.base import ExperimentRuntime, ModelHandle
+from reallm.algorithms.base import ModelHandle
 from reallm.algorithms.data import load_tokenizer
-from reallm.algorithms.paired import PAIR, PairedData, batch_micro_batches, eval_now, sum_stats
+from reallm.algorithms.paired import PairedData, PairedRuntime, batch_micro_batches, eval_now, sum_stats
 from reallm.errors import UserError
 from reallm.plan import Plan
 
@@ -38,7 +38,7 @@ def rw_loss_fn(values_T: torch.Tensor, mb: dict):
     return F.rw_loss(scores, mb["chosen_index"], mb["rejected_index"], num_pairs=mb["num_pairs"])
 
 
-class RWRuntime(ExperimentRuntime):
+class RWRuntime(PairedRuntime):
     experiment = "rw"
     supports_recovery = True  # the critic is all the state: the data position is the step
 
@@ -52,21 +52,6 @@ class RWRuntime(ExperimentRuntime):
         if not plan.models["default"].is_critic:
             raise UserError("rw: the reward model must be a critic (model.type.is_critic=True)")
         super().check_plan(plan)
-
-    def num_steps(self) -> int:
-        return self.data.num_steps()
-
-    def step_sequences(self, step: int):
-        return self.data.step_sequences(step)
-
-    def seqs_per_group(self, call: str) -> int:
-        return PAIR
-
-    def load(self, ids, keys, ctx):
-        return self.data.load(ctx.step, ids, keys)
-
-    def epoch_end(self, step: int) -> tuple[bool, int]:
-        return self.data.epoch_end(step)
 
     def _model(self, ctx: CallContext) -> ModelHandle:
         if self.model is None:
