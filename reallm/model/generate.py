@@ -277,6 +277,19 @@ def _eos_list(eos_token_id: Union[int, Sequence[int], None]) -> list[int]:
 
 
 @torch.no_grad()
+def checked_seq_ids(prompts: Sequence[Sequence[int]], seq_ids: Optional[Sequence[int]]) -> list[int]:
+    """The prompts' global ids (default 0..B-1), after checking there are prompts and none is empty."""
+    B = len(prompts)
+    if B == 0:
+        raise ValueError("no prompts")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
+    seq_ids = list(range(B)) if seq_ids is None else list(seq_ids)
+    if len(seq_ids) != B:
+        raise ValueError(f"{len(seq_ids)} seq_ids for {B} prompts")
+    return seq_ids
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
              eos_token_id: Union[int, Sequence[int], None], pad_token_id: int, seed: int = 0, step: int = 0,
              seq_ids: Optional[Sequence[int]] = None, use_cuda_graph: bool = False,
@@ -289,13 +302,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
     if model.is_critic or not (model.stage.has_embedding and model.stage.has_head):
         raise ValueError("generate needs a whole actor model (one stage with the embedding and lm_head)")
     B = len(prompts)
-    if B == 0:
-        raise ValueError("no prompts")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
-    seq_ids = list(range(B)) if seq_ids is None else list(seq_ids)
-    if len(seq_ids) != B:
-        raise ValueError(f"{len(seq_ids)} seq_ids for {B} prompts")
+    seq_ids = checked_seq_ids(prompts, seq_ids)
     eos = _eos_list(eos_token_id)
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from reallm.model.generate import GenerationConfig, GenerationOutput, keyed_uniforms, sampling_step
+from reallm.model.generate import GenerationConfig, GenerationOutput, checked_seq_ids, keyed_uniforms, sampling_step
 from reallm.model.transformer import pack_sequences
 from reallm.parallel.pipeline import Msg, PipeOp, Schedule, StageProgram, run_schedule
 from reallm.parallel.vocab import gather_last_logits
@@ -196,13 +196,7 @@ def pipelined_generate(pm, prompts: Sequence[Sequence[int]], cfg: GenerationConf
     if spec.is_critic:
         raise ValueError("generate needs an actor, not a critic")
     B = len(prompts)
-    if B == 0:
-        raise ValueError("no prompts")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
-    seq_ids = list(range(B)) if seq_ids is None else list(seq_ids)
-    if len(seq_ids) != B:
-        raise ValueError(f"{len(seq_ids)} seq_ids for {B} prompts")
+    seq_ids = checked_seq_ids(prompts, seq_ids)
     P, s = groups.num_stages, groups.stage
     last = s == P - 1
     N = cfg.max_new_tokens
