@@ -43,6 +43,8 @@ def test_sft_learns_and_writes_outputs(tmp_path, tiny_assets):
     rows = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert rows[-1]["valid_loss"] < 0.5 * rows[0]["loss"]
+    events = os.listdir(os.path.join(d, "tensorboard"))
+    assert any(e.startswith("events.out.tfevents") for e in events)
     ckpts = os.listdir(os.path.join(d, "checkpoints", "default"))
     assert ckpts == [f"step{len(rows)}"]
     # judged by transformers alone: lower answer loss on held-out data than the starting model

@@ -39,7 +39,8 @@ def trial_dir_of(cfg) -> str:
 
 
 class MetricsWriter:
-    """Rank 0: one JSON object per step in ``metrics.jsonl`` and a one-line progress report."""
+    """Rank 0: one JSON object per step in ``metrics.jsonl``, the same scalars as TensorBoard events under
+    ``tensorboard/`` (``tensorboard --logdir {trial}``), and a one-line progress report."""
 
     def __init__(self, out_dir: str, total_steps: int, resume_from_step: int = 0):
         os.makedirs(out_dir, exist_ok=True)
@@ -50,11 +51,34 @@ class MetricsWriter:
         self.last_print = 0.0
         if resume_from_step == 0 and os.path.exists(self.path):
             os.remove(self.path)
+        self.tb_dir = os.path.join(out_dir, "tensorboard")
+        self._tb = None
+
+    def _tensorboard(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional at run time; metrics.jsonl is the record
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(self.tb_dir, flush_secs=10)
+        return self._tb or None
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
 
     def write(self, step: int, figures: dict) -> None:
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in figures.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        tb = self._tensorboard()
+        if tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, float):
+                    tb.add_scalar(k, v, step)
+            if step == self.total_steps:
+                tb.flush()
         done = step - self.first_step
         now = time.time()
         # a line per step when steps are slow, else one every couple of seconds
@@ -266,6 +290,8 @@ class ExperimentRuntime(Runtime):
             if self.metrics is None:
                 self.metrics = MetricsWriter(self.out_dir, self.num_steps(), resume_from_step=self.first_step())
             self.metrics.write(step + 1, self.pending.pop(step, {}))
+            if step + 1 == self.num_steps():
+                self.metrics.close()
         if self.recovery.saving and self.checkpoint_due(step):
             self._save_recovery_state(step + 1)
 
