@@ -280,6 +280,10 @@ class ExperimentRuntime(Runtime):
         self.recovery.save(next_step, {"rng": recovery.rng_state(self.device), "runtime": self.runtime_state(),
                                        "models": {k: h.training_state() for k, h in self._tracked.items()}})
 
+    def shares_devices(self, role: str) -> bool:
+        """Does this rank also serve a call of another model? (Then frozen models wait in host memory.)"""
+        return any(c.role != role and self.rank in self.plan.placements[c.name].devices for c in self.plan.calls)
+
     def record(self, step: int, figures: dict) -> None:
         """Rank 0: add figures for ``step`` (1-based in metrics); written at the end of the step."""
         self.pending.setdefault(step, {}).update(figures)

@@ -89,12 +89,18 @@ class DPORuntime(PairedRuntime):
                                                                        trainable=True, total_steps=self.num_steps()))
             else:  # the reference is never trained, whatever its optimizer says
                 self.models[role] = ModelHandle.build(ctx, self.cfg.ref, self.cfg.seed, trainable=False)
-        return self.models[role]
+        handle = self.models[role]
+        if handle.pm.offloaded:
+            handle.pm.reload()
+        return handle
 
     def run_call(self, ctx: CallContext, batch: SeqBatch):
-        if ctx.call.name == "ref_inf":
-            return self._ref_inf(ctx, batch)
-        return self._actor_train(ctx, batch)
+        if ctx.call.name != "ref_inf":
+            return self._actor_train(ctx, batch)
+        out = self._ref_inf(ctx, batch)
+        if self.cfg.memory.offload_frozen_models and self.shares_devices("ref"):
+            self.models["ref"].pm.offload()  # the frozen reference waits in host memory until its next call
+        return out
 
     @torch.no_grad()
     def _ref_inf(self, ctx: CallContext, batch: SeqBatch):

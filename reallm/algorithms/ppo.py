@@ -116,10 +116,6 @@ class PPORuntime(ExperimentRuntime):
             handle.pm.reload()
         return handle
 
-    def _shares_devices(self, role: str) -> bool:
-        """Does this rank also serve a call of another model?"""
-        return any(c.role != role and self.rank in self.plan.placements[c.name].devices for c in self.plan.calls)
-
     def realloc(self, src: Optional[CallContext], dst: Optional[CallContext], group, op) -> None:
         from reallm.layout import plan_realloc
 
@@ -160,7 +156,7 @@ class PPORuntime(ExperimentRuntime):
         role = ctx.call.role
         handle = self.models.get(ctx.call.name)
         if (handle is not None and handle.pm.optimizer is None and self.cfg.memory.offload_frozen_models
-                and self._shares_devices(role)):
+                and self.shares_devices(role)):
             handle.pm.offload()  # a frozen model waits in host memory until its next call
         if ctx.call.name in self.realloc_s:
             stats = dict(stats, realloc_s=self.realloc_s.pop(ctx.call.name))
