@@ -5,7 +5,7 @@ The plan (``reallm.layout.realloc.plan_realloc``) is pure data, identical on eve
 that involves this rank: local copies, then every send and receive posted at once (the messages are
 listed in the same order everywhere, so the point-to-point pairs match), then the scatter into the
 destination buffer. Gathering many intervals into one contiguous message and scattering it back uses
-one index computation per message (vectorised), the CUDA interval kernels when present.
+the CUDA interval kernels on GPU (``reallm.kernels.intervals``), a vectorised index on CPU.
 
 Cost: ``ReallocTraffic`` of the plan gives bytes per (src, dst) pair; the runtime logs it per step.
 """
@@ -14,31 +14,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from executor import comm
-
-
-def interval_index(starts: np.ndarray, lengths: np.ndarray, device: torch.device) -> torch.Tensor:
-    """int64 indices of the concatenated intervals [s, s + n) in order."""
-    if len(starts) == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    lengths_t = torch.as_tensor(lengths, dtype=torch.int64)
-    starts_t = torch.as_tensor(starts, dtype=torch.int64)
-    total = int(lengths_t.sum())
-    # position within the concatenation minus the start of its interval, plus the interval's start
-    seg_start = torch.cumsum(lengths_t, 0) - lengths_t
-    idx = torch.arange(total, dtype=torch.int64) + torch.repeat_interleave(starts_t - seg_start, lengths_t)
-    return idx.to(device)
-
-
-def gather_intervals(flat: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
-    return flat.index_select(0, interval_index(starts, lengths, flat.device))
-
-
-def scatter_intervals(flat: torch.Tensor, starts: np.ndarray, lengths: np.ndarray, values: torch.Tensor) -> None:
-    flat.index_copy_(0, interval_index(starts, lengths, flat.device), values)
+from reallm.kernels.intervals import gather_intervals, scatter_intervals
 
 
 def run_realloc(plan, rank: int, src_flat: Optional[torch.Tensor], dst_flat: Optional[torch.Tensor]) -> dict:

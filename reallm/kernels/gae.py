@@ -16,43 +16,18 @@ kernel call takes 40-60 µs up to 1.2 M entries, ``gae_torch`` on the GPU 1-3 ms
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
 from typing import Any, Optional
 
 import torch
 
-_SOURCE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc", "cuda", "gae.cu"
-)
-_lock = threading.Lock()
-_module: Any = None
-_error: Optional[str] = None
+from reallm.kernels.jit import JitExtension
+
+_EXT = JitExtension("reallm_gae_cuda", "gae.cu")
 
 
 def _load(verbose: bool = False) -> Any:
     """The compiled extension, or None (no CUDA, no source, or the build failed: see ``build_error``)."""
-    global _module, _error
-    if _module is not None or _error is not None:
-        return _module
-    with _lock:
-        if _module is not None or _error is not None:
-            return _module
-        if not torch.cuda.is_available():
-            _error = "CUDA is not available"
-            return None
-        if not os.path.exists(_SOURCE):
-            _error = f"kernel source not found: {_SOURCE}"
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-
-            _module = load(name="reallm_gae_cuda", sources=[_SOURCE], extra_cuda_cflags=["-O3"], verbose=verbose)
-        except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
-            _error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"reallm GAE CUDA kernel unavailable, using the torch path ({_error})", stacklevel=3)
-    return _module
+    return _EXT.load(verbose)
 
 
 def gae_cuda_available(verbose: bool = False) -> bool:
@@ -62,7 +37,7 @@ def gae_cuda_available(verbose: bool = False) -> bool:
 
 def build_error() -> Optional[str]:
     """Why the kernel is unavailable (None if it loaded or was never tried)."""
-    return _error
+    return _EXT.error
 
 
 def gae_cuda(
@@ -76,7 +51,7 @@ def gae_cuda(
     """The kernel (raises if it is unavailable). fp32 or fp64 inputs; outputs in the rewards' dtype."""
     mod = _load()
     if mod is None:
-        raise RuntimeError(f"GAE CUDA kernel unavailable: {_error}")
+        raise RuntimeError(f"GAE CUDA kernel unavailable: {_EXT.error}")
     dtype = rewards_N.dtype if rewards_N.dtype in (torch.float32, torch.float64) else torch.float32
     dev = rewards_N.device
     ar = torch.arange(cu_seqlens.numel(), device=dev, dtype=torch.int32)
