@@ -70,22 +70,31 @@ def test_torchrun_two_agents_match_local(tmp_path, tiny_assets):
     assert run("gen", common + ["trial_name=tr", "n_nodes=2", "n_gpus_per_node=2", "mode=torchrun"],
                plan_only=True) == 0
     plan = tmp_path / "reallm" / "tr" / "plan.json"
-    port = free_port()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    agents = []
-    for _ in range(2):
-        agents.append(subprocess.Popen(
-            [torchrun, "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-             "--rdzv-conf=join_timeout=90", "--max-restarts=0", "-m", "executor.worker", str(plan)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
-        time.sleep(1.0)  # the first agent hosts the rendezvous store; both binding the port at once can race
-    try:
-        logs = [a.communicate(timeout=180)[0] for a in agents]
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                os.killpg(a.pid, 9)
-    assert all(a.returncode == 0 for a in agents), logs
+
+    def two_agents(port):
+        agents = []
+        for _ in range(2):
+            agents.append(subprocess.Popen(
+                [torchrun, "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-conf=join_timeout=60", "--max-restarts=0",
+                 "-m", "executor.worker", str(plan)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+            time.sleep(1.0)  # the first agent hosts the rendezvous store; both binding the port at once can race
+        try:
+            return [a.communicate(timeout=120)[0] for a in agents], [a.returncode for a in agents]
+        except subprocess.TimeoutExpired:
+            for a in agents:
+                if a.poll() is None:
+                    os.killpg(a.pid, 9)
+            return [a.communicate()[0] for a in agents], None
+
+    # Two agents on one host share its loopback rendezvous; on a loaded machine the c10d join has been seen
+    # to stall once in a while. One retry on a fresh port; the agents' logs if both attempts fail.
+    logs, codes = two_agents(free_port())
+    if codes is None:
+        logs, codes = two_agents(free_port())
+    assert codes == [0, 0], "\n".join(logs)[-6000:]
     local = (tmp_path / "reallm" / "local" / "generated.jsonl").read_text()
     assert local and (tmp_path / "reallm" / "tr" / "generated.jsonl").read_text() == local
