@@ -74,27 +74,29 @@ def test_torchrun_two_agents_match_local(tmp_path, tiny_assets):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
     def two_agents(port):
-        agents = []
-        for _ in range(2):
-            agents.append(subprocess.Popen(
-                [torchrun, "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-conf=join_timeout=60", "--max-restarts=0",
-                 "-m", "executor.worker", str(plan)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
-            time.sleep(1.0)  # the first agent hosts the rendezvous store; both binding the port at once can race
+        # Output to files, not pipes: an undrained pipe blocks its agent and with it the other agent.
+        agents, logs = [], [tmp_path / f"agent{i}.log" for i in range(2)]
+        for host, log in zip(("true", "false"), logs):  # who hosts the rendezvous store is fixed, not raced
+            with open(log, "w") as out:
+                agents.append(subprocess.Popen(
+                    [torchrun, "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-conf=join_timeout=60,is_host={host}",
+                     "--local-addr=127.0.0.1", "--max-restarts=0", "-m", "executor.worker", str(plan)],
+                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            time.sleep(1.0)  # the store's host first
         try:
-            return [a.communicate(timeout=120)[0] for a in agents], [a.returncode for a in agents]
-        except subprocess.TimeoutExpired:
+            codes = [a.wait(timeout=180) for a in agents]
+        finally:
             for a in agents:
                 if a.poll() is None:
                     os.killpg(a.pid, 9)
-            return [a.communicate()[0] for a in agents], None
+        return codes, "\n".join(log.read_text() for log in logs)
 
-    # Two agents on one host share its loopback rendezvous; on a loaded machine the c10d join has been seen
-    # to stall once in a while. One retry on a fresh port; the agents' logs if both attempts fail.
-    logs, codes = two_agents(free_port())
-    if codes is None:
-        logs, codes = two_agents(free_port())
-    assert codes == [0, 0], "\n".join(logs)[-6000:]
+    codes, logs = two_agents(free_port())
+    # torchrun's agents may race to shut the rendezvous down after the job finished (the store's host
+    # leaves first): then the job's own output decides.
+    shutdown_race = "failed to shutdown the rendezvous" in logs and "generated.jsonl" in logs
+    assert codes == [0, 0] or shutdown_race, logs[-6000:]
+    assert "Traceback" not in logs.replace("RendezvousConnectionError", "") or shutdown_race, logs[-6000:]
     local = (tmp_path / "reallm" / "local" / "generated.jsonl").read_text()
     assert local and (tmp_path / "reallm" / "tr" / "generated.jsonl").read_text() == local
