@@ -16,13 +16,16 @@ restored, and loads each tracked handle's state when the handle is built.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Optional
+from collections.abc import Callable, Iterator, Sequence
+from typing import Optional, TextIO
 
 import torch
 
@@ -38,21 +41,122 @@ def trial_dir_of(cfg) -> str:
     return os.path.join(cfg.output_dir, cfg.experiment_name, cfg.trial_name)
 
 
+#: Is rank 0's progress report shown? ``quickstart.run(quiet=True)`` turns it off around its launch
+#: (``progress_display``); forked workers inherit the setting, spawned ones (GPU, mode=local) start with it on.
+_progress_shown = True
+
+
+@contextlib.contextmanager
+def progress_display(enabled: bool) -> Iterator[None]:
+    """Show (or not) the progress report of the runs launched inside the block from this process."""
+    global _progress_shown
+    saved, _progress_shown = _progress_shown, enabled
+    try:
+        yield
+    finally:
+        _progress_shown = saved
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-less stream
+        return False
+
+
+def _terminal_width(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
+
+
+class StepProgress:
+    """Rank 0's report of the step loop: step / total, the loss (or PPO's reward; SFT's valid loss when
+    evaluated), tokens/s and ETA.
+
+    On a terminal (``stream`` a TTY, stderr by default): a tqdm bar redrawn at most every
+    ``BAR_INTERVAL_S``. Otherwise (logs, CI): lines on stdout, one per step when steps are slow, else one
+    every ``LINE_INTERVAL_S``, always the first and last step's, so logs stay readable.
+
+    tokens/s is the last step's ``num_tokens`` over its wall time (the first step's includes building the
+    models). ETA = remaining steps × the mean wall time of the steps after the first (``?`` until there is
+    one).
+    """
+
+    BAR_INTERVAL_S = 0.5
+    LINE_INTERVAL_S = 2.0
+    SHOWN = ("loss", "valid_loss", "reward")
+
+    def __init__(self, total_steps: int, first_step: int = 0, *, start_s: Optional[float] = None,
+                 stream: Optional[TextIO] = None, enabled: bool = True):
+        self.total_steps, self.first_step = total_steps, first_step
+        self.start_s = time.time() if start_s is None else start_s
+        self.last_step_end_s = self.start_s
+        self.first_step_end_s: Optional[float] = None
+        self.last_line_s = 0.0
+        self.enabled = enabled
+        stream = sys.stderr if stream is None else stream
+        self.bar = None
+        if enabled and _is_terminal(stream):
+            from tqdm import tqdm
+
+            sized = _terminal_width(stream) > 0  # a terminal of unknown size: tqdm would draw nothing
+            self.bar = tqdm(total=total_steps, initial=first_step, file=stream, mininterval=self.BAR_INTERVAL_S,
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20,
+                            desc="step", unit="step",
+                            bar_format="{desc} {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+            self.bar.start_t = self.start_s  # its elapsed time counts from the run's start, like the ETA
+
+    def update(self, step: int, figures: dict, now_s: Optional[float] = None) -> None:
+        """``step`` (1-based) is done with these figures."""
+        now_s = time.time() if now_s is None else now_s
+        step_s = max(now_s - self.last_step_end_s, 1e-9)
+        self.last_step_end_s = now_s
+        if self.first_step_end_s is None:
+            self.first_step_end_s = now_s
+        if not self.enabled:
+            return
+        done, left = step - self.first_step, self.total_steps - step
+        # the first step also built the models: no ETA from it alone
+        eta_s = 0.0 if not left else (now_s - self.first_step_end_s) / (done - 1) * left if done > 1 else None
+        shown = {k: figures[k] for k in self.SHOWN if isinstance(figures.get(k), (int, float))}
+        if isinstance(figures.get("num_tokens"), (int, float)):
+            shown["tokens_per_s"] = figures["num_tokens"] / step_s
+        if self.bar is not None:
+            text = " ".join(f"{k.replace('tokens_per_s', 'tok/s')}={v:.4g}" for k, v in shown.items())
+            eta = "?" if eta_s is None else self.bar.format_interval(eta_s)
+            self.bar.set_postfix_str(f"{text} eta {eta}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            if step == self.total_steps:
+                self.close()
+            return
+        if step not in (self.first_step + 1, self.total_steps) and now_s - self.last_line_s < self.LINE_INTERVAL_S:
+            return
+        self.last_line_s = now_s
+        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        eta = "?" if eta_s is None else f"{eta_s:.0f}s"
+        print(f"step {step}/{self.total_steps} {text} elapsed {now_s - self.start_s:.0f}s eta {eta}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class MetricsWriter:
     """Rank 0: one JSON object per step in ``metrics.jsonl``, the same scalars as TensorBoard events under
-    ``tensorboard/`` (``tensorboard --logdir {trial}``), and a one-line progress report."""
+    ``tensorboard/`` (``tensorboard --logdir {trial}``), and the progress report (``StepProgress``)."""
 
-    def __init__(self, out_dir: str, total_steps: int, resume_from_step: int = 0):
+    def __init__(self, out_dir: str, total_steps: int, resume_from_step: int = 0, start_s: Optional[float] = None):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.total_steps = total_steps
-        self.t0 = time.time()
-        self.first_step = resume_from_step
-        self.last_print = 0.0
         if resume_from_step == 0 and os.path.exists(self.path):
             os.remove(self.path)
         self.tb_dir = os.path.join(out_dir, "tensorboard")
         self._tb = None
+        self.progress = StepProgress(total_steps, resume_from_step, start_s=start_s, enabled=_progress_shown)
 
     def _tensorboard(self):
         if self._tb is None:
@@ -65,6 +169,7 @@ class MetricsWriter:
         return self._tb or None
 
     def close(self) -> None:
+        self.progress.close()
         if self._tb:
             self._tb.close()
 
@@ -79,17 +184,7 @@ class MetricsWriter:
                     tb.add_scalar(k, v, step)
             if step == self.total_steps:
                 tb.flush()
-        done = step - self.first_step
-        now = time.time()
-        # a line per step when steps are slow, else one every couple of seconds
-        if step not in (self.first_step + 1, self.total_steps) and now - self.last_print < 2.0:
-            return
-        self.last_print = now
-        elapsed = now - self.t0
-        eta = elapsed / max(done, 1) * (self.total_steps - step)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in rec.items()
-                         if k in ("loss", "valid_loss", "reward", "tokens_per_s") and isinstance(v, float))
-        print(f"step {step}/{self.total_steps} {shown} elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
+        self.progress.update(step, rec)
 
 
 class ModelHandle:
@@ -204,6 +299,7 @@ class ExperimentRuntime(Runtime):
         self.cfg = config_from_dict(self.experiment, plan.config)
         self.out_dir = trial_dir_of(self.cfg)
         torch.manual_seed(self.cfg.seed)
+        self._started_s = time.time()  # the progress report's first step includes building the models
         self.metrics: Optional[MetricsWriter] = None
         self.pending: dict[int, dict] = {}
         self._check_recover_mode(self.cfg)
@@ -292,7 +388,8 @@ class ExperimentRuntime(Runtime):
         """Rank 0 writes the step's metrics; then, on checkpoint steps, every rank its recovery state."""
         if rank == 0:
             if self.metrics is None:
-                self.metrics = MetricsWriter(self.out_dir, self.num_steps(), resume_from_step=self.first_step())
+                self.metrics = MetricsWriter(self.out_dir, self.num_steps(), resume_from_step=self.first_step(),
+                                             start_s=self._started_s)
             self.metrics.write(step + 1, self.pending.pop(step, {}))
             if step + 1 == self.num_steps():
                 self.metrics.close()

@@ -376,6 +376,7 @@ class PPORuntime(ExperimentRuntime):
             fig.update({k: v for k, v in stats.items() if k not in ("time_s", "start_s", "end_s")})
         if call == "actor_gen":
             fig["gen_tokens"] = sum(s.get("gen_tokens", 0) for _, s in by_head)
+            fig["num_tokens"] = float(sum(self.step_sequences(step)[1]) + fig["gen_tokens"])  # prompts + answers
         if by_head and any("realloc_s" in s for _, s in by_head):
             from reallm.layout import realloc_traffic
 

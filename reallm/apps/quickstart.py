@@ -66,6 +66,8 @@ def run(exp: str, overrides: list[str], config=None, plan_only: bool = False, qu
             print(f"wrote {plan_path}")
     if plan_only:
         return 0
+    from reallm.algorithms.base import progress_display
+
     if cfg.mode.value == "torchrun":
         if not under_torchrun:
             print(f"mode=torchrun: on each of the {cfg.n_nodes} node(s) run\n"
@@ -75,10 +77,12 @@ def run(exp: str, overrides: list[str], config=None, plan_only: bool = False, qu
             return 0
         from executor.worker import main as worker_main
 
-        return worker_main([plan_path], plan=plan)
+        with progress_display(not quiet):
+            return worker_main([plan_path], plan=plan)
     from executor.launch import launch
 
-    return launch(plan, plan_path=plan_path)
+    with progress_display(not quiet):  # forked workers inherit it
+        return launch(plan, plan_path=plan_path)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,18 @@ Backends (``AttnBackend``):
   VARLEN     CUDA, half precision: ``torch.nn.attention.varlen.varlen_attn`` (flash-attention varlen,
              torch >= 2.10), one kernel for the whole packed batch. Its signature changed between
              releases, so the keyword arguments are chosen by inspecting it.
-  AUTO       VARLEN when usable (CUDA, fp16/bf16, importable), else SDPA_LOOP.
+  BATCHED    CUDA, half precision, every sequence of the pack equally long (fixed-length training
+             batches): the pack viewed as [B, S, heads, D] and one causal SDPA call restricted to the
+             cuDNN and flash kernels (cuDNN's fused attention is the fastest on Hopper).
+  AUTO       BATCHED when the lengths are equal and ``REALLM_ATTN`` is not ``varlen``; else VARLEN when
+             usable (CUDA, fp16/bf16, importable); else SDPA_LOOP.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -37,6 +42,7 @@ class AttnBackend(Enum):
     AUTO = "auto"
     SDPA_LOOP = "sdpa_loop"
     VARLEN = "varlen"
+    BATCHED = "batched"
 
 
 @dataclass(frozen=True)
@@ -139,10 +145,39 @@ def varlen_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Tens
     return fn(q_TnD, k_TkD, v_TkD, cu, cu, seqs.max_seqlen, seqs.max_seqlen, **kwargs)
 
 
+def equal_lengths(seqs: PackedSeqs) -> bool:
+    n = seqs.num_seqs
+    return n >= 1 and seqs.num_tokens == n * seqs.max_seqlen
+
+
+def batched_usable(q: torch.Tensor, seqs: PackedSeqs, window: Optional[int]) -> bool:
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and window is None
+            and equal_lengths(seqs) and os.environ.get("REALLM_ATTN", "") != "varlen")
+
+
+def batched_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Tensor, seqs: PackedSeqs,
+                      scale: float) -> torch.Tensor:
+    """Equal-length packs as one batched causal SDPA call on the cuDNN / flash kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, S = seqs.num_seqs, seqs.max_seqlen
+    q = q_TnD.view(B, S, *q_TnD.shape[1:]).transpose(1, 2)
+    k = k_TkD.view(B, S, *k_TkD.shape[1:]).transpose(1, 2)
+    v = v_TkD.view(B, S, *v_TkD.shape[1:]).transpose(1, 2)
+    if q.shape[1] != k.shape[1]:  # cuDNN takes no GQA: give every query head its kv head
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return o.transpose(1, 2).reshape(q_TnD.shape)
+
+
 def packed_causal_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Tensor, seqs: PackedSeqs,
                             scale: float, window: Optional[int] = None,
                             backend: AttnBackend = AttnBackend.AUTO) -> torch.Tensor:
     """Causal attention within each packed sequence: [T, nh, D], [T, nkv, D] x2 → [T, nh, D]."""
+    if backend is AttnBackend.BATCHED or (backend is AttnBackend.AUTO and batched_usable(q_TnD, seqs, window)):
+        return batched_attention(q_TnD, k_TkD, v_TkD, seqs, scale)
     if backend is AttnBackend.VARLEN or (backend is AttnBackend.AUTO and varlen_usable(q_TnD, window)):
         return varlen_attention(q_TnD, k_TkD, v_TkD, seqs, scale, window)
     return sdpa_loop_attention(q_TnD, k_TkD, v_TkD, seqs, scale, window)

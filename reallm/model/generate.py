@@ -19,7 +19,7 @@ recompute log-probs over the same support.
 Randomness depends only on (seed, step, sequence id, t) (``keyed_uniforms``, splitmix64 in numpy), not on
 the batch a sequence lands in, its dp rank, or the device. A sequence that emitted EOS is finished:
 later positions are ``pad_token_id`` with log-prob 0 and are not part of its output; decode stops when
-every sequence is finished or after ``max_new_tokens``. ``no_eos`` marks sequences cut by the limit.
+every sequence is finished (checked every ``POLL_EVERY`` steps) or after ``max_new_tokens``. ``no_eos`` marks sequences cut by the limit.
 
 Static shapes: the cache is ``[B, nkv, max_prompt_len + max_new_tokens, D]`` per block and every decode
 step runs all B rows, so on CUDA the step can be captured once as a graph and replayed
@@ -237,7 +237,7 @@ class GenerationOutput:
 # -- the loop ---------------------------------------------------------------------------------------------
 
 
-class _DecodeRunner:
+class DecodeRunner:
     """Calls ``model.decode``; on CUDA with ``use_graph``, captures it once and replays it."""
 
     def __init__(self, model: Transformer, cache: KVCache, use_graph: bool):
@@ -268,6 +268,17 @@ class _DecodeRunner:
         self.static_positions.copy_(positions_B)
         self.graph.replay()
         return self.static_out
+
+
+#: Decode steps between checks of "has every sequence finished": each check waits for the GPU, so
+#: checking every step would stall the host's launches behind every step.
+POLL_EVERY = 8
+
+
+def should_poll(t: int, eos: Sequence[int]) -> bool:
+    """Whether step ``t`` checks for the end of the batch: never without an EOS token, else every
+    ``POLL_EVERY`` steps (finished sequences only emit padding meanwhile)."""
+    return bool(eos) and t % POLL_EVERY == POLL_EVERY - 1
 
 
 def _eos_list(eos_token_id: Union[int, Sequence[int], None]) -> list[int]:
@@ -314,7 +325,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out_tok, out_lp, out_mask = [], [], []
-    runner = _DecodeRunner(model, cache, use_cuda_graph and device.type == "cuda")
+    runner = DecodeRunner(model, cache, use_cuda_graph and device.type == "cuda")
     for t in range(N):
         tok, lp, mask = sampling_step(logits, cfg, t, eos, None if u_BN is None else u_BN[:, t], vocab_size)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
@@ -324,7 +335,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
             out_mask.append(mask & ~finished[:, None])
         if eos:
             finished = finished | torch.isin(tok, eos_t)
-        if t == N - 1 or bool(finished.all()):
+        if t == N - 1 or (should_poll(t, eos) and bool(finished.all())):
             break
         logits = runner(tok, lengths + t)
     tokens_BN = torch.stack(out_tok, 1)

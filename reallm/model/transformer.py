@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from reallm.kernels import decode_attention as decode_kernel
+from reallm.kernels.decode_attention import decode_attention_append
 from reallm.model.arch import ArchConfig, arch_from_spec
 from reallm.model.attention import AttnBackend, PackedSeqs, decode_attention, packed_causal_attention
 from reallm.spec import ModelSpec
@@ -133,6 +135,10 @@ class _Ctx:
     decode: bool = False
     #: Decode only: valid-slot masks per sliding window (None key = full causal).
     valid: dict = field(default_factory=dict)
+    #: Decode only: append and attend in one Triton kernel (``reallm.kernels.decode_attention``).
+    decode_kernel: bool = False
+    #: Run each block as compiled regions around the attention (``Transformer.compile``).
+    compiled: bool = False
 
 
 class Attention(nn.Module):
@@ -149,22 +155,45 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.backend = backend
 
-    def forward(self, x_TH: torch.Tensor, ctx: _Ctx, layer: int) -> torch.Tensor:
+    def project(self, x_TH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                w_qkv: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated) and v: ``[T, heads, D]`` each (local head counts under tp). ``w_qkv``: the three
+        weights as one matrix (``adjacent_rows``), for one matrix product instead of three."""
         T, D = x_TH.shape[0], self.head_dim
-        # -1: the local head count comes from the projection's size (a tp shard holds num_heads / tp).
-        q = apply_rope(self.q_proj(x_TH).view(T, -1, D), ctx.cos, ctx.sin)
-        k = apply_rope(self.k_proj(x_TH).view(T, -1, D), ctx.cos, ctx.sin)
-        v = self.v_proj(x_TH).view(T, -1, D)
-        if ctx.kv_cache is not None:
-            ctx.kv_cache.write(layer, k, v, ctx.cache_rows, ctx.cache_cols)
+        if w_qkv is not None:
+            nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+            q, k, v = F.linear(x_TH, w_qkv).split((nq, nk, nk), dim=-1)
+        else:
+            q, k, v = self.q_proj(x_TH), self.k_proj(x_TH), self.v_proj(x_TH)
+        q = apply_rope(q.reshape(T, -1, D), cos, sin)
+        k = apply_rope(k.reshape(T, -1, D), cos, sin)
+        return q, k, v.reshape(T, -1, D)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _Ctx, layer: int) -> torch.Tensor:
+        """Store k/v in the cache when there is one, then attention: ``[T, heads, D]``."""
         if ctx.decode:
             assert ctx.kv_cache is not None
-            o = decode_attention(q, ctx.kv_cache.k[layer], ctx.kv_cache.v[layer], ctx.valid[self.sliding_window],
-                                 self.scale)
-        else:
-            assert ctx.seqs is not None
-            o = packed_causal_attention(q, k, v, ctx.seqs, self.scale, self.sliding_window, self.backend)
-        return self.o_proj(o.reshape(T, -1))
+            cache_k, cache_v = ctx.kv_cache.k[layer], ctx.kv_cache.v[layer]
+            if ctx.decode_kernel:
+                return decode_attention_append(q, k, v, cache_k, cache_v, ctx.cache_cols, self.scale,
+                                               self.sliding_window)
+            ctx.kv_cache.write(layer, k, v, ctx.cache_rows, ctx.cache_cols)
+            return decode_attention(q, cache_k, cache_v, ctx.valid[self.sliding_window], self.scale)
+        if ctx.kv_cache is not None:
+            ctx.kv_cache.write(layer, k, v, ctx.cache_rows, ctx.cache_cols)
+        assert ctx.seqs is not None
+        return packed_causal_attention(q, k, v, ctx.seqs, self.scale, self.sliding_window, self.backend)
+
+    def fused_qkv(self) -> Optional[torch.Tensor]:
+        """q/k/v weights as one matrix, without gradients or copies (inference only; ``adjacent_rows``)."""
+        if torch.is_grad_enabled() or self.q_proj.bias is not None:
+            return None
+        return adjacent_rows(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+
+    def forward(self, x_TH: torch.Tensor, ctx: _Ctx, layer: int) -> torch.Tensor:
+        q, k, v = self.project(x_TH, ctx.cos, ctx.sin, self.fused_qkv())
+        o = self.attend(q, k, v, ctx, layer)
+        return self.o_proj(o.reshape(x_TH.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -175,8 +204,36 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_gate_up(self) -> Optional[torch.Tensor]:
+        """gate/up weights as one matrix, without gradients or copies (inference only; ``adjacent_rows``)."""
+        if torch.is_grad_enabled():
+            return None
+        return adjacent_rows(self.gate_proj.weight, self.up_proj.weight)
+
+    def forward(self, x: torch.Tensor, w_gate_up: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if w_gate_up is None and not torch.compiler.is_compiling():
+            w_gate_up = self.fused_gate_up()
+        if w_gate_up is not None:
+            gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def adjacent_rows(*weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """``torch.cat(weights)`` as a view, when the matrices lie back to back in one storage (as in the
+    executor's flat parameter buffer, where q/k/v and gate/up are stored in this order); else None.
+    The view carries no autograd history: for inference only."""
+    w0 = weights[0]
+    if not all(w.dim() == 2 and w.is_contiguous() and w.dtype == w0.dtype and w.shape[1] == w0.shape[1]
+               for w in weights):
+        return None
+    storage, offset = w0.untyped_storage(), w0.storage_offset()
+    for w in weights:
+        if w.untyped_storage().data_ptr() != storage.data_ptr() or w.storage_offset() != offset:
+            return None
+        offset += w.numel()
+    rows = sum(w.shape[0] for w in weights)
+    return torch.empty(0, dtype=w0.dtype, device=w0.device).set_(storage, w0.storage_offset(), (rows, w0.shape[1]))
 
 
 class DecoderLayer(nn.Module):
@@ -192,8 +249,38 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
 
     def forward(self, x_TH: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        if ctx.compiled:
+            # Same arithmetic in three regions: two compiled (norms, projections, rope, residuals, SwiGLU
+            # fused by Inductor) around the eager attention kernel. Only without tp hooks (tp = 1).
+            q, k, v = _compiled(_pre_attention)(self, x_TH, ctx.cos, ctx.sin, self.self_attn.fused_qkv())
+            o = self.self_attn.attend(q, k, v, ctx, self.index)
+            return _compiled(_post_attention)(self, x_TH, o, self.mlp.fused_gate_up())
         h = x_TH + self.self_attn(self.input_layernorm(x_TH), ctx, self.index)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _pre_attention(layer: DecoderLayer, x_TH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   w_qkv: Optional[torch.Tensor]):
+    return layer.self_attn.project(layer.input_layernorm(x_TH), cos, sin, w_qkv)
+
+
+def _post_attention(layer: DecoderLayer, x_TH: torch.Tensor, o_TnD: torch.Tensor,
+                    w_gate_up: Optional[torch.Tensor]) -> torch.Tensor:
+    h = x_TH + layer.self_attn.o_proj(o_TnD.reshape(x_TH.shape[0], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h), w_gate_up)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``torch.compile(fn)``, made once per function and shared by every layer (parameters are graph
+    inputs, so identical layers reuse one graph; token counts become dynamic after the first change)."""
+    c = _COMPILED.get(fn)
+    if c is None:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        c = _COMPILED[fn] = torch.compile(fn)
+    return c
 
 
 class DecoderTrunk(nn.Module):
@@ -241,6 +328,10 @@ class Transformer(nn.Module):
                 self.tie_weights()
         #: Recompute each block in backward (torch.utils.checkpoint, non-reentrant) to save activations.
         self.gradient_checkpointing = False
+        #: Blocks run as torch.compile'd regions around the attention (``compile``).
+        self.compiled = False
+        #: Decode steps append + attend with the Triton kernel (CUDA, half precision; ``decode_kernel_usable``).
+        self.use_decode_kernel = True
         self._inv_freq: Optional[torch.Tensor] = None
 
     def tie_weights(self) -> None:
@@ -274,6 +365,22 @@ class Transformer(nn.Module):
         """(HF name, parameter) for every parameter this stage holds, each once."""
         for name, p in self.named_parameters():
             yield self.hf_name_of(name), p
+
+    def compile(self, enabled: bool = True) -> Transformer:
+        """Run every block as two ``torch.compile``'d regions (norm/projections/rope; o-proj/residual/MLP)
+        around the eager attention. CUDA only, and only for a stage without tensor-parallel hooks (tp = 1):
+        the tp collectives live in module hooks that the regions do not call."""
+        if enabled:
+            if any(layer.self_attn._forward_pre_hooks or layer.self_attn.o_proj._forward_hooks
+                   or layer.mlp._forward_pre_hooks for layer in self.model.layers.values()):
+                raise ValueError("compiled blocks need a stage without tensor-parallel hooks (tp = 1)")
+        self.compiled = enabled
+        return self
+
+    def decode_kernel_usable(self, x: torch.Tensor) -> bool:
+        w = next(iter(self.model.layers.values())).self_attn.q_proj.weight if self.model.layers else None
+        return (self.use_decode_kernel and decode_kernel.available() and x.is_cuda and w is not None
+                and w.dtype in (torch.float16, torch.bfloat16))
 
     # -- rope ------------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +435,8 @@ class Transformer(nn.Module):
             seq_idx, pos = packed_positions(seqs, x.device)
             position_ids = pos if position_ids is None else position_ids
         cos, sin = self._rope(position_ids, h.dtype)
-        ctx = _Ctx(cos, sin, seqs=seqs, kv_cache=kv_cache, cache_rows=seq_idx, cache_cols=position_ids)
+        ctx = _Ctx(cos, sin, seqs=seqs, kv_cache=kv_cache, cache_rows=seq_idx, cache_cols=position_ids,
+                   compiled=self.compiled)
         return self._head(self._blocks(h, ctx), select_rows)
 
     def decode(self, x: torch.Tensor, positions_B: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
@@ -337,10 +445,14 @@ class Transformer(nn.Module):
         Static shapes throughout, so the call can be captured in a CUDA graph."""
         h = self._embed(x)
         cos, sin = self._rope(positions_B, h.dtype)
-        windows = {layer.self_attn.sliding_window for layer in self.model.layers.values()}
-        valid = {w: kv_cache.valid_mask(positions_B, w) for w in windows}
-        rows = torch.arange(x.shape[0], device=x.device)
-        ctx = _Ctx(cos, sin, kv_cache=kv_cache, cache_rows=rows, cache_cols=positions_B, decode=True, valid=valid)
+        kernel = self.decode_kernel_usable(h)
+        valid, rows = {}, None
+        if not kernel:
+            windows = {layer.self_attn.sliding_window for layer in self.model.layers.values()}
+            valid = {w: kv_cache.valid_mask(positions_B, w) for w in windows}
+            rows = torch.arange(x.shape[0], device=x.device)
+        ctx = _Ctx(cos, sin, kv_cache=kv_cache, cache_rows=rows, cache_cols=positions_B, decode=True, valid=valid,
+                   decode_kernel=kernel, compiled=self.compiled)
         return self._head(self._blocks(h, ctx), None)
 
     # -- caches and init -------------------------------------------------------------------------------

@@ -32,7 +32,15 @@ from typing import Optional
 
 import torch
 
-from reallm.model.generate import GenerationConfig, GenerationOutput, checked_seq_ids, keyed_uniforms, sampling_step
+from reallm.model.generate import (
+    DecodeRunner,
+    GenerationConfig,
+    GenerationOutput,
+    checked_seq_ids,
+    keyed_uniforms,
+    sampling_step,
+    should_poll,
+)
 from reallm.model.transformer import pack_sequences
 from reallm.parallel.pipeline import Msg, PipeOp, Schedule, StageProgram, run_schedule
 from reallm.parallel.vocab import gather_last_logits
@@ -185,6 +193,12 @@ class _MicroBatch:
         self.out_lp: list[torch.Tensor] = []
         self.out_mask: list[torch.Tensor] = []
         self.u_BN: Optional[torch.Tensor] = None
+        # One tp rank on a GPU: decode steps replay a captured CUDA graph (collectives stay uncaptured).
+        self.decode = DecodeRunner(model, self.cache, device.type == "cuda" and not _has_tp_hooks(model))
+
+
+def _has_tp_hooks(model) -> bool:
+    return any(layer.mlp._forward_pre_hooks for layer in model.model.layers.values())
 
 
 @torch.no_grad()
@@ -262,7 +276,7 @@ def _run_ring(pm, mbs, cfg, eos, eos_t, pad_token_id, P, s, G, N, dev, h) -> Non
         if t == -1:
             y = model(x, m.cu, kv_cache=m.cache, select_rows=(m.cu[1:] - 1).long() if last else None)
         else:
-            y = model.decode(x, m.lengths + t, m.cache)
+            y = m.decode(x, m.lengths + t)
         if not last:
             outbox[k] = [y.contiguous(), torch.tensor([ALIVE], device=dev)]
             return
@@ -290,7 +304,7 @@ def _sample(m: _MicroBatch, logits_BV: torch.Tensor, cfg: GenerationConfig, i: i
         m.out_mask.append(mask[:, :vocab_size] & ~m.finished[:, None])
     if eos:
         m.finished = m.finished | torch.isin(tok, eos_t)
-    return tok, i == N - 1 or bool(m.finished.all())
+    return tok, i == N - 1 or (should_poll(i, eos) and bool(m.finished.all()))
 
 
 def _assemble(mbs, eos, eos_t, pad_token_id: int, vocab_size: int, cfg: GenerationConfig) -> GenerationOutput:

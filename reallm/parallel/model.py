@@ -88,13 +88,14 @@ class ParallelModel:
               gradient_checkpointing: bool = False, partition: Optional[StagePartition] = None,
               critic_init_seed: int = 1, attn_backend: AttnBackend = AttnBackend.AUTO,
               load_weights: bool = True, spec: Optional[ModelSpec] = None,
-              init_seed: Optional[int] = None) -> ParallelModel:
+              init_seed: Optional[int] = None, compile_blocks: bool = False) -> ParallelModel:
         """This rank's part of the HF checkpoint at ``ckpt_path`` under ``groups.placement``.
 
         ``optimizer`` None builds an inference-only replica (no gradients, no optimizer state).
         ``load_weights=False`` leaves the flat buffer zero (a reallocation destination). Without a checkpoint
         (``ckpt_path`` None) the shapes come from ``spec``, and the weights are zero, or with ``init_seed``
-        drawn per local shard (profiling only: such draws depend on the layout)."""
+        drawn per local shard (profiling only: such draws depend on the layout). ``compile_blocks``: run the
+        blocks as torch.compile'd regions (``Transformer.compile``); honoured on CUDA with tp = 1 only."""
         device = torch.device(device)
         placement, c = groups.placement, groups.coord
         if ckpt_path is not None:
@@ -125,6 +126,8 @@ class ParallelModel:
                     local = flat[s.offset:s.offset + s.num_elements].view(s.local_shape)
                     local[s.box[0][1] - s.box[0][0]:].zero_()
         model.gradient_checkpointing = gradient_checkpointing
+        if compile_blocks and device.type == "cuda" and placement.tp == 1:
+            model.compile()
         self = cls(model, ckpt_path, arch, groups, part, shards, flat, tp_state, dtype, device)
         if optimizer is None:
             model.requires_grad_(False)

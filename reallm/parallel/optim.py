@@ -172,6 +172,9 @@ class FlatAdamW:
         g = self.owned_grads()
         sq = torch.zeros((), dtype=torch.float64, device=g.device)
         for a, b in self.primary_runs:
+            if g.is_cuda:  # one pass, no temporary: fp64 accumulation inside the reduction
+                sq += torch.linalg.vector_norm(g[a:b], dtype=torch.float64).square()
+                continue
             for c in range(a, b, _NORM_CHUNK):  # bounded temporaries; fp64 accumulation (vector_norm is not exact)
                 x = g[c:min(c + _NORM_CHUNK, b)]
                 sq += torch.sum(x * x, dtype=torch.float64)
@@ -187,6 +190,12 @@ class FlatAdamW:
         g = g.to(self.host)
         t = self.num_updates + 1
         m, v, p = self.exp_avg, self.exp_avg_sq, self.master
+        if p.is_cuda:
+            self._fused_update(p, g, lr, t)
+            self.num_updates = t
+            if p is not self.params:
+                self._write_back()
+            return stats
         if s.weight_decay:
             for a, b in self.decay_runs:
                 p[a:b].mul_(1.0 - lr * s.weight_decay)
@@ -200,9 +209,36 @@ class FlatAdamW:
             self._write_back()
         return stats
 
+    def _fused_update(self, p: torch.Tensor, g: torch.Tensor, lr: float, t: int) -> None:
+        """The same update with torch's fused AdamW kernel (CUDA): one launch per group of runs, no temporaries."""
+        s = self.settings
+        decay, rest, pos = [], [], 0
+        for a, b in self.decay_runs:
+            if a > pos:
+                rest.append((pos, a))
+            decay.append((a, b))
+            pos = b
+        if pos < self.num_owned:
+            rest.append((pos, self.num_owned))
+        step = torch.tensor(float(t), dtype=torch.float32, device=p.device)
+        for runs, wd in ((decay, s.weight_decay), (rest, 0.0)):
+            if not runs:
+                continue
+
+            def views(x, runs=runs):
+                return [x[a:b] for a, b in runs]
+
+            torch._fused_adamw_(views(p), views(g), views(self.exp_avg), views(self.exp_avg_sq), [],
+                                [step] * len(runs), lr=lr, beta1=s.beta1, beta2=s.beta2, weight_decay=wd,
+                                eps=s.eps, amsgrad=False, maximize=False)
+
     def _write_back(self) -> None:
         from executor import comm
 
+        if not self.zero1 and len(self.pieces) == 1 and self.master.device == self.params.device:
+            a, b = self.pieces[0]
+            self.params[a:b].copy_(self.master)  # cast while copying: no temporary
+            return
         owned = self.master.to(self.params.device, dtype=self.params.dtype, non_blocking=True)
         if not self.zero1:
             self._scatter_owned(self.params, owned)
