@@ -83,9 +83,59 @@ def run_ours(spec: ModelSpec, batch: int, seqlen: int, steps: int, warmup: int, 
     if PROFILE:
         from bench.profiling import kernel_table
 
-        print(kernel_table(step), flush=True)
+        print(kernel_table(step, rows=8, op_rows=14), flush=True)
     return {"times_s": times, "loss_first": losses[0], "loss_last": losses[-1],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def attention_table(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int) -> str:
+    """Forward + backward of one layer's causal attention, per implementation (CUDA events, median of 10)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from reallm.model.attention import PackedSeqs, batched_attention, varlen_attention
+
+    T = batch * seqlen
+    cu = torch.arange(0, T + 1, seqlen, dtype=torch.int32, device="cuda")
+    seqs = PackedSeqs.from_cu_seqlens(cu)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(T, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    k = torch.randn(T, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    v = torch.randn(T, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    scale = head_dim ** -0.5
+
+    def sdpa_gqa(backend):
+        def f():
+            qb, kb, vb = (t.view(batch, seqlen, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+            with sdpa_kernel([backend]):
+                o = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                                                     enable_gqa=True)
+            return o.transpose(1, 2).reshape(T, heads, head_dim)
+        return f
+
+    impls = {"varlen (flash 2)": lambda: varlen_attention(q, k, v, seqs, scale),
+             "batched (cuDNN, kv repeated)": lambda: batched_attention(q, k, v, seqs, scale),
+             "sdpa cuDNN enable_gqa": sdpa_gqa(SDPBackend.CUDNN_ATTENTION),
+             "sdpa flash enable_gqa": sdpa_gqa(SDPBackend.FLASH_ATTENTION)}
+    lines = ["attention fwd+bwd, one layer:"]
+    for name, f in impls.items():
+        try:
+            def once(f=f):
+                o = f()
+                o.sum().backward()
+            for _ in range(3):
+                once()
+            ts = []
+            for _ in range(10):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                once()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            lines.append(f"  {statistics.median(ts):7.3f} ms  {name}")
+        except Exception as e:  # an implementation this torch lacks
+            lines.append(f"  unavailable  {name}: {type(e).__name__}: {str(e)[:80]}")
+    return "\n".join(lines)
 
 
 def run_hf(spec: ModelSpec, batch: int, seqlen: int, steps: int, warmup: int) -> dict:
@@ -127,6 +177,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global PROFILE
     PROFILE = args.profile
+    if args.profile:
+        s = SPEC_1B
+        print(attention_table(args.batch, args.seqlen, s.num_heads, s.num_kv_heads, s.head_dim), flush=True)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ output rounded once to the input dtype — the same quantities as the masked-SDP
 
 from __future__ import annotations
 
-import functools
+import os
 from typing import Optional
 
 import torch
@@ -40,7 +40,7 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _decode_attn_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, scale, window,
+    def _decode_attn_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, scale, window, max_len,
                             sq_b, sq_h, sn_b, sn_h, sc_b, sc_h, sc_s, so_b, so_h,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                             HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
@@ -85,10 +85,14 @@ if triton is not None:
         tl.store(o_ptr + b * so_b + heads[:, None] * so_h + dims[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
 
-
-@functools.cache
-def _block_n(head_dim: int) -> int:
-    return 64 if head_dim <= 128 else 32
+    # The block of keys per iteration and the warps: chosen per (head_dim, group, cache length) by timing
+    # on first use (the launch only re-writes the same appended rows, so repeating it is harmless). The
+    # interpreter (CPU tests) cannot time: one fixed block there.
+    _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    _tuned_kernel = _decode_attn_kernel if _INTERPRETED else triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+                 for n, w, st in ((64, 4, 2), (128, 4, 2), (128, 8, 3), (256, 8, 2))],
+        key=["D", "GROUP_PAD", "max_len"])(_decode_attn_kernel)
 
 
 def decode_attention_append(q_BhD: torch.Tensor, k_new_BkD: torch.Tensor, v_new_BkD: torch.Tensor,
@@ -109,10 +113,11 @@ def decode_attention_append(q_BhD: torch.Tensor, k_new_BkD: torch.Tensor, v_new_
         raise ValueError("the k and v caches must share one contiguous-last-dim layout")
     group = H // Hkv
     o = torch.empty_like(q)
-    _decode_attn_kernel[(B, Hkv)](
-        q, kn, vn, k_cache_BkSD, v_cache_BkSD, pos_B, o, float(scale), int(window or 0),
+    extra = {"BLOCK_N": 64} if _INTERPRETED else {}
+    _tuned_kernel[(B, Hkv)](
+        q, kn, vn, k_cache_BkSD, v_cache_BkSD, pos_B, o, float(scale), int(window or 0), k_cache_BkSD.shape[2],
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
         k_cache_BkSD.stride(0), k_cache_BkSD.stride(1), k_cache_BkSD.stride(2), o.stride(0), o.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_block_n(D),
-        HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
+        HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **extra)
     return o

@@ -330,7 +330,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         #: Blocks run as torch.compile'd regions around the attention (``compile``).
         self.compiled = False
-        #: Decode steps append + attend with the Triton kernel (CUDA, half precision; ``decode_kernel_usable``).
+        #: Decode steps append + attend with the Triton kernel (CUDA; ``decode_kernel_usable``).
         self.use_decode_kernel = True
         self._inv_freq: Optional[torch.Tensor] = None
 
@@ -380,7 +380,7 @@ class Transformer(nn.Module):
     def decode_kernel_usable(self, x: torch.Tensor) -> bool:
         w = next(iter(self.model.layers.values())).self_attn.q_proj.weight if self.model.layers else None
         return (self.use_decode_kernel and decode_kernel.available() and x.is_cuda and w is not None
-                and w.dtype in (torch.float16, torch.bfloat16))
+                and w.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
     # -- rope ------------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
