@@ -1,27 +1,38 @@
 """Cost-model fidelity on one device: estimated vs measured time and peak memory of calls (issue 11).
 
-    python bench/bench_cost_model.py [--device cuda|cpu] [--profile PATH] [--quick] [--markdown]
-                                     [--json-out PATH]
+    python bench/bench_cost_model.py [--device cuda|cpu] [--profile PATH | --measure-profile] [--quick]
+                                     [--markdown] [--json-out PATH]
 
 What runs is the executor's per-call code, ``reallm.parallel.ParallelModel``, on a placement of one
 device (dp = tp = pp = 1: every group has one member, so no collective runs and no process group is
 needed), with random weights of a model shape (default: the 1.1B LLaMA shape in bf16 on CUDA, a tiny
 LLaMA in fp32 on CPU):
 
-- generate: ``ParallelModel.generate``, greedy, no EOS token (every sequence decodes exactly N tokens);
-  n prompts of P random tokens in m micro-batches. Measured phase ``prefill_s``: the same call with N = 1.
+- generate: ``ParallelModel.generate`` of n prompts of P random tokens in m micro-batches, no EOS token
+  (every sequence decodes exactly N tokens), sampling as PPO does by default (top-k 200, top-p 0.9, the
+  logits mask returned: also what ``executor.profiler`` times; label ``ppo``) or greedy (label ``greedy``).
+  Measured phase ``prefill_s``: the same call with N = 1.
 - inference: ``ParallelModel.logprobs`` (a reference model's call) on n sequences of s tokens in m
-  micro-batches.
+  micro-batches; label ``mask``: under a logits mask, as PPO's reference model.
 - train: ``ParallelModel.train_step``'s steps in its order — ``zero_grad`` + ``forward_backward`` (SFT loss
   on vocab-parallel log-probs; phase ``fwd_bwd_s``), then ``reduce_gradients`` + ``optimizer_step`` +
-  ``gather_stats`` (phase ``optimizer_s``) — gradient checkpointing on or off.
+  ``gather_stats`` (phase ``optimizer_s``) — gradient checkpointing on or off; label ``mask``: the loss
+  reads log-probs under a logits mask, as PPO's actor.
 
 Estimates: ``planner.cost_model.call_time.t_call`` and ``memory.call_memory(...).standalone_bytes`` of a
-``Call`` built to match, on ``Placement((0,), num_micro_batches=m)``. Measured time: wall clock between
-device synchronisations, median of R runs after a warm-up. Measured memory (CUDA only):
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` right before the call. It includes
-everything resident (the weights; for train calls also the fp32 gradients, master and Adam moments, column
-``resident``), as the estimate's standalone bytes do.
+``Call`` built to match, on ``Placement((0,), num_micro_batches=m)``, from ``--profile``; or, with
+``--measure-profile`` (the default on CPU when no profile is given), from a profile of the model's layers
+measured first on this device by ``executor.profiler`` (``planner profile``'s code; its quick grid with
+``--quick``); else the cluster's shipped profile (``profiles/h100_measured.json``, else the analytic one).
+Measured time: wall clock between device synchronisations, median of R runs after a warm-up (and a
+``gc.collect()``). Measured memory (CUDA only), per run:
+``torch.cuda.max_memory_allocated`` after ``gc.collect()`` and ``reset_peak_memory_stats`` right before the
+call (column ``raw peak``). It includes everything resident, and the memory compared with the estimate
+(``meas GiB``) is what the call owns: the model's buffers (weights; for a train call also the fp32
+gradients, master and Adam moments) + the call's input tensors + (raw peak − resident before the call),
+as the estimate's standalone bytes count them. Column ``other``: resident memory that is neither (CUDA
+library workspaces kept per stream, e.g. cuBLAS's 32 MiB for every stream generation's CUDA-graph capture
+used; garbage of earlier calls) — the planner's ``USABLE_MEMORY_FRACTION`` headroom.
 
 Settings are chosen between the profile's grid points: the tables' axes are read from the profile, and a
 setting whose sequence length, tokens per micro-batch or decode batch falls on a grid point is nudged off
@@ -51,7 +62,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.cost_model.call_time import t_call  # noqa: E402
-from planner.cost_model.memory import call_memory, train_activation_bytes  # noqa: E402
+from planner.cost_model.memory import (  # noqa: E402
+    LOGITS_MASK_KEY,
+    call_memory,
+    logits_mask_bytes,
+    train_activation_bytes,
+)
 from planner.cost_model.profile import Profile, default_profile, load_profile, shape_key  # noqa: E402
 from planner.cost_model.shapes import ModelOptions, stages_of  # noqa: E402
 from reallm.cluster import load_cluster  # noqa: E402
@@ -81,6 +97,9 @@ class Setting:
     num_micro_batches: int = 1
     new_tokens: int = 0
     checkpointing: bool = False
+    #: PPO's default: generation samples (top-k 200, top-p 0.9) and returns the sampling-support mask;
+    #: inference and train calls read such a mask. Off: greedy generation, no masks.
+    logits_mask: bool = False
 
     @property
     def seqs_per_micro_batch(self) -> int:
@@ -89,16 +108,18 @@ class Setting:
     @property
     def label(self) -> str:
         m = self.num_micro_batches
+        mask = " mask" if self.logits_mask else ""
         if self.kind == "generate":
-            return f"n={self.n_seqs} P={self.seqlen} N={self.new_tokens} m={m}"
+            return f"n={self.n_seqs} P={self.seqlen} N={self.new_tokens} m={m}" + (" ppo" if self.logits_mask else " greedy")
         s = f"n={self.n_seqs} s={self.seqlen} m={m}"
-        return s + (" ckpt" if self.checkpointing else "") if self.kind == "train" else s
+        return s + (" ckpt" if self.checkpointing and self.kind == "train" else "") + mask
 
     def call(self) -> Call:
+        keys = (LOGITS_MASK_KEY,) if self.logits_mask else ()
         if self.kind == "generate":
-            return Call("bench_gen", "actor", "generate", (), (), self.n_seqs, self.seqlen + self.new_tokens,
+            return Call("bench_gen", "actor", "generate", (), keys, self.n_seqs, self.seqlen + self.new_tokens,
                         self.new_tokens)
-        return Call(f"bench_{self.kind}", "actor", self.kind, (), (), self.n_seqs, self.seqlen)
+        return Call(f"bench_{self.kind}", "actor", self.kind, keys, (), self.n_seqs, self.seqlen)
 
     def placement(self) -> Placement:
         return Placement((0,), num_micro_batches=self.num_micro_batches)
@@ -154,18 +175,21 @@ def off_grid(s: Setting, g: Grids, seqlen_step: int) -> tuple[Setting, list[str]
 def table_settings(device: str, quick: bool) -> list[Setting]:
     """The settings of the main table (before ``off_grid``)."""
     if device == "cuda":
-        rows = [Setting("generate", 24, 192, 1, 96), Setting("generate", 48, 320, 2, 160),
-                Setting("generate", 12, 144, 1, 224), Setting("generate", 96, 160, 3, 64),
+        rows = [Setting("generate", 24, 192, 1, 96, logits_mask=True), Setting("generate", 48, 320, 2, 160, logits_mask=True),
+                Setting("generate", 12, 144, 1, 224, logits_mask=True), Setting("generate", 96, 160, 3, 64, logits_mask=True),
+                Setting("generate", 40, 288, 1, 128),
                 Setting("inference", 12, 768, 1), Setting("inference", 24, 640, 2),
                 Setting("inference", 6, 1536, 1), Setting("inference", 48, 384, 3),
+                Setting("inference", 20, 448, 2, logits_mask=True),
                 Setting("train", 12, 768, 2, checkpointing=False), Setting("train", 12, 768, 2, checkpointing=True),
                 Setting("train", 20, 448, 1, checkpointing=True), Setting("train", 6, 1536, 3, checkpointing=True),
-                Setting("train", 24, 384, 2, checkpointing=False), Setting("train", 10, 1280, 1, checkpointing=False)]
+                Setting("train", 24, 384, 2, checkpointing=False), Setting("train", 10, 1280, 1, checkpointing=False),
+                Setting("train", 16, 576, 2, checkpointing=True, logits_mask=True)]
     else:
-        rows = [Setting("generate", 6, 144, 1, 12), Setting("generate", 8, 200, 2, 20),
-                Setting("inference", 6, 160, 1), Setting("inference", 8, 280, 2),
+        rows = [Setting("generate", 6, 144, 1, 12, logits_mask=True), Setting("generate", 10, 200, 2, 20),
+                Setting("inference", 6, 160, 1), Setting("inference", 8, 120, 2, logits_mask=True),
                 Setting("train", 6, 160, 2, checkpointing=False), Setting("train", 6, 160, 2, checkpointing=True),
-                Setting("train", 4, 360, 1, checkpointing=False)]
+                Setting("train", 4, 200, 1, checkpointing=False, logits_mask=True)]
     if quick:
         keep, seen = [], {}
         for r in rows:  # two per kind
@@ -182,14 +206,14 @@ def ranked_settings(kind: str, device: str, n: int = NUM_RANKED, seed: int = 0) 
         if device == "cuda":
             opts = itertools.product((4, 8, 12, 16), (384, 640, 896), (1, 2, 4), (False, True))
         else:
-            opts = itertools.product((2, 4, 8), (136, 200, 320), (1, 2), (False, True))
+            opts = itertools.product((1, 2, 4), (96, 160, 224), (1, 2), (False, True))
         pool = [Setting("train", b * m, s, m, checkpointing=c) for b, s, m, c in opts]
     else:
         if device == "cuda":
             opts = itertools.product((8, 24, 48), (144, 320), (48, 112, 176), (1, 2))
         else:
-            opts = itertools.product((2, 4, 8), (136, 240), (6, 14, 24), (1, 2))
-        pool = [Setting("generate", b * m, p, m, new) for b, p, new, m in opts]
+            opts = itertools.product((2, 3, 6), (100, 160), (6, 14, 24), (1, 2))
+        pool = [Setting("generate", b * m, p, m, new, logits_mask=True) for b, p, new, m in opts]
     return random.Random(seed).sample(pool, min(n, len(pool)))
 
 
@@ -207,7 +231,9 @@ def estimate(s: Setting, spec: ModelSpec, profile: Profile, cluster, dtype_bytes
     call, p = s.call(), s.placement()
     ct = t_call(call, p, spec, profile, cluster, opts)
     mem = call_memory(call, p, spec, opts)
-    terms = {"transient_bytes": mem.transient_bytes, "state_bytes": mem.state_bytes, "weights_bytes": mem.weights_bytes}
+    terms = {"transient_bytes": mem.transient_bytes, "state_bytes": mem.state_bytes, "weights_bytes": mem.weights_bytes,
+             # inference/train: the input masks, built on the device before the call (resident when it starts)
+             "input_mask_bytes": logits_mask_bytes(call, spec, 1) if s.kind != "generate" else 0.0}
     if s.kind == "train":
         st = stages_of(spec, 1, 1)[0]
         tokens = s.seqs_per_micro_batch * s.seqlen
@@ -222,10 +248,47 @@ class Measured:
     times_s: list[float] = field(default_factory=list)
     phases_s: dict[str, float] = field(default_factory=dict)
     peak_bytes: Optional[int] = None
+    #: The model's own buffers and the call's input tensors (resident before the call).
+    model_bytes: Optional[int] = None
+    input_bytes: Optional[int] = None
     #: Train calls on CUDA: the peak of the forward/backward and of the optimizer phase apart.
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
     resident_bytes: Optional[int] = None
     error: Optional[str] = None
+
+    @property
+    def call_peak_bytes(self) -> Optional[int]:
+        """What the call owns at its peak (module docstring)."""
+        if self.peak_bytes is None or self.resident_bytes is None or self.model_bytes is None:
+            return None
+        return self.model_bytes + (self.input_bytes or 0) + self.peak_bytes - self.resident_bytes
+
+    def phase_call_peak_bytes(self, phase: str) -> Optional[int]:
+        """``call_peak_bytes`` of one phase of a train call (``fwd_bwd`` or ``optimizer``)."""
+        v = self.phase_peak_bytes.get(f"{phase}_peak_bytes")
+        if v is None or self.resident_bytes is None or self.model_bytes is None:
+            return None
+        return self.model_bytes + (self.input_bytes or 0) + v - self.resident_bytes
+
+    @property
+    def other_resident_bytes(self) -> Optional[int]:
+        if self.resident_bytes is None or self.model_bytes is None:
+            return None
+        return self.resident_bytes - self.model_bytes - (self.input_bytes or 0)
+
+
+def _model_bytes(pm) -> int:
+    """Device bytes of a ``ParallelModel``'s own buffers: parameters, and its optimizer's."""
+    bufs = {pm.flat.untyped_storage().data_ptr(): pm.flat.untyped_storage().nbytes()}
+    if pm.optimizer is not None:
+        for t in (pm.optimizer.grads, *pm.optimizer.state_tensors().values()):
+            if t.device.type == pm.device.type:  # not the host copies of an offloaded optimizer
+                bufs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(bufs.values())
+
+
+def _tensor_bytes(mbs: Sequence[dict]) -> int:
+    return sum(v.untyped_storage().nbytes() for mb in mbs for v in mb.values() if hasattr(v, "untyped_storage"))
 
 
 class Runner:
@@ -240,9 +303,13 @@ class Runner:
         self.compile_blocks = compile_blocks
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self._pm = None
         self._pm_train: Optional[bool] = None
+        self.model_bytes = 0
+        self.input_bytes = 0  # of the setting being run
 
     # -- models ------------------------------------------------------------------------------------
     def model(self, train: bool, checkpointing: bool = False):
@@ -259,15 +326,20 @@ class Runner:
                                            optimizer=opt, total_steps=1 << 20, init_seed=self.seed,
                                            compile_blocks=self.compile_blocks)
             self._pm_train = train
+            self.model_bytes = _model_bytes(self._pm)
         self._pm.model.gradient_checkpointing = checkpointing
         return self._pm
 
     def _free(self) -> None:
-        import gc
-
-        gc.collect()
+        self._collect()
         if self.cuda:
             self.torch.cuda.empty_cache()
+
+    def _collect(self) -> None:
+        import gc
+
+        self._sync()
+        gc.collect()
 
     def device_memory_bytes(self) -> Optional[int]:
         return self.torch.cuda.get_device_properties(self.device).total_memory if self.cuda else None
@@ -280,7 +352,7 @@ class Runner:
     def _timed(self, fn: Callable[[], dict[str, float]]) -> tuple[float, dict[str, float], Optional[int], Optional[int]]:
         """(wall s, phases, peak bytes, resident bytes before) of one run of ``fn``."""
         resident = peak = None
-        self._sync()
+        self._collect()  # garbage of earlier calls (reference cycles) must not count, nor be freed mid-run
         if self.cuda:
             resident = self.torch.cuda.memory_allocated(self.device)
             self.torch.cuda.reset_peak_memory_stats(self.device)
@@ -303,14 +375,14 @@ class Runner:
         for _ in range(self.repeats):
             wall, ph, peak, resident = self._timed(fn)
             out.times_s.append(wall)
+            if peak is not None and (out.peak_bytes is None or peak - resident > out.peak_bytes - out.resident_bytes):
+                out.peak_bytes, out.resident_bytes = peak, resident  # the run that grew the most
+                out.phase_peak_bytes = {k: int(v) for k, v in ph.items() if k.endswith("_peak_bytes")}
             for k, v in ph.items():
-                if k.endswith("_peak_bytes"):
-                    out.phase_peak_bytes[k] = max(out.phase_peak_bytes.get(k, 0), int(v))
-                else:
+                if not k.endswith("_peak_bytes"):
                     phases.setdefault(k, []).append(v)
-            if peak is not None:
-                out.peak_bytes = max(out.peak_bytes or 0, peak)
-                out.resident_bytes = resident
+        if out.peak_bytes is not None:
+            out.model_bytes, out.input_bytes = self.model_bytes, self.input_bytes
         out.time_s = statistics.median(out.times_s)
         out.phases_s = {k: statistics.median(v) for k, v in phases.items()}
         if s.kind == "generate":  # prefill (and one sampling step): the same call with N = 1
@@ -333,9 +405,14 @@ class Runner:
         prompt = max(1, s.seqlen // 4)
         denom = float(s.n_seqs * (s.seqlen - prompt))
         out = []
+        g = torch.Generator(device=dev).manual_seed(self.seed)
         for a in range(0, s.n_seqs, b):
             tokens, cu = pack_sequences(seqs[a:a + b], device=dev)
             mb = {"tokens": tokens, "cu_seqlens": cu}
+            if s.logits_mask:  # tokens outside a top-k/top-p support: most of the vocabulary, never the next one
+                mask = torch.rand(tokens.shape[0], self.spec.vocab_size, generator=g, device=dev) < 0.9
+                mask[torch.arange(tokens.shape[0], device=dev), tokens.roll(-1)] = False
+                mb["logits_mask"] = mask
             if train:
                 pm = torch.zeros(tokens.shape[0], dtype=torch.bool, device=dev)
                 for start in cu[:-1].tolist():
@@ -346,12 +423,17 @@ class Runner:
         return out
 
     def _runner_of(self, s: Setting) -> Callable[[], dict[str, float]]:
+        self.input_bytes = 0
         if s.kind == "generate":
             from reallm.model.generate import GenerationConfig
 
             pm = self.model(train=False)
             prompts = self._tokens(s.n_seqs, s.seqlen, s.n_seqs * 131 + s.seqlen)
-            cfg = GenerationConfig(max_new_tokens=s.new_tokens, greedy=True)
+            if s.logits_mask:  # PPO's default sampling (what the measured profiles time)
+                cfg = GenerationConfig(max_new_tokens=s.new_tokens, greedy=False, temperature=1.0, top_k=200,
+                                       top_p=0.9, return_logits_mask=True)
+            else:
+                cfg = GenerationConfig(max_new_tokens=s.new_tokens, greedy=True)
 
             def gen() -> dict[str, float]:
                 out = pm.generate(prompts, cfg, eos_token_id=None, pad_token_id=0, num_micro_batches=s.num_micro_batches)
@@ -364,9 +446,10 @@ class Runner:
         if s.kind == "inference":
             pm = self.model(train=False)
             mbs = self._micro_batches(s, train=False)
+            self.input_bytes = _tensor_bytes(mbs)
 
             def inf() -> dict[str, float]:
-                pm.logprobs(mbs)
+                pm.logprobs(mbs, logits_mask_key="logits_mask" if s.logits_mask else None)
                 return {}
 
             return inf
@@ -374,12 +457,14 @@ class Runner:
 
         pm = self.model(train=True, checkpointing=s.checkpointing)
         mbs = self._micro_batches(s, train=True)
+        self.input_bytes = _tensor_bytes(mbs)
+        loss_fn = masked_logprob_loss if s.logits_mask else sft_loss
 
         def train() -> dict[str, float]:
             # ParallelModel.train_step's steps, in its order, with a synchronisation between the phases.
             t0 = time.perf_counter()
             pm.optimizer.zero_grad()
-            local = pm.forward_backward(mbs, sft_loss)
+            local = pm.forward_backward(mbs, loss_fn)
             self._sync()
             t1 = time.perf_counter()
             out = {"fwd_bwd_s": t1 - t0}
@@ -396,6 +481,13 @@ class Runner:
             return out
 
         return train
+
+
+def masked_logprob_loss(out, mb):
+    """A PPO-like actor loss: the next tokens' log-probs under the generation's logits mask, summed."""
+    lp = out.logprobs(mb["tokens"], mb["cu_seqlens"], logits_mask=mb["logits_mask"])
+    loss = -lp.sum() / float(mb["num_answer_tokens_global"])
+    return loss, {"num_tokens": float(lp.numel())}
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -442,7 +534,7 @@ class Row:
 
     @property
     def memory_error(self) -> Optional[float]:
-        return rel_error(self.estimate.memory_bytes, self.measured.peak_bytes)
+        return rel_error(self.estimate.memory_bytes, self.measured.call_peak_bytes)
 
     def to_dict(self) -> dict:
         return {"group": self.group, "kind": self.setting.kind, "label": self.setting.label,
@@ -466,6 +558,10 @@ def summarize(rows: list[Row]) -> dict:
     out["time_error"]["all"] = _abs_stats([r.time_error for r in table])
     out["time_error_all_rows"]["all"] = _abs_stats([r.time_error for r in rows])
     out["memory_error"] = _abs_stats([r.memory_error for r in rows])
+    # Train calls up to the end of backward: without the optimizer step's temporaries (memory.py docstring).
+    out["memory_error_train_fwd_bwd"] = _abs_stats(
+        [rel_error(r.estimate.memory_bytes, r.measured.phase_call_peak_bytes("fwd_bwd"))
+         for r in rows if r.setting.kind == "train"])
     out["kendall_tau"] = {}
     for kind in ("train", "generate"):
         ranked = [r for r in rows if r.group == f"rank_{kind}" and r.measured.time_s is not None]
@@ -509,13 +605,16 @@ def render(head: Sequence[str], body: list[list[str]], markdown: bool) -> str:
 
 
 def main_table(rows: list[Row], markdown: bool) -> str:
-    head = ("call", "settings", "est s", "meas s", "err %", "est GiB", "meas GiB", "err %", "resident GiB", "notes")
+    head = ("call", "settings", "est s", "meas s", "err %", "est GiB", "meas GiB", "err %", "raw peak GiB",
+            "other GiB", "notes")
     body = []
     for r in rows:
         m = r.measured
-        notes = "; ".join(r.notes + ([m.error] if m.error else []))
+        err = " ".join(m.error.split())[:160] if m.error else None
+        notes = "; ".join(r.notes + ([err] if err else []))
         body.append([r.setting.kind, r.setting.label, _s(r.estimate.time_s), _s(m.time_s), _pct(r.time_error),
-                     _gib(r.estimate.memory_bytes), _gib(m.peak_bytes), _pct(r.memory_error), _gib(m.resident_bytes),
+                     _gib(r.estimate.memory_bytes), _gib(m.call_peak_bytes), _pct(r.memory_error),
+                     _gib(m.peak_bytes), _gib(m.other_resident_bytes),
                      notes or ""])
     return render(head, body, markdown)
 
@@ -531,8 +630,9 @@ def phase_table(rows: list[Row], markdown: bool) -> str:
         meas = ", ".join(f"{k} {v:.4f}" for k, v in m.phases_s.items())
         if r.setting.kind == "train":
             est_mem = f"activation {_gib(e.memory_terms['activation_bytes'])}"
-        else:  # the replica's weights are resident before the call
-            est_mem = _gib(e.memory_terms["transient_bytes"] - e.memory_terms["weights_bytes"])
+        else:  # the replica's weights and the input masks are resident before the call
+            est_mem = _gib(e.memory_terms["transient_bytes"] - e.memory_terms["weights_bytes"]
+                           - e.memory_terms["input_mask_bytes"])
         if m.phase_peak_bytes and m.resident_bytes is not None:
             meas_mem = ", ".join(f"{k.removesuffix('_peak_bytes')} {_gib(v - m.resident_bytes)}"
                                  for k, v in m.phase_peak_bytes.items())
@@ -554,7 +654,8 @@ def summary_text(summary: dict) -> str:
     lines += [f"  {k:9s} {st(v)}" for k, v in summary["time_error"].items()]
     lines += ["|time error| on every row (ranking sets included):"]
     lines += [f"  {k:9s} {st(v)}" for k, v in summary["time_error_all_rows"].items()]
-    lines += [f"|memory error| (every measured row): {st(summary['memory_error'])}"]
+    lines += [f"|memory error| (every measured row): {st(summary['memory_error'])}",
+              f"|memory error| of train calls up to the end of backward: {st(summary['memory_error_train_fwd_bwd'])}"]
     for k, v in summary["kendall_tau"].items():
         tau = "-" if v["tau"] is None else f"{v['tau']:.3f}"
         lines.append(f"Kendall tau ({k}, {v['n']} settings): {tau}")
@@ -574,8 +675,25 @@ def default_spec(device: str) -> ModelSpec:
     return preset_spec("llama", 1.1) if device == "cuda" else tiny_spec()
 
 
-def pick_profile(path: Optional[str], cluster) -> Profile:
-    return load_profile(path) if path else default_profile(cluster)
+def pick_profile(path: Optional[str], cluster, measure: bool, spec: ModelSpec, device: str, quick: bool,
+                 log: Callable[[str], None]) -> Profile:
+    if path:
+        return load_profile(path)
+    if measure:
+        try:
+            from executor.profiler import ProfileSettings, default_grids, profile_models
+        except ImportError as e:  # the profiler is optional here: say so, and estimate from the shipped profile
+            log(f"cannot measure a profile ({e}); using the cluster's shipped profile")
+        else:
+            from planner.cost_model.profile import profile_from_dict
+
+            fast = {"point_target_s": 0.002, "min_repeats": 1, "max_repeats": 2} if quick and device == "cpu" else {}
+            settings = ProfileSettings(device=device, grids=default_grids(device, quick), show_progress=False, **fast)
+            t0 = time.perf_counter()
+            d = profile_models([spec], [1], settings, command="bench/bench_cost_model.py --measure-profile")
+            log(f"measured a profile of {shape_key(spec)} in {time.perf_counter() - t0:.1f} s")
+            return profile_from_dict(d, where="measured profile")
+    return default_profile(cluster)
 
 
 @dataclass
@@ -591,9 +709,10 @@ class BenchResult:
 def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bool = False,
               spec: Optional[ModelSpec] = None, repeats: Optional[int] = None, warmup: int = 1,
               num_ranked: int = NUM_RANKED, time_budget_s: Optional[float] = None, compile_blocks: bool = False,
-              log: Callable[[str], None] = lambda s: None) -> BenchResult:
+              measure_profile: Optional[bool] = None, log: Callable[[str], None] = lambda s: None) -> BenchResult:
     """Every setting: estimated, then measured (module docstring). Settings not started within
-    ``time_budget_s`` are reported as not run."""
+    ``time_budget_s`` are reported as not run. ``measure_profile`` None: measure one on CPU when no
+    ``profile_path`` is given."""
     import torch
 
     start = time.perf_counter()
@@ -601,8 +720,10 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device")
     cluster = load_cluster("h100" if device == "cuda" else "cpu")
-    profile = pick_profile(profile_path, cluster)
     spec = spec or default_spec(device)
+    if measure_profile is None:
+        measure_profile = device == "cpu" and profile_path is None
+    profile = pick_profile(profile_path, cluster, measure_profile, spec, device, quick, log)
     dtype_bytes = 2 if device == "cuda" else 4
     grids = Grids.of(profile, spec)
     step = 32 if device == "cuda" else 8
@@ -646,7 +767,8 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
     rows = sorted(planned, key=lambda r: (order[r.group], kinds[r.setting.kind]))
     info = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": "bf16" if device == "cuda" else "fp32", "spec": spec.to_dict(),
-            "profile": {"path": profile.path, "source": profile.source, "device": profile.device,
+            "profile": {"path": profile.path or ("(measured by this run)" if measure_profile else None),
+                        "source": profile.source, "device": profile.device,
                         "dtype": profile.dtype, "fallbacks": list(profile.fallbacks)},
             "grids": asdict(grids), "repeats": runner.repeats, "warmup": runner.warmup,
             "attention": _attention_path(device), "compile_blocks": compile_blocks,
@@ -687,7 +809,9 @@ def report(res: BenchResult, markdown: bool) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    ap.add_argument("--profile", default=None, help="profile JSON (default: the cluster's shipped profile)")
+    ap.add_argument("--profile", default=None, help="profile JSON (default: module docstring)")
+    ap.add_argument("--measure-profile", action="store_true", default=None,
+                    help="measure the model's layer profile on this device first and estimate from it")
     ap.add_argument("--quick", action="store_true", help="fewer table rows, one timed run each")
     ap.add_argument("--markdown", action="store_true", help="markdown tables")
     ap.add_argument("--json-out", default=None, help="write every row and the summary as JSON")
@@ -703,7 +827,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     res = run_bench(device, args.profile, args.quick, repeats=args.repeats, time_budget_s=args.time_budget_s,
-                    compile_blocks=args.compile_blocks, log=lambda s: print(s, file=sys.stderr, flush=True))
+                    compile_blocks=args.compile_blocks, measure_profile=args.measure_profile,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
     print(report(res, args.markdown))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res.to_dict(), indent=1) + "\n")

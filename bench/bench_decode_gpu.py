@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -99,7 +100,9 @@ def main(argv=None) -> int:
         if v == "hf":
             step = run_hf(spec, prompts, args)
         else:
-            if v == "executor":
+            if v.startswith("executor"):
+                # executor-autotune: Inductor's GEMM autotuning for the inference regions
+                os.environ["REALLM_INFERENCE_AUTOTUNE"] = "1" if v == "executor-autotune" else "0"
                 run = executor_runner(spec, prompts, args)
                 run_one = executor_runner(spec, prompts, args, new=1)
             else:
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
                 total = time_generate(run, args.reps)
                 prefill = time_generate(run_one, args.reps)
             step = (total - prefill) / (args.new - 1)
-            if args.profile and v != "executor":
+            if args.profile and not v.startswith("executor"):
                 print(replay_breakdown(model, prompts, args), flush=True)
             if toks is not None:
                 agree = None if ref_tokens is None else float((toks == ref_tokens).float().mean())

@@ -184,12 +184,70 @@ class TimedPPORuntime(PPORuntime):
         super().__init__(*args, **kwargs)
         self._bench_last_s = time.perf_counter()
 
+    def run_call(self, ctx, batch):
+        if (CENSUS and self.rank == 0 and self.device.type == "cuda" and ctx.step == 2
+                and ctx.call.name == "actor_gen"):  # gc + a tensor walk: slows that step; off by default
+            try:
+                print(memory_census(self), flush=True)
+            except Exception as e:  # noqa: BLE001 - a diagnostic must not stop the benchmark
+                print(f"memory census failed: {type(e).__name__}: {e}", flush=True)
+        return super().run_call(ctx, batch)
+
     def end_step(self, step: int, rank: int) -> None:
         if rank == 0:
             now = time.perf_counter()
             self.record(step, {"bench/step_wall_s": now - self._bench_last_s})
             self._bench_last_s = now
         super().end_step(step, rank)
+
+
+def memory_census(rt: PPORuntime) -> str:
+    """What is resident on the device right before a call: the model handles' buffers, then every live CUDA
+    tensor found by the garbage collector grouped by (shape, dtype), before and after ``gc.collect()``."""
+    import gc
+
+    import torch
+
+    lines = [f"memory census before actor_gen of step 3: allocated {torch.cuda.memory_allocated() / GIB:.2f} GiB"]
+    for name, h in rt.models.items():
+        pm = h.pm
+        opt = pm.optimizer
+        states = {} if opt is None or pm.offloaded else {k: v for k, v in opt.state_tensors().items()}
+        st_bytes = sum(v.numel() * v.element_size() for v in states.values() if v.device.type == "cuda")
+        grads = getattr(opt, "grads", None) if opt is not None else None
+        g_bytes = grads.numel() * grads.element_size() if grads is not None and not pm.offloaded else 0
+        lines.append(f"  handle {name}: offloaded={pm.offloaded} flat {pm.flat.numel() * pm.flat.element_size() / GIB:.2f}"
+                     f" GiB ({pm.flat.dtype}), grads {g_bytes / GIB:.2f} GiB, optimizer states {st_bytes / GIB:.2f} GiB "
+                     f"({', '.join(f'{k}:{v.dtype}' for k, v in states.items())})")
+
+    def live() -> dict:
+        seen, groups = set(), {}
+        for o in gc.get_objects():
+            try:
+                if not (torch.is_tensor(o) and o.is_cuda):
+                    continue
+                st = o.untyped_storage()
+                key = st.data_ptr()
+                if key in seen or st.nbytes() == 0:
+                    continue
+                seen.add(key)
+                g = groups.setdefault((tuple(o.shape), str(o.dtype)), [0, 0])
+                g[0] += 1
+                g[1] += st.nbytes()
+            except Exception:  # noqa: BLE001 - odd objects in gc: skip
+                continue
+        return groups
+
+    for when in ("live", "after gc.collect()"):
+        if when != "live":
+            gc.collect()
+        groups = live()
+        total = sum(b for _, b in groups.values())
+        lines.append(f"  {when}: allocated {torch.cuda.memory_allocated() / GIB:.2f} GiB, tensors found "
+                     f"{total / GIB:.2f} GiB; largest:")
+        for (shape, dt), (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:8]:
+            lines.append(f"    {n} x {list(shape)} {dt}: {b / GIB:.3f} GiB")
+    return "\n".join(lines)
 
 
 def _timed_runtime(plan_path, plan, rank, device):
@@ -208,7 +266,19 @@ def ppo_overrides(w: Workload, assets: dict, out: str, allocation_mode: str, on_
         "ppo.greedy=False", "ppo.temperature=1.0", "ppo.top_k=0", "ppo.top_p=1.0", "ppo.force_no_logits_mask=True",
         f"ppo.ppo_n_minibatches={w.n_minibatches}", f"seed={w.seed}", f"output_dir={out}",
         "experiment_name=bench-ppo", f"trial_name={trial}",
-    ]
+    ] + MEMORY_POLICIES[MEMORY_POLICY]
+
+
+#: ``--memory``: resident keeps every model and training state on the GPU between calls (as TRL does; the
+#: fastest when everything fits); lean keeps on the GPU only what the running call needs (issue 8).
+MEMORY_POLICIES = {
+    "resident": ["memory.offload_train_state=false", "memory.offload_frozen_models=false",
+                 "memory.offload_idle_train_states=false"],
+    "lean": ["memory.offload_train_state=true", "memory.offload_frozen_models=true",
+             "memory.offload_idle_train_states=true"],
+}
+MEMORY_POLICY = "resident"
+CENSUS = False
 
 
 def planned(exp_overrides: list[str]):
@@ -363,7 +433,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(ap)
     ap.add_argument("--allocation-mode", default="d1p1m1")
+    ap.add_argument("--memory", choices=sorted(MEMORY_POLICIES), default="resident",
+                    help="memory policy (MEMORY_POLICIES); lean is the issue-8 measurement")
+    ap.add_argument("--census", action="store_true", help="print the live CUDA tensors before step 3's actor_gen")
     args = ap.parse_args(argv)
+    global MEMORY_POLICY, CENSUS
+    MEMORY_POLICY, CENSUS = args.memory, args.census
     w = workload_from_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

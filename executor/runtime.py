@@ -83,6 +83,14 @@ class Runtime:
     def on_results(self, step: int, call: str, by_head: list) -> None:
         """Rank 0: per dp head, (collectable(outputs), stats) of ``call`` at ``step``."""
 
+    def on_call_memory(self, step: int, call: str, figures: dict) -> None:
+        """Rank 0, CUDA runs only: ``call``'s device-memory figures at ``step`` (``mem/peak_gib/{call}``,
+        ``mem/start_gib/{call}``; the worst dp head's). Default: added to the step's metrics when the runtime
+        keeps them (``ExperimentRuntime.record``)."""
+        record = getattr(self, "record", None)
+        if record is not None:
+            record(step, figures)
+
     def end_step(self, step: int, rank: int) -> None:
         pass
 

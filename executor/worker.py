@@ -97,24 +97,35 @@ class Worker:
         elif op.kind == "call":
             ctx = self.context(op.call, step)
             batch = self._with_dataset_keys(op.call, step, ctx, inputs.get(op.call))
+            on_gpu = self.device.type == "cuda"
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                start_bytes = torch.cuda.memory_allocated(self.device)
             t0 = time.perf_counter()
             out, stats = self.rt.run_call(ctx, batch)
+            if on_gpu:
+                torch.cuda.synchronize(self.device)  # the call's time is its device work, not its launches
             stats = dict(stats, time_s=time.perf_counter() - t0, start_s=t0, end_s=time.perf_counter())
+            memory = (start_bytes, torch.cuda.max_memory_allocated(self.device)) if on_gpu else None
             if self.rank in ctx.placement.dp_heads():
                 outputs[op.call] = out
-                results[op.call] = (out, stats)
+                results[op.call] = (out, stats, memory)
                 if TOKEN_KEY in batch.lens:
                     self.seq_tokens[op.call] = dict(zip(batch.ids, batch.lens[TOKEN_KEY]))
             inputs.pop(op.call, None)
         elif op.kind == "collect":
             heads = self.plan.placements[op.call].dp_heads()
             mine = results.get(op.call) if self.rank in heads else None
-            payload = None if mine is None else (self.rt.collectable(op.call, mine[0]), mine[1])
+            payload = None if mine is None else (self.rt.collectable(op.call, mine[0]), mine[1], mine[2])
             gathered = comm.all_gather_objects(payload, self.group(op.ranks))
             if self.rank == 0:
                 by_rank = dict(zip(self.group(op.ranks).ranks, gathered))
-                by_head = [by_rank[h] for h in heads]  # dp order: contiguous id ranges, input order
+                # dp order: contiguous id ranges, input order
+                by_head = [None if by_rank[h] is None else by_rank[h][:2] for h in heads]
                 self.rt.on_results(step, op.call, by_head)
+                memory = [by_rank[h][2] for h in heads if by_rank[h] is not None and by_rank[h][2] is not None]
+                if memory:
+                    self.rt.on_call_memory(step, op.call, memory_figures(op.call, memory))
 
     def _with_dataset_keys(self, call_name: str, step: int, ctx: CallContext, batch: Optional[SeqBatch]) -> SeqBatch:
         call = ctx.call
@@ -128,6 +139,15 @@ class Worker:
                                self.rt.seqs_per_group(call_name))
         loaded = self.rt.load(split[ctx.coord.dp], ds_keys, ctx)
         return loaded if batch is None else batch.update(loaded)
+
+
+def memory_figures(call: str, memory: list[tuple[int, int]]) -> dict[str, float]:
+    """Per-call device memory in GiB from the dp heads' (allocated at the call's start, peak allocated
+    during it): the worst head's. ``torch.cuda.max_memory_allocated`` is reset right before the call, so the
+    peak includes whatever was resident then (weights of record, replicas, optimizer state)."""
+    gib = float(2**30)
+    return {f"mem/peak_gib/{call}": max(p for _, p in memory) / gib,
+            f"mem/start_gib/{call}": max(s for s, _ in memory) / gib}
 
 
 def run_worker(plan: Plan, rank: int, world_size: int, backend: str, init_method: Optional[str],

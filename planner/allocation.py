@@ -28,7 +28,7 @@ SYMMETRIC_RE = re.compile(r"^(?=.*d\d+)(?=.*p\d+)(?=.*m\d+)(?:[dpm]\d+){3}$")
 #: Bytes of resident state per parameter: bf16 weights; training adds fp32 master, bf16 grads,
 #: two fp32 Adam moments (2 + 4 + 2 + 8).
 INFER_BYTES_PER_PARAM = 2
-TRAIN_BYTES_PER_PARAM = 16
+TRAIN_BYTES_PER_PARAM = 18  # bf16 weights, fp32 gradients, fp32 master and two moments
 #: The heuristic leaves this fraction of device memory for activations and the KV cache.
 STATIC_MEMORY_FRACTION = 0.7
 

@@ -1,12 +1,12 @@
-"""``planner`` command line: ``planner search CONFIG.yaml [key=value ...] --out plan.json`` and
-``planner show plan.json``."""
+"""``planner`` command line: ``planner search CONFIG.yaml [key=value ...] --out plan.json``,
+``planner show plan.json`` and ``planner profile --model llama-7b --tp 1,2,4,8 --out profile.json``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from reallm.errors import exit_on_user_error
+from reallm.errors import UserError, exit_on_user_error
 
 
 def _ranges(devices) -> str:
@@ -96,6 +96,82 @@ def cmd_show(args) -> int:
     return 0
 
 
+def preset_by_name(name: str):
+    """``llama-7b``, ``llama2-13b``, ``llama-1.1b``, ``qwen2-0.5b``: a preset's class, a dash, its size in
+    billions and ``b`` (class aliases as in model configs: llama2 → llama)."""
+    import re
+
+    from reallm.spec import _CLASS_ALIASES, PRESETS, preset_spec
+
+    known = ", ".join(f"{c}-{s:g}b" for c, s in PRESETS)
+    m = re.fullmatch(r"([a-z][a-z0-9]*?)-?(\d+(?:\.\d+)?)b", name.strip().lower())
+    if m is None:
+        raise UserError(f"--model {name}: expected a preset name such as llama-7b; known: {known} "
+                        f"(or give --model-path an HF checkpoint directory or config.json)")
+    cls, size = m.group(1), float(m.group(2))
+    for c in (cls, _CLASS_ALIASES.get(cls, cls)):
+        if (c, size) in PRESETS:
+            return preset_spec(c, size, where=f"--model {name}")
+    raise UserError(f"--model {name}: no such preset; known: {known} "
+                    f"(or give --model-path an HF checkpoint directory or config.json)")
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if not vals or any(v < 1 for v in vals):
+        raise UserError(f"{flag} {text}: expected comma-separated positive integers, e.g. 1,2,4,8")
+    return vals
+
+
+def cmd_profile(args) -> int:
+    import os
+    import shlex
+
+    from reallm.layout.params import tp_problems
+    from reallm.spec import load_hf_config, spec_from_hf_config
+
+    specs = [preset_by_name(n) for n in args.model]
+    specs += [spec_from_hf_config(load_hf_config(p), source=p) for p in args.model_path]
+    if not specs:
+        raise UserError("planner profile: name at least one model (--model llama-7b, or --model-path DIR)")
+    tps = tuple(sorted(set(_int_list(args.tp, "--tp"))))
+    problems = [f"{s.source}: tp={tp}: {'; '.join(tp_problems(s, tp))}" for s in specs for tp in tps
+                if tp_problems(s, tp)]
+    if problems:
+        raise UserError("planner profile: tp degree(s) that cannot cut the model:\n" +
+                        "\n".join(f"  - {p}" for p in problems) + "\nchoose --tp values that divide the heads")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out {args.out}: folder {out_dir} does not exist")
+    try:
+        import torch
+    except ImportError:
+        raise UserError("planner profile measures on a device and needs torch installed") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
+    from executor.profiler import Grids, ProfileSettings, default_grids, run_profile
+
+    g = default_grids(device, args.quick)
+    grids = Grids(tokens=_int_list(args.tokens, "--tokens") if args.tokens else g.tokens,
+                  seqlens=_int_list(args.seqlens, "--seqlens") if args.seqlens else g.seqlens,
+                  batches=_int_list(args.batches, "--batches") if args.batches else g.batches,
+                  kv_lens=_int_list(args.kv_lens, "--kv-lens") if args.kv_lens else g.kv_lens)
+    settings = ProfileSettings(device=device, grids=grids, decode_cuda_graph=args.decode == "graph",
+                               compile_blocks=args.compile_blocks, show_progress=not args.no_progress)
+    command = "planner " + shlex.join(args.argv)
+    d = run_profile(specs, tps, settings, args.out, command=command, merge=args.merge)
+    if d is not None:
+        run = d["runs"][-1]
+        print(f"wrote {args.out}: {len(run['models'])} model shape(s) × tp {list(tps)} on {d['device']} in "
+              f"{run['wall_s']:.0f} s; {len(run['skipped'])} skip(s) (a grid point and the rest of its row), "
+              f"{len(run['filled'])} point(s) filled, {len(run['errors'])} failed configuration(s)")
+    return 0
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="planner", description="reallm planner: choose every call's placement")
@@ -113,7 +189,32 @@ def main(argv=None) -> int:
     sh = sub.add_parser("show", help="print a plan as a table")
     sh.add_argument("plan")
     sh.set_defaults(fn=cmd_show)
+    pr = sub.add_parser("profile", help="measure layer times on this device and write a cost profile JSON",
+                        description="Time the executor's layer code (embedding, one block, head, score head: "
+                                    "forward, backward, prefill, decode; optimizer step; host copies) for each "
+                                    "model's per-rank shard shapes at each tp degree, on this device. Under "
+                                    "torchrun (several GPUs) the collectives are measured too.")
+    pr.add_argument("--model", action="append", default=[], metavar="NAME",
+                    help="preset, e.g. llama-7b, llama-13b, llama-70b, llama-1.1b (repeatable)")
+    pr.add_argument("--model-path", action="append", default=[], metavar="PATH",
+                    help="HF checkpoint directory or its config.json (repeatable)")
+    pr.add_argument("--tp", default="1", help="tensor-parallel degrees, comma-separated (default: 1)")
+    pr.add_argument("--out", required=True, help="profile JSON to write, e.g. profiles/h100_measured.json")
+    pr.add_argument("--merge", action="store_true", help="add to the measured profile at --out (same device)")
+    pr.add_argument("--quick", action="store_true", help="a coarse grid (minutes become seconds)")
+    pr.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    pr.add_argument("--decode", choices=("graph", "eager"), default="graph",
+                    help="time decode steps as CUDA-graph replays where generation uses them (default: tp=1 "
+                         "on CUDA), or always eagerly")
+    pr.add_argument("--compile-blocks", action="store_true",
+                    help="blocks as torch.compile'd regions (CUDA, tp=1), for executors that build them so")
+    for flag in ("--tokens", "--seqlens", "--batches", "--kv-lens"):
+        pr.add_argument(flag, default=None, help=f"grid override, comma-separated ({flag[2:]})")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(fn=cmd_profile)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    args.argv = argv
     return args.fn(args)
 
 

@@ -134,8 +134,19 @@ def dataset_keys(g: nx.DiGraph) -> set[str]:
 PPO_GEN_OUT = ("packed_input_ids", "packed_logprobs", "prompt_mask", "seq_no_eos_mask", "packed_logits_mask")
 
 
+def ppo_logits_mask_needed(hp) -> bool:
+    """Whether PPO generation must hand training a logits mask (``[T, V]`` bool): only when sampling
+    removes tokens from the support (top-k, top-p, or the EOS ban of ``min_new_tokens``) and
+    ``force_no_logits_mask`` is off. ``hp``: the PPO hyperparameters (``reallm.config.schema``)."""
+    if getattr(hp, "force_no_logits_mask", False):
+        return False
+    filters = not hp.greedy and (int(hp.top_k) > 0 or float(hp.top_p) < 1.0)
+    return filters or int(hp.min_new_tokens) > 0
+
+
 def ppo_calls(n_seqs: int, max_prompt_len: int, max_new_tokens: int, n_minibatches: int,
-              reward_model: bool = True) -> list[Call]:
+              reward_model: bool = True, logits_mask: bool = True) -> list[Call]:
+    """PPO's six calls; without ``logits_mask`` the mask key is neither produced nor read."""
     seqlen = max_prompt_len + max_new_tokens
     calls = [
         Call("actor_gen", "actor", "generate", ("packed_prompts",), PPO_GEN_OUT, n_seqs, seqlen, max_new_tokens),
@@ -150,6 +161,10 @@ def ppo_calls(n_seqs: int, max_prompt_len: int, max_new_tokens: int, n_minibatch
              ("packed_input_ids", "packed_logprobs", "packed_ref_logprobs", "rewards", "values", "prompt_mask",
               "seq_no_eos_mask"), (), n_seqs, seqlen, n_minibatches=n_minibatches),
     ]
+    if not logits_mask:
+        calls = [Call(c.name, c.role, c.kind, tuple(k for k in c.inputs if k != "packed_logits_mask"),
+                      tuple(k for k in c.outputs if k != "packed_logits_mask"), c.n_seqs, c.max_seqlen,
+                      c.max_new_tokens, c.n_minibatches) for c in calls]
     if not reward_model:
         # A rule-based reward is computed by the executor, not by a model: no call of its own.
         calls = [c for c in calls if c.name != "rew_inf"]
@@ -193,7 +208,7 @@ def calls_for(exp: str, cfg) -> list[Call]:
     if exp == "ppo":
         p = cfg.ppo
         return ppo_calls(d.train_bs_n_seqs, d.max_prompt_len, p.max_new_tokens, p.ppo_n_minibatches,
-                         reward_model=p.reward_fn is None)
+                         reward_model=p.reward_fn is None, logits_mask=ppo_logits_mask_needed(p))
     if exp == "gen":
         return gen_calls(d.train_bs_n_seqs, d.max_prompt_len, cfg.gen.max_new_tokens)
     raise UserError(f"unknown experiment {exp!r}")

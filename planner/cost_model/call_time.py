@@ -7,6 +7,9 @@ one micro-batch on one dp rank (``shapes.py``); h hidden size, V vocabulary, 2 b
 Per micro-batch stage times (``stage_forward_s`` etc.), for the slowest stage (max over stages):
 
   F = Σ_blocks fwd(T) + [embedding fwd] + [head fwd] + tp_comm_fwd
+      (train calls; an inference call runs without autograd, so its blocks and embedding take the
+      profile's no-grad ``prefill`` times — the same work, the KV-cache write aside — and its head the
+      ``forward`` time: log-probs of every row, which the prefill's head does not compute)
   B = Σ_blocks (bwd(T) + fwd(T) if gradient checkpointing) + [embedding, head bwd] + tp_comm_bwd
   tp_comm per block, forward and backward alike (``tp_block_comm_s``): 2 all-reduces of T·h·2 bytes
       over the tp group, or with sp 2 all-gathers + 2 reduce-scatters of the same buffer (the same
@@ -20,16 +23,20 @@ Per micro-batch stage times (``stage_forward_s`` etc.), for the slowest stage (m
 Calls (``t_call``):
 
   train      = M · [ (pp + m − 1)·(F + B + 2·p2p) + dp_grad_allreduce + optimizer ]     M minibatches
-               dp_grad_allreduce = all_reduce(2 bytes · params/(tp·pp) of the largest stage, dp group)
-               (ZeRO-1: reduce-scatter + all-gather, the same ring time); optimizer = params/device
-               · profile.optimizer.time_s_per_param (/dp with ZeRO-1)
+               dp_grad_allreduce = all_reduce(4 bytes · params/(tp·pp) of the largest stage, dp group):
+               ``FlatAdamW`` accumulates and reduces gradients in fp32, one collective per bucket of
+               2^24 elements (+ α per extra bucket); ZeRO-1: reduce-scatter of the fp32 gradients, then
+               all-gather of the updated weights in the compute dtype (d bytes, ``ModelOptions``);
+               optimizer = params/device · profile.optimizer.time_s_per_param (/dp with ZeRO-1)
   inference  = (pp + m − 1)·(F + p2p)
-  generate   = prefill + Σ_{k=0}^{N−1} decode_step(P + k)
-               prefill = (pp + m − 1)·(F_prefill(T = b·P) + p2p), b = sequences per micro-batch
+  generate   = prefill + Σ_{k=0}^{N−2} decode_step(P + k)
+               prefill = (pp + m − 1)·(F_prefill(T = b·P) + p2p), b = sequences per micro-batch; the
+               prefill's head samples token 0, so N new tokens take N − 1 decode steps, step k feeding
+               token k at position P + k (``reallm.parallel.generate``)
                decode_step(K) = max(m, pp)·(D_stage(b, K) + p2p(b·h·2)) — the ring pipeline of
                generation: a token of micro-batch j needs all pp stages, so one decoding round of all
                m micro-batches takes max(m, pp) stage slots
-               Σ decode_step is integrated over K ∈ [P, P+N−1] with the trapezoid rule on 9 points
+               Σ decode_step is integrated over K ∈ [P, P+N−2] with the trapezoid rule on 9 points
                (exact where the table is linear in K, as decode is between grid points).
 
 Not modelled: overlap of the dp all-reduce with backward (counted serial), kernel-level overlap of
@@ -38,7 +45,9 @@ tp collectives with compute, stragglers, and data loading.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from planner.cost_model.collectives import all_gather_time_s, all_reduce_time_s, p2p_time_s, reduce_scatter_time_s
 from planner.cost_model.profile import LinkRate, Profile
@@ -59,6 +68,10 @@ from reallm.placement import Placement
 from reallm.spec import ModelSpec
 
 DECODE_INTEGRATION_POINTS = 9
+#: ``FlatAdamW`` accumulates and reduces gradients in fp32.
+GRAD_BYTES = 4
+#: Elements per dp gradient bucket, one collective each (``reallm.parallel.optim.DEFAULT_BUCKET_NUMEL``).
+DP_BUCKET_NUMEL = 1 << 24
 
 
 @dataclass
@@ -123,8 +136,9 @@ def tp_decode_comm_s(batch: float, num_blocks: int, has_head: bool, spec: ModelS
 
 # -- per-stage times ------------------------------------------------------------------------------
 def stage_forward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, op: str, tokens: float,
-                    seqlen: float, rate: LinkRate) -> float:
-    """Forward (op = forward) or prefill of one micro-batch on one stage, tp collectives included."""
+                    seqlen: float, rate: LinkRate, head_op: Optional[str] = None) -> float:
+    """Forward (op = forward) or prefill of one micro-batch on one stage, tp collectives included; the head
+    takes ``head_op`` (default ``op``)."""
     comm = not profile.includes_tp_comm
     t = st.num_blocks * (profile.layer_time_s(spec, "block", op, p.tp, tokens, seqlen)
                          + (tp_block_comm_s(tokens, spec, p, rate) if comm else 0.0))
@@ -132,7 +146,7 @@ def stage_forward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, 
         t += profile.layer_time_s(spec, "embedding", op, p.tp, tokens, seqlen)
         t += tp_embedding_comm_s(tokens, spec, p, rate) if comm and p.tp > 1 else 0.0
     if st.has_head:
-        t += profile.layer_time_s(spec, head_kind(spec), op, p.tp, tokens, seqlen)
+        t += profile.layer_time_s(spec, head_kind(spec), head_op or op, p.tp, tokens, seqlen)
         t += tp_head_comm_s(tokens, spec, p, rate) if comm else 0.0
     return t
 
@@ -176,9 +190,16 @@ def pipeline_slots(p: Placement) -> int:
     return p.pp + p.num_micro_batches - 1
 
 
-def dp_grad_allreduce_s(spec: ModelSpec, p: Placement, rate: LinkRate) -> float:
-    """Ring all-reduce of the bf16 gradients of the largest stage over the dp group."""
-    return all_reduce_time_s(DTYPE_BYTES * max_params_per_device(spec, p.tp, p.pp), p.dp, rate)
+def dp_grad_allreduce_s(spec: ModelSpec, p: Placement, rate: LinkRate, opts: ModelOptions = ModelOptions()) -> float:
+    """The dp gradient sum of the largest stage (fp32, bucketed), and with ZeRO-1 the weights' all-gather."""
+    if p.dp == 1:
+        return 0.0
+    n = max_params_per_device(spec, p.tp, p.pp)
+    extra_latency_s = (math.ceil(n / DP_BUCKET_NUMEL) - 1) * rate.latency_s
+    if opts.zero_stage >= 1:
+        return (reduce_scatter_time_s(GRAD_BYTES * n, p.dp, rate) + all_gather_time_s(opts.dtype_bytes * n, p.dp, rate)
+                + 2 * extra_latency_s)
+    return all_reduce_time_s(GRAD_BYTES * n, p.dp, rate) + extra_latency_s
 
 
 def optimizer_s(spec: ModelSpec, p: Placement, profile: Profile, opts: ModelOptions) -> float:
@@ -218,15 +239,16 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
         def step_s(kv: float) -> float:
             return ring * (max(stage_decode_s(st, spec, p, profile, b, kv, links.tp) for st in sts) + p2p_dec)
 
-        decode = sum_over_steps_s(step_s, P, N)
+        decode = sum_over_steps_s(step_s, P, N - 1)
         return CallTime(prefill + decode, {"prefill_s": prefill, "decode_s": decode})
     tok, s = b * call.max_seqlen, call.max_seqlen
-    fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp) for st in sts)
     p2p = pipeline_p2p_s(tok, spec, p, links.pp)
     if call.kind == "inference":
+        fwd = max(stage_forward_s(st, spec, p, profile, "prefill", tok, s, links.tp, head_op="forward") for st in sts)
         return CallTime(slots * (fwd + p2p), {"compute_s": slots * fwd, "pp_comm_s": slots * p2p})
+    fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp) for st in sts)
     bwd = max(stage_backward_s(st, spec, p, profile, tok, s, links.tp, opts.gradient_checkpointing) for st in sts)
-    dp_s = dp_grad_allreduce_s(spec, p, links.dp)
+    dp_s = dp_grad_allreduce_s(spec, p, links.dp, opts)
     opt_s = optimizer_s(spec, p, profile, opts)
     M = call.n_minibatches
     compute = M * slots * (fwd + bwd)

@@ -1,22 +1,51 @@
 """Device memory of a call, and the executor's memory policy that decides what is resident when.
 
-Per device of the largest stage (max over stages; P = parameter elements on the device, T tokens per
-micro-batch, L blocks on the stage, V' = ⌈V/tp⌉ vocabulary rows, 2-byte bf16 elements):
+Per device of the largest stage (max over stages). P = parameter elements on the device, T tokens per
+micro-batch, L blocks on the stage, V' = ⌈V/tp⌉ vocabulary rows, d = bytes per element (2: bf16 on GPU;
+4: fp32, the CPU runs), h / q / kv_r / I the hidden, query, per-rank kv and intermediate widths,
+c = min(T, 1024) rows of one log-prob chunk (``reallm.parallel.vocab``). Each term is what the executor
+(``reallm.parallel``) allocates, as ``torch.cuda.max_memory_allocated`` sees it:
 
-  weights_bytes            = 2·P                       (d·P with d = ModelOptions.dtype_bytes: 4 for fp32 CPU runs)
-  train_state_bytes        = 2·P weights + 2·P grads + 12·P fp32 master + Adam moments
-                             (the 12·P term /dp with ZeRO-1; fp32: 4·P + 4·P + 8·P, no master copy)
-  layer_activation_bytes   = 2·T·(4·h/(tp if sp else 1) + (2·q + 2·kv_r + 4·I)/tp)
-                             one block's saved tensors: norm inputs/outputs and the residual (4·h,
-                             sequence-sharded with sp); q, k, v, attention output, gate, up, SiLU, product
-                             (tp-sharded). Flash attention: no s² term.
-  train activations        = in_flight·L·(2·T·h/(tp if sp else 1))   + layer_activation   (checkpointing)
-                           = in_flight·L·layer_activation                                  (without)
-                             in_flight = min(m, pp − stage) (1F1B), + on the last stage the logits
-                             T·V'·10 bytes (bf16 logits, fp32 log-softmax and its gradient)
-  inference activations    = layer_activation + last stage: T·V'·6 bytes of logits (none for critics)
-  generation               = weights + KV cache ⌈n/dp⌉·(P+N)·2·L·kv_r·2 bytes (every micro-batch of the
-                             dp rank stays resident) + prefill working set + decode logits
+  weights_bytes         = d·P                                   the flat parameter buffer
+  train_state_bytes     = d·P weights + 4·P fp32 gradients (``FlatAdamW.grads``: accumulated in fp32)
+                          + 4·P fp32 master (none for fp32 weights without ZeRO: they are their own master)
+                          + 8·P Adam moments; master and moments /dp with ZeRO-1      (bf16: 18·P)
+  optimizer step        no temporaries: on CUDA ``FlatAdamW`` runs torch's fused AdamW in place and casts
+                          the master into the weights while copying. (Measured on an H100, 2026-11-24:
+                          its global-norm ``vector_norm(g, dtype=float64)`` still materialises an fp64
+                          copy of the gradients, 8·P bytes, which a chunked norm removes; not modelled.
+                          The CPU path's unfused update holds 8·P fp32 temporaries; CPU runs are tiny.)
+  layer_activation      = T·( 2·(4 + 2·d)·h/(tp if sp else 1) + d·(4·q + 4·I)/tp )
+                          one block's tensors saved for backward: per RMSNorm an fp32 copy of its input,
+                          the normalised input and its output (the next matmul's input); attention's q,
+                          k and v expanded to every query head (the batched cuDNN path takes no GQA, and
+                          torch 2.11's varlen attention no ``enable_gqa``) and its output (no s² term);
+                          the MLP's gate, SiLU, up and their product
+  layer_backward_bytes  = d·T·2·I/tp: a block's gradient temporaries while its saved tensors still live
+  head_train            = T·V'·2·d (logits saved for the log-probs' backward, and their gradient)
+                          + 12·c·V' (fp32 chunk of the vocab-parallel log-softmax: z, z − max, exp)
+                          + d·V'·h (the LM head's weight gradient, before its hook adds it to the fp32
+                          buffer) + (4 + 2·d)·T·h (the final norm); a critic: the final norm only
+  train activations     = in_flight·L·d·T·h/(tp if sp) + max(layer_activation + layer_backward,
+                          head_train)                                                   (checkpointing)
+                        = in_flight·L·layer_activation + max(layer_backward, head_train) (without)
+                          in_flight = min(m, pp − stage) (1F1B); head_train on the last stage only. The
+                          head's backward runs first, with every block's saved tensors alive; a block's
+                          recomputation and gradients come after the head's memory is freed.
+  inference             = weights + max(block_working, head_working)   (no_grad: one block at a time)
+                          block_working = d·T·(4·I/tp + 3·h)   inside the MLP: the fused gate-up output,
+                          SiLU and product; the block's input, the residual and the norm output
+                          head_working  = d·T·V' + 12·c·V' + d·T·h  (actor: logits + one log-prob chunk;
+                          critic: d·T·h), + with pp > 1 the m micro-batches' T·h boundary activations
+  generation            = weights + KV cache ⌈n/dp⌉·(P+N)·2·L·kv_r·d (every micro-batch of the dp rank
+                          is allocated up front) + max(the prefill's block_working(b·P) + sampling: the
+                          selected rows' logits d·b·V' and 16·b·V bytes of fp32 full-vocabulary temporaries,
+                          the logits mask at the end)
+  logits mask           (PPO's default: a call with ``packed_logits_mask`` among its outputs or inputs) one
+                          byte per token and vocabulary entry: generation keeps ⌈n/dp⌉·N·V of them and at
+                          its end three copies are alive (the per-step list, the per-micro-batch stacks,
+                          their concatenation); an inference or train call holds the ⌈n/dp⌉·s·V input
+                          masks of its micro-batches during the call
 
 The executor's memory policy (DESIGN §4), which the simulator applies per device and call:
 - A train call's state (weights, grads, Adam) lives on its train placement for the whole step, except
@@ -31,6 +60,7 @@ The executor's memory policy (DESIGN §4), which the simulator applies per devic
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from planner.cost_model.analytic_profile import kv_width_per_rank
@@ -49,8 +79,22 @@ from reallm.placement import Placement
 from reallm.spec import ModelSpec
 
 USABLE_MEMORY_FRACTION = 0.92
-GRAD_BYTES_PER_PARAM = 2
-MASTER_AND_ADAM_BYTES_PER_PARAM = 12
+#: ``FlatAdamW`` accumulates gradients in fp32 whatever the weights' dtype.
+GRAD_BYTES_PER_PARAM = 4
+#: fp32 master copy (bf16 weights, or any weights under ZeRO-1).
+MASTER_BYTES_PER_PARAM = 4
+#: fp32 Adam exp_avg and exp_avg_sq.
+ADAM_MOMENT_BYTES_PER_PARAM = 8
+#: Rows of one chunk of the vocab-parallel log-softmax (``reallm.parallel.vocab.DEFAULT_CHUNK_ROWS``).
+LOGPROB_CHUNK_ROWS = 1024
+#: fp32 [chunk, V'] tensors alive together in a log-prob chunk (z, z − max, exp).
+LOGPROB_CHUNK_FP32_COPIES = 3
+#: fp32 full-vocabulary temporaries of one sampling step per sequence (logits, log-softmax, ...), bytes/logit.
+SAMPLING_BYTES_PER_LOGIT = 16
+#: The data key of the sampling-support mask (bool [tokens, V]) that PPO's generation returns by default.
+LOGITS_MASK_KEY = "packed_logits_mask"
+#: Copies of the generated logits mask alive at the end of generation (module docstring).
+GENERATED_MASK_COPIES = 3
 
 
 def usable_memory_bytes(cluster) -> float:
@@ -61,42 +105,103 @@ def weights_bytes(params: int, dtype_bytes: int = DTYPE_BYTES) -> float:
     return dtype_bytes * params
 
 
+def owned_params(params: int, dp: int, opts: ModelOptions) -> float:
+    """Elements whose Adam state this device keeps (all, or 1/dp under ZeRO-1)."""
+    return params / (dp if opts.zero_stage >= 1 and dp > 1 else 1)
+
+
 def train_state_bytes(params: int, dp: int, opts: ModelOptions) -> float:
-    """Weights + grads in the compute dtype, Adam moments in fp32 (+ an fp32 master copy under bf16)."""
+    """Weights in the compute dtype, fp32 gradients, fp32 master (unless the weights are fp32 and not
+    sharded: then they are the master) and Adam moments (module docstring)."""
     d = opts.dtype_bytes
-    optimizer = (MASTER_AND_ADAM_BYTES_PER_PARAM if d < 4 else 8) * params / (dp if opts.zero_stage >= 1 else 1)
-    return weights_bytes(params, d) + d * params + optimizer
+    sharded = opts.zero_stage >= 1 and dp > 1
+    master = MASTER_BYTES_PER_PARAM if (d < 4 or sharded) else 0
+    optimizer = (master + ADAM_MOMENT_BYTES_PER_PARAM) * owned_params(params, dp, opts)
+    return weights_bytes(params, d) + GRAD_BYTES_PER_PARAM * params + optimizer
 
 
 def layer_activation_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
-    h = spec.hidden_size
-    sharded = 2 * spec.q_size + 2 * kv_width_per_rank(spec, tp) * tp + 4 * spec.intermediate_size
-    return dtype_bytes * tokens * (4 * h / (tp if sp else 1) + sharded / tp)
+    """One block's tensors saved for backward (module docstring)."""
+    sharded = 4 * spec.q_size + 4 * spec.intermediate_size
+    return tokens * (2 * norm_saved_bytes_per_token(spec, dtype_bytes) / (tp if sp else 1)
+                     + dtype_bytes * sharded / tp)
+
+
+def norm_saved_bytes_per_token(spec: ModelSpec, dtype_bytes: int = DTYPE_BYTES) -> float:
+    """One RMSNorm in training: fp32 input copy, normalised input, output."""
+    return (4 + 2 * dtype_bytes) * spec.hidden_size
+
+
+def layer_backward_bytes(spec: ModelSpec, tp: int, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
+    return dtype_bytes * tokens * 2 * spec.intermediate_size / tp
+
+
+def block_working_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
+    """Peak of one block's forward without autograd (inference, prefill): inside its MLP."""
+    return dtype_bytes * tokens * (4 * spec.intermediate_size / tp + 3 * spec.hidden_size / (tp if sp else 1))
+
+
+def logprob_chunk_bytes(spec: ModelSpec, tp: int, tokens: float) -> float:
+    """fp32 temporaries of one chunk of the vocab-parallel log-softmax."""
+    rows = min(tokens, LOGPROB_CHUNK_ROWS)
+    return LOGPROB_CHUNK_FP32_COPIES * 4 * rows * vocab_rows(spec, tp)
+
+
+def vocab_rows(spec: ModelSpec, tp: int) -> int:
+    return -(-spec.vocab_size // tp)
 
 
 def logits_bytes(spec: ModelSpec, tp: int, tokens: float, bytes_per_logit: float) -> float:
     if spec.is_critic:
         return 0.0
-    return tokens * -(-spec.vocab_size // tp) * bytes_per_logit
+    return tokens * vocab_rows(spec, tp) * bytes_per_logit
+
+
+def head_train_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
+    """Last stage in training: the final norm; an actor's logits and their gradient, a log-prob chunk and
+    the LM head's weight gradient."""
+    norm = tokens * norm_saved_bytes_per_token(spec, dtype_bytes) / (tp if sp else 1)
+    if spec.is_critic:
+        return norm
+    return (norm + logits_bytes(spec, tp, tokens, 2 * dtype_bytes) + logprob_chunk_bytes(spec, tp, tokens)
+            + dtype_bytes * vocab_rows(spec, tp) * spec.hidden_size)
+
+
+def head_working_bytes(spec: ModelSpec, tp: int, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
+    """Last stage without autograd: the head's output (logits or values) and, for an actor, a log-prob chunk."""
+    hidden = dtype_bytes * tokens * spec.hidden_size
+    if spec.is_critic:
+        return hidden
+    return hidden + logits_bytes(spec, tp, tokens, dtype_bytes) + logprob_chunk_bytes(spec, tp, tokens)
 
 
 def train_activation_bytes(spec: ModelSpec, p: Placement, st: Stage, stage_index: int, tokens: float,
                            checkpointing: bool, dtype_bytes: int = DTYPE_BYTES) -> float:
     in_flight = min(p.num_micro_batches, p.pp - stage_index)
     layer = layer_activation_bytes(spec, p.tp, p.sequence_parallel, tokens, dtype_bytes)
+    backward = layer_backward_bytes(spec, p.tp, tokens, dtype_bytes)
+    head = head_train_bytes(spec, p.tp, p.sequence_parallel, tokens, dtype_bytes) if st.has_head else 0.0
     if checkpointing:
         saved = in_flight * st.num_blocks * dtype_bytes * tokens * spec.hidden_size / (p.tp if p.sequence_parallel else 1)
-        act = saved + layer
-    else:
-        act = in_flight * st.num_blocks * layer
-    if st.has_head:
-        act += logits_bytes(spec, p.tp, tokens, 10)
-    return act
+        return saved + max(layer + backward, head)
+    return in_flight * st.num_blocks * layer + max(backward, head)
 
 
 def kv_cache_bytes(spec: ModelSpec, tp: int, num_blocks: int, num_seqs: float, kv_len: float,
                    dtype_bytes: int = DTYPE_BYTES) -> float:
     return num_seqs * kv_len * 2 * num_blocks * kv_width_per_rank(spec, tp) * dtype_bytes
+
+
+def logits_mask_bytes(call: Call, spec: ModelSpec, dp: int) -> float:
+    """The logits masks a call holds on one device (module docstring); 0 without them."""
+    n_rank = math.ceil(call.n_seqs / dp)
+    if call.kind == "generate":
+        if LOGITS_MASK_KEY not in call.outputs:
+            return 0.0
+        return GENERATED_MASK_COPIES * n_rank * call.max_new_tokens * spec.vocab_size
+    if LOGITS_MASK_KEY not in call.inputs or spec.is_critic:
+        return 0.0
+    return n_rank * call.max_seqlen * spec.vocab_size
 
 
 @dataclass(frozen=True)
@@ -125,22 +230,27 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
     params = max_params_per_device(spec, p.tp, p.pp)
     w = weights_bytes(params, d)
     b = seqs_per_micro_batch(call, p)
+    mask = logits_mask_bytes(call, spec, p.dp)
     if call.kind == "train":
         tok = b * call.max_seqlen
         act = max(train_activation_bytes(spec, p, st, i, tok, opts.gradient_checkpointing, d) for i, st in enumerate(sts))
+        act += mask
         return CallMemory(act, act, train_state_bytes(params, p.dp, opts), w)
     if call.kind == "inference":
         tok = b * call.max_seqlen
-        act = max(layer_activation_bytes(spec, p.tp, p.sequence_parallel, tok, d)
-                  + (logits_bytes(spec, p.tp, tok, 6) if st.has_head else 0.0)
+        act = max(max(block_working_bytes(spec, p.tp, p.sequence_parallel, tok, d),
+                      head_working_bytes(spec, p.tp, tok, d) if st.has_head else 0.0)
                   + (p.num_micro_batches * d * tok * spec.hidden_size if p.pp > 1 else 0.0)
                   for st in sts)
+        act += mask
         return CallMemory(w + act, act, 0.0, w)
     # generate
     P, N = prompt_len(call), call.max_new_tokens
     n_rank = seqs_per_rank(call, p.dp)
     act = max(kv_cache_bytes(spec, p.tp, st.num_blocks, n_rank, P + N, d)
-              + layer_activation_bytes(spec, p.tp, False, b * P, d)
-              + (logits_bytes(spec, 1, b, 4) + logits_bytes(spec, p.tp, b, 4) if st.has_head else 0.0)
+              + max(block_working_bytes(spec, p.tp, False, b * P, d)
+                    + (logits_bytes(spec, p.tp, b, d) + logits_bytes(spec, 1, b, SAMPLING_BYTES_PER_LOGIT)
+                       if st.has_head else 0.0),
+                    mask if st.has_head else 0.0)
               for st in sts)
     return CallMemory(w + act, act, 0.0, w)

@@ -27,7 +27,12 @@ Schema (``"format": "reallm.profile"``, version 1)::
         "nvlink": {"2": {"bandwidth_bytes_per_s": 3.6e11, "latency_s": 1e-5}, "4": ..., "8": ...},
         "ib":     {"2": {...}, ..., "128": {...}},
         "host":   {"1": {...}}                               # pinned host <-> device copies
-      }
+      },                                                     # an entry may say "assumed": true (below)
+      "runs": [                                              # optional: how a measured profile was made
+        {"command": "planner profile --model llama-7b ...", "date_utc": "2025-01-01T00:00:00+00:00",
+         "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cuda": "13.0", "git_commit": "...",
+         "models": ["<shape key>", ...], "tp": [1, 2, 4, 8], "grids": {...}, "skipped": [...], "...": "..."}
+      ]
     }
 
 ``TOK`` is the time of one call of the layer on one tp rank for a micro-batch of ``tokens`` tokens
@@ -41,6 +46,13 @@ the recomputation of gradient checkpointing (the cost model adds a forward) and 
 send/receive. Collective bandwidth is the per-device "bus bandwidth" of a ring (cost formulas in
 ``collectives.py``); a group size missing from the table uses the nearest smaller one's bandwidth and
 scales latency with log2 of the size.
+
+A measured profile (``executor/profiler.py``, ``planner profile``) lists its runs (one per profiler
+invocation; ``--merge`` appends) with the device, date, torch and CUDA versions, git commit, the exact
+command, the grids, and the grid points it skipped (did not fit in memory) and filled by extrapolating
+along the table's last measured segment. Collective entries it could not measure (one process, or a
+group size / link type the run did not have) are copied from the analytic rates and marked
+``"assumed": true``; the planner uses them the same way, reports can tell them apart.
 
 Time is always seconds (``_s``), sizes bytes (``_bytes``). A model shape missing from a profile (or
 a tp degree missing for it) falls back to an analytic entry made from the profile's ``rates`` (or the
@@ -166,6 +178,8 @@ def decode_table(d: Any, where: str, problems: list[str]) -> Optional[Table2D]:
 class LinkRate:
     bandwidth_bytes_per_s: float
     latency_s: float
+    #: Copied from datasheet / analytic rates rather than measured (a measured profile on one process).
+    assumed: bool = False
 
 
 # -- the profile -----------------------------------------------------------------------------------
@@ -186,6 +200,8 @@ class Profile:
     #: Model shapes / tp degrees that were missing and got an analytic entry (for reports).
     fallbacks: list[str] = field(default_factory=list)
     path: Optional[str] = None
+    #: How a measured profile was made: one metadata object per profiler run (module docstring).
+    runs: list[dict] = field(default_factory=list)
 
     # -- lookups ------------------------------------------------------------------------------------
     def _entry(self, spec: ModelSpec, kind: str, tp: int) -> dict[str, Table2D]:
@@ -227,7 +243,7 @@ class Profile:
         base = below[-1] if below else sizes[0]
         r = table[base]
         scale = (1 + math.log2(max(group_size, 2))) / (1 + math.log2(max(base, 2)))
-        return LinkRate(r.bandwidth_bytes_per_s, r.latency_s * scale)
+        return LinkRate(r.bandwidth_bytes_per_s, r.latency_s * scale, r.assumed)
 
     # -- (de)serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -242,12 +258,36 @@ class Profile:
             d["rates"] = self.rates
         d["models"] = models
         d["optimizer"] = {"time_s_per_param": self.optimizer_time_s_per_param}
-        d["collectives"] = {lt: {str(n): {"bandwidth_bytes_per_s": r.bandwidth_bytes_per_s, "latency_s": r.latency_s}
-                                 for n, r in sorted(tab.items())} for lt, tab in self.collectives.items()}
+        d["collectives"] = {lt: {str(n): _link_dict(r) for n, r in sorted(tab.items())}
+                            for lt, tab in self.collectives.items()}
+        if self.runs:
+            d["runs"] = self.runs
         return d
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
+
+
+def _link_dict(r: LinkRate) -> dict:
+    d: dict = {"bandwidth_bytes_per_s": r.bandwidth_bytes_per_s, "latency_s": r.latency_s}
+    if r.assumed:
+        d["assumed"] = True
+    return d
+
+
+#: Fields every entry of ``runs`` must have (strings); others are free-form metadata.
+RUN_REQUIRED = ("command", "date_utc", "device", "torch")
+
+
+def _check_runs(runs: Any, problems: list[str]) -> list[dict]:
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        problems.append("runs must be a list of objects (one per profiler run)")
+        return []
+    for i, r in enumerate(runs):
+        missing = [k for k in RUN_REQUIRED if not isinstance(r.get(k), str)]
+        if missing:
+            problems.append(f"runs[{i}]: missing or non-string field(s) {missing}")
+    return runs
 
 
 def profile_from_dict(d: Any, where: str = "profile") -> Profile:
@@ -261,7 +301,7 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
         raise UserError(f"{where}: version {v} is newer than this reallm understands (≤ {PROFILE_VERSION})")
     problems: list[str] = []
     known = {"format", "version", "source", "device", "dtype", "includes_tp_comm", "notes", "rates", "models",
-             "optimizer", "collectives"}
+             "optimizer", "collectives", "runs"}
     unknown = sorted(set(d) - known)
     if unknown:
         problems.append(f"unknown top-level field(s) {unknown}")
@@ -351,13 +391,22 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
             if not isinstance(bw, (int, float)) or bw <= 0 or not isinstance(lat, (int, float)) or lat < 0:
                 problems.append(f"{wl}: needs bandwidth_bytes_per_s > 0 and latency_s ≥ 0")
                 continue
-            colls.setdefault(lt, {})[int(n_s)] = LinkRate(float(bw), float(lat))
+            assumed = r.get("assumed", False)
+            if not isinstance(assumed, bool):
+                problems.append(f"{wl}: assumed must be true or false, got {assumed!r}")
+                continue
+            extra = sorted(set(r) - {"bandwidth_bytes_per_s", "latency_s", "assumed"})
+            if extra:
+                problems.append(f"{wl}: unknown field(s) {extra}")
+                continue
+            colls.setdefault(lt, {})[int(n_s)] = LinkRate(float(bw), float(lat), assumed)
+    runs = _check_runs(d["runs"], problems) if "runs" in d else []
     if problems:
         raise UserError(f"{where} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return Profile(source=d["source"], device=d["device"], dtype=d["dtype"],
                    includes_tp_comm=bool(d.get("includes_tp_comm", False)), layers=layers,
                    optimizer_time_s_per_param=float(opt_t), collectives=colls, notes=d.get("notes", ""),
-                   rates=d.get("rates"), shapes=shapes)
+                   rates=d.get("rates"), shapes=shapes, runs=runs)
 
 
 def load_profile(path: str) -> Profile:
@@ -379,8 +428,11 @@ def load_profile(path: str) -> Profile:
 
 
 def default_profile(cluster) -> Profile:
-    """The shipped profile for a cluster: ``profiles/<cluster.name>_measured.json`` if present, else
-    ``<name>_analytic.json``, else an analytic profile made now from the cluster's datasheet rates."""
+    """The shipped profile for a cluster: ``profiles/<cluster.name>_measured.json`` if present (made by
+    ``planner profile`` on that device), else ``<name>_analytic.json``, else an analytic profile made now
+    from the cluster's datasheet rates. A file measured on another device is passed over, with a warning."""
+    import warnings
+
     from planner.cost_model.analytic_profile import AnalyticRates, empty_analytic_profile
 
     for suffix in ("measured", "analytic"):
@@ -389,5 +441,7 @@ def default_profile(cluster) -> Profile:
             prof = load_profile(str(p))
             if prof.device == cluster.gpu_name or cluster.device_kind == "cpu" and prof.device == "cpu":
                 return prof
+            warnings.warn(f"{p} was made on {prof.device!r}, not this cluster's {cluster.gpu_name!r}; not used",
+                          stacklevel=2)
     return empty_analytic_profile(AnalyticRates.from_cluster(cluster), cluster.gpu_name,
                                   "fp32" if cluster.device_kind == "cpu" else "bf16")

@@ -34,6 +34,9 @@ class ModelOptions:
     zero_stage: int = 0
     #: Bytes per weight / activation element: 2 (bf16 on GPU) or 4 (fp32, the CPU runs).
     dtype_bytes: int = DTYPE_BYTES
+    #: ``memory.offload_train_state``: during a generation / inference call on the training placement
+    #: itself, gradients and Adam states wait in host memory (only the weights stay).
+    offload_train_state: bool = True
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ placements (the heuristic and symmetric plans) are always added so the search ca
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from planner.cost_model.call_time import t_call
-from planner.cost_model.memory import CallMemory, call_memory, usable_memory_bytes
+from planner.cost_model.memory import CallMemory, call_memory, train_state_bytes, usable_memory_bytes
 from planner.cost_model.profile import Profile
 from planner.cost_model.realloc import (
     host_load_time_s,
@@ -37,7 +38,7 @@ from planner.cost_model.realloc import (
     realloc_time_s,
     same_layout,
 )
-from planner.cost_model.shapes import ModelOptions, seqs_per_rank
+from planner.cost_model.shapes import ModelOptions, max_params_per_device, seqs_per_rank
 from planner.cost_model.transfer import edge_bytes
 from planner.simulate import CostTables, mask_of
 from reallm.dataflow import Call, build_graph, topological_order
@@ -68,8 +69,10 @@ def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOpt
         from reallm.config.resolve import model_config_of
 
         m = model_config_of(exp.kind, exp.config, role)
+        memory = getattr(exp.config, "memory", None)
         return ModelOptions(gradient_checkpointing=bool(m.gradient_checkpointing),
-                            zero_stage=int(getattr(m.optimizer, "zero_stage", 0)), dtype_bytes=dtype_bytes)
+                            zero_stage=int(getattr(m.optimizer, "zero_stage", 0)), dtype_bytes=dtype_bytes,
+                            offload_train_state=bool(getattr(memory, "offload_train_state", True)))
     except (AttributeError, KeyError, TypeError):
         return ModelOptions(dtype_bytes=dtype_bytes)
 
@@ -131,6 +134,12 @@ def cost_candidate(call: Call, p: Placement, spec: ModelSpec, profile: Profile, 
                    frozen: bool) -> Candidate:
     ct = t_call(call, p, spec, profile, cluster, opts)
     mem = call_memory(call, p, spec, opts)
+    if not frozen and call.kind != "train" and opts.offload_train_state:
+        # On the training placement itself the call runs on the weights of record while gradients and Adam
+        # wait in host memory. The simulators add the whole train state on an identical placement, so the
+        # call's "shared" bytes are stated net of the offloaded part: transient (weights included) − state.
+        state = train_state_bytes(max_params_per_device(spec, p.tp, p.pp), p.dp, opts)
+        mem = dataclasses.replace(mem, shared_transient_bytes=mem.transient_bytes - state)
     load = host_load_time_s(mem.weights_bytes, profile, cluster) if frozen else 0.0
     return Candidate(p, ct.time_s, mem, load, tuple(sorted(ct.terms.items())))
 

@@ -222,7 +222,8 @@ class ModelHandle:
                                    optimizer=optimizer, total_steps=total_steps, zero1=opt_cfg.zero_stage == 1,
                                    offload_optimizer=opt_cfg.offload,
                                    gradient_checkpointing=model_cfg.gradient_checkpointing and optimizer is not None,
-                                   critic_init_seed=seed, load_weights=load_weights)
+                                   critic_init_seed=seed, load_weights=load_weights,
+                                   compile_blocks=getattr(model_cfg, "compile", False))
 
     @property
     def is_last_stage(self) -> bool:
@@ -256,15 +257,14 @@ class ModelHandle:
         """This rank's part of everything training continues from: the flat parameter buffer and the optimizer
         (fp32 masters when separate, Adam moments, update count = LR schedule position). Host copies."""
         pm = self.pm
-        was_offloaded = pm.offloaded
-        if was_offloaded:
-            pm.reload()
+        params_away, state_away = pm.params_offloaded, pm.offloaded and not pm.params_offloaded
+        pm.reload()
         try:
             return {"num_elements": pm.shards.num_elements, "flat": pm.flat_parameters().detach().cpu().clone(),
                     "optimizer": pm.optimizer.state_dict() if pm.optimizer is not None else None}
         finally:
-            if was_offloaded:
-                pm.offload()
+            if params_away or state_away:
+                pm.offload(state_only=state_away)
 
     @torch.no_grad()
     def load_training_state(self, state: dict) -> None:

@@ -20,6 +20,7 @@ right after, unless the placements are the same (then no copy at all).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import time
@@ -35,6 +36,7 @@ from executor.runtime import CallContext
 from reallm.algorithms import functional as F
 from reallm.algorithms.base import ExperimentRuntime, ModelHandle
 from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_prompts
+from reallm.dataflow import ppo_logits_mask_needed
 from reallm.datasets import read_records
 from reallm.errors import UserError
 from reallm.plan import Plan
@@ -112,8 +114,15 @@ class PPORuntime(ExperimentRuntime):
                                        total_steps=self.num_steps() * self.hp.ppo_n_minibatches)
             self.models[name] = self.track(role, handle) if trainable else handle
         handle = self.models[name]
+        train = ctx.call.kind == "train"
         if handle.pm.offloaded:
-            handle.pm.reload()
+            handle.pm.reload(params_only=not train)
+        if not train and handle.pm.optimizer is not None and self.cfg.memory.offload_train_state:
+            handle.pm.offload(state_only=True)  # a call on the training weights: grads and Adam wait in host memory
+        if self.cfg.memory.offload_idle_train_states:
+            for other in self.models.values():
+                if other is not handle and other.pm.optimizer is not None and not other.pm.params_offloaded:
+                    other.pm.offload()  # another model's training state, idle during this call
         return handle
 
     def realloc(self, src: Optional[CallContext], dst: Optional[CallContext], group, op) -> None:
@@ -158,6 +167,9 @@ class PPORuntime(ExperimentRuntime):
         if (handle is not None and handle.pm.optimizer is None and self.cfg.memory.offload_frozen_models
                 and self.shares_devices(role)):
             handle.pm.offload()  # a frozen model waits in host memory until its next call
+        elif (handle is not None and ctx.call.kind == "train" and self.cfg.memory.offload_idle_train_states
+              and self.shares_devices(role)):
+            handle.pm.offload()  # the trained model waits in host memory until its next call (weights reload then)
         if ctx.call.name in self.realloc_s:
             stats = dict(stats, realloc_s=self.realloc_s.pop(ctx.call.name))
         return out, stats
@@ -167,7 +179,7 @@ class PPORuntime(ExperimentRuntime):
         from reallm.model.generate import GenerationConfig, special_token_ids
 
         keys = ["packed_input_ids", "prompt_mask", "packed_logprobs", "seq_no_eos_mask"]
-        with_mask = not self.hp.force_no_logits_mask
+        with_mask = ppo_logits_mask_needed(self.hp)
         if with_mask:
             keys.append("packed_logits_mask")
         if self.reward_fn is not None:
@@ -177,7 +189,7 @@ class PPORuntime(ExperimentRuntime):
         model = self._model(ctx)
         eos, pad = special_token_ids(self.tok)
         prompts = [batch.seq("packed_prompts", i).tolist() for i in range(len(batch))]
-        gcfg = GenerationConfig.from_config(self.hp)
+        gcfg = dataclasses.replace(GenerationConfig.from_config(self.hp), return_logits_mask=with_mask)
         out = model.pm.generate(prompts, gcfg, eos_token_id=eos, pad_token_id=pad, seed=self.cfg.seed,
                                 step=ctx.step, seq_ids=batch.ids)
         if out is None:  # not the last pipeline stage

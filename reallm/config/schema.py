@@ -77,6 +77,9 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     bf16: bool = True
     """bf16 weights and activations with fp32 master weights on GPU; ignored on CPU (fp32)."""
+    compile: bool = True
+    """On GPU without tensor parallelism, run the transformer blocks as torch.compile'd regions (fused
+    norms, rotary, SwiGLU and residuals; the first call of a new shape pays the compilation)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     offload: bool = False
     """Keep this (frozen) model's weights in host memory between its calls."""
@@ -182,8 +185,12 @@ class PPOHyperparameters:
 @dataclass
 class MemoryConfig:
     offload_train_state: bool = True
-    """While a model's generation / inference replica runs on devices that also hold its training state
-    (weights, gradients, Adam states), keep that state in host memory (pinned on GPU)."""
+    """While a model's generation / inference call runs on devices that also hold its training state, keep
+    that state in host memory (pinned on GPU): weights, gradients and Adam states when the call has a
+    replica of its own; gradients and Adam states when it runs on the training weights (same layout)."""
+    offload_idle_train_states: bool = False
+    """Also keep the training state of every *other* model (e.g. the critic's during actor_gen) in host
+    memory while a call runs on its devices: the least device memory, at the price of host transfers."""
     offload_frozen_models: bool = True
     """Keep frozen models (ref, reward) that share devices with other models in host memory between calls."""
 

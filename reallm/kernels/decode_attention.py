@@ -41,7 +41,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attn_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, scale, window, max_len,
-                            sq_b, sq_h, sn_b, sn_h, sc_b, sc_h, sc_s, so_b, so_h,
+                            sq_b, sq_h, sn_b, sn_h, sv_b, sv_h, sc_b, sc_h, sc_s, so_b, so_h,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                             HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
@@ -53,7 +53,7 @@ if triton is not None:
         heads = g * GROUP + rows
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
         kn = tl.load(kn_ptr + b * sn_b + g * sn_h + dims)
-        vn = tl.load(vn_ptr + b * sn_b + g * sn_h + dims)
+        vn = tl.load(vn_ptr + b * sv_b + g * sv_h + dims)
         cache_off = b * sc_b + g * sc_h
         tl.store(kc_ptr + cache_off + pos * sc_s + dims, kn)
         tl.store(vc_ptr + cache_off + pos * sc_s + dims, vn)
@@ -107,8 +107,6 @@ def decode_attention_append(q_BhD: torch.Tensor, k_new_BkD: torch.Tensor, v_new_
         raise ValueError(f"unsupported shape: {H} query heads, {Hkv} kv heads, head_dim {D}")
     q = q_BhD.contiguous()
     kn, vn = k_new_BkD.contiguous(), v_new_BkD.contiguous()
-    if kn.stride() != vn.stride():
-        raise ValueError("k_new and v_new must have the same layout")
     if k_cache_BkSD.stride() != v_cache_BkSD.stride() or k_cache_BkSD.stride(3) != 1:
         raise ValueError("the k and v caches must share one contiguous-last-dim layout")
     group = H // Hkv
@@ -116,7 +114,7 @@ def decode_attention_append(q_BhD: torch.Tensor, k_new_BkD: torch.Tensor, v_new_
     extra = {"BLOCK_N": 64} if _INTERPRETED else {}
     _tuned_kernel[(B, Hkv)](
         q, kn, vn, k_cache_BkSD, v_cache_BkSD, pos_B, o, float(scale), int(window or 0), k_cache_BkSD.shape[2],
-        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
+        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         k_cache_BkSD.stride(0), k_cache_BkSD.stride(1), k_cache_BkSD.stride(2), o.stride(0), o.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
         HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **extra)

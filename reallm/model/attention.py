@@ -164,11 +164,8 @@ def batched_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Ten
     q = q_TnD.view(B, S, *q_TnD.shape[1:]).transpose(1, 2)
     k = k_TkD.view(B, S, *k_TkD.shape[1:]).transpose(1, 2)
     v = v_TkD.view(B, S, *v_TkD.shape[1:]).transpose(1, 2)
-    if q.shape[1] != k.shape[1]:  # cuDNN takes no GQA: give every query head its kv head
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return o.transpose(1, 2).reshape(q_TnD.shape)
 
 

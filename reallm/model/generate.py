@@ -250,9 +250,10 @@ class DecodeRunner:
         self.calls += 1
         if not self.use_graph:
             return self.model.decode(tokens_B, positions_B, self.cache)
+        stream = _capture_stream(tokens_B.device)
         if self.calls == 1:
-            # Warm-up on a side stream (lazy library init must not happen during capture); a real step.
-            stream = torch.cuda.Stream()
+            # Warm-up on the capture stream (lazy library init, e.g. a cuBLAS workspace for that stream, must
+            # not happen during capture); a real step.
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 out = self.model.decode(tokens_B, positions_B, self.cache)
@@ -262,7 +263,7 @@ class DecodeRunner:
             self.static_tokens = tokens_B.clone()
             self.static_positions = positions_B.clone()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=stream):
                 self.static_out = self.model.decode(self.static_tokens, self.static_positions, self.cache)
         self.static_tokens.copy_(tokens_B)
         self.static_positions.copy_(positions_B)
@@ -279,6 +280,18 @@ def should_poll(t: int, eos: Sequence[int]) -> bool:
     """Whether step ``t`` checks for the end of the batch: never without an EOS token, else every
     ``POLL_EVERY`` steps (finished sequences only emit padding meanwhile)."""
     return bool(eos) and t % POLL_EVERY == POLL_EVERY - 1
+
+
+_CAPTURE_STREAMS: dict = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every decode warm-up and capture (a new stream per graph would cost
+    each its own library workspaces)."""
+    key = torch.device(device).index
+    if key not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _CAPTURE_STREAMS[key]
 
 
 def _eos_list(eos_token_id: Union[int, Sequence[int], None]) -> list[int]:

@@ -24,6 +24,7 @@ without the embedding, ``lm_head.weight`` is a separate copy whose HF name is
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -275,11 +276,14 @@ _COMPILED: dict = {}
 
 def _compiled(fn):
     """``torch.compile(fn)``, made once per function and shared by every layer (parameters are graph
-    inputs, so identical layers reuse one graph; token counts become dynamic after the first change)."""
-    c = _COMPILED.get(fn)
+    inputs, so identical layers reuse one graph; token counts become dynamic after the first change).
+    Without gradients, ``REALLM_INFERENCE_AUTOTUNE=1`` compiles with Inductor's GEMM autotuning
+    (slower to build; picks its own kernels for the small-batch products of decoding)."""
+    autotune = not torch.is_grad_enabled() and os.environ.get("REALLM_INFERENCE_AUTOTUNE", "") == "1"
+    c = _COMPILED.get((fn, autotune))
     if c is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        c = _COMPILED[fn] = torch.compile(fn)
+        c = _COMPILED[(fn, autotune)] = torch.compile(fn, mode="max-autotune-no-cudagraphs" if autotune else None)
     return c
 
 

@@ -289,7 +289,12 @@ def _run_ring(pm, mbs, cfg, eos, eos_t, pad_token_id, P, s, G, N, dev, h) -> Non
 
     prog.forward = fwd
     ops = ring_ops(s, P, G, has_slot=lambda t, g: mbs[g].alive, was_done_pass=lambda t, g: (t, g) in done_pass_at)
-    run_schedule(ops, prog)
+    try:
+        run_schedule(ops, prog)
+    finally:
+        prog.forward = None  # break prog -> fwd -> prog: the caches and graphs go with the call, not at the next gc
+        for m in mbs:
+            m.cache = m.decode = None
 
 
 def _sample(m: _MicroBatch, logits_BV: torch.Tensor, cfg: GenerationConfig, i: int, eos, eos_t, pad_token_id: int,

@@ -77,7 +77,8 @@ class ParallelModel:
         self.tp_state, self.dtype, self.device = tp_state, dtype, device
         self.optimizer: Optional[FlatAdamW] = None
         self._hooks: list = []
-        self._offloaded: Optional[dict[str, torch.Tensor]] = None
+        #: part ("params" / "state") -> name -> (device tensor, host copy), while offloaded.
+        self._offloaded: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -242,7 +243,10 @@ class ParallelModel:
                 outputs[k] = y.contiguous()
 
         prog.forward = fwd
-        run_schedule(forward_schedule(self.placement.pp, len(preps))[self.groups.stage], prog)
+        try:
+            run_schedule(forward_schedule(self.placement.pp, len(preps))[self.groups.stage], prog)
+        finally:
+            prog.forward = prog.backward = None  # break the prog <-> closure cycle: activations go now, not at gc
         return [results[k] for k in range(len(preps))] if self.is_last_stage else None
 
     def logprobs(self, micro_batches: Sequence[Mapping[str, torch.Tensor]], *, temperature: float = 1.0,
@@ -304,7 +308,10 @@ class ParallelModel:
                 grads_out[k] = x.grad if x.grad is not None else torch.zeros_like(x)
 
         prog.forward, prog.backward = fwd, bwd
-        run_schedule(one_f_one_b_schedule(self.placement.pp, len(preps))[self.groups.stage], prog)
+        try:
+            run_schedule(one_f_one_b_schedule(self.placement.pp, len(preps))[self.groups.stage], prog)
+        finally:
+            prog.forward = prog.backward = None  # break the prog <-> closure cycle: activations go now, not at gc
         return dict(totals)
 
     @torch.no_grad()
@@ -453,39 +460,46 @@ class ParallelModel:
             save_hf_checkpoint(out_dir, self.spec, full, arch=self.arch, source_path=self.path, dtype=dtype)
         comm.barrier(self.groups.mesh)
 
-    def offload(self) -> None:
-        """Move parameters, gradients and optimizer states to host memory (pinned on GPU) and free the device
-        copies; the parameters keep their identity (their storage is resized), so hooks and views survive."""
-        if self._offloaded is not None:
-            return
-        keep = {"params": self.flat}
+    def _offload_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        parts: dict[str, dict[str, torch.Tensor]] = {"params": {"params": self.flat}, "state": {}}
         if self.optimizer is not None:
-            keep["grads"] = self.optimizer.grads
+            parts["state"]["grads"] = self.optimizer.grads
             # States already on the host (offload_optimizer) stay; a master aliasing the parameters is not listed.
-            keep.update({k: v for k, v in self.optimizer.state_tensors().items() if v.device == self.device})
-        self._offloaded = {}
-        for k, t in keep.items():
-            self._offloaded[k] = host_copy(t)
-            t.untyped_storage().resize_(0)
-        self._offload_refs = keep
+            parts["state"].update({k: v for k, v in self.optimizer.state_tensors().items()
+                                   if v.device == self.device and v is not self.flat})
+        return parts
 
-    def reload(self) -> None:
-        """Bring back what ``offload`` moved."""
-        if self._offloaded is None:
-            return
-        for k, t in self._offload_refs.items():
-            t.untyped_storage().resize_(t.numel() * t.element_size())
-            t.copy_(self._offloaded[k], non_blocking=True)
+    def offload(self, state_only: bool = False) -> None:
+        """Move parameters, gradients and optimizer states (only the latter two with ``state_only``: a
+        generation or inference call on the weights of record) to host memory, pinned on GPU, and free the
+        device copies; tensors keep their identity (their storage is resized), so hooks and views survive."""
+        for part, tensors in self._offload_parts().items():
+            if part in self._offloaded or (state_only and part == "params"):
+                continue
+            self._offloaded[part] = {k: (t, host_copy(t)) for k, t in tensors.items()}
+            for t in tensors.values():
+                t.untyped_storage().resize_(0)
+
+    def reload(self, params_only: bool = False) -> None:
+        """Bring back what ``offload`` moved (only the parameters with ``params_only``)."""
+        for part in [p for p in ("params", "state") if p in self._offloaded and not (params_only and p == "state")]:
+            for t, host in self._offloaded.pop(part).values():
+                t.untyped_storage().resize_(t.numel() * t.element_size())
+                t.copy_(host, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
-        self._offloaded, self._offload_refs = None, {}
 
     @property
     def offloaded(self) -> bool:
-        return self._offloaded is not None
+        """Whether anything (parameters or training state) waits in host memory."""
+        return bool(self._offloaded)
+
+    @property
+    def params_offloaded(self) -> bool:
+        return "params" in self._offloaded
 
     def _check_loaded(self) -> None:
-        if self._offloaded is not None:
+        if self.params_offloaded:
             raise RuntimeError("parameters are offloaded to host memory: call reload() first")
 
 

@@ -172,12 +172,12 @@ class FlatAdamW:
         g = self.owned_grads()
         sq = torch.zeros((), dtype=torch.float64, device=g.device)
         for a, b in self.primary_runs:
-            if g.is_cuda:  # one pass, no temporary: fp64 accumulation inside the reduction
-                sq += torch.linalg.vector_norm(g[a:b], dtype=torch.float64).square()
-                continue
             for c in range(a, b, _NORM_CHUNK):  # bounded temporaries; fp64 accumulation (vector_norm is not exact)
                 x = g[c:min(c + _NORM_CHUNK, b)]
-                sq += torch.sum(x * x, dtype=torch.float64)
+                if x.is_cuda:  # one kernel per chunk (the fp64 cast of one chunk is the only temporary)
+                    sq += torch.linalg.vector_norm(x, dtype=torch.float64).square()
+                else:
+                    sq += torch.sum(x * x, dtype=torch.float64)
         norm = float(norm_sq_reduce(sq.reshape(1)).sqrt())
         stats = {"lr": lr, "grad_norm": norm, "skipped": 0.0}
         if not math.isfinite(norm):

@@ -1,0 +1,987 @@
+"""Measured cost profiles: the executor's own layer code timed on this device (``planner profile``).
+
+For each model shape and tp degree t, one tp rank's part of a one-block model is built exactly as the
+executor builds it (``ParallelModel.build``: per-rank shard shapes, vocabulary padding, kv heads split or
+replicated, the tp hooks, the vocab-parallel embedding and log-probs, parameters as views of one flat
+buffer, ``FlatAdamW`` and its fp32 gradient hooks) with a tp group of t members of which only rank 0
+exists (``SoloTp``): every per-rank kernel of the tp code runs, the collectives move nothing. Their time
+is the cost model's (``includes_tp_comm: false``), from the link rates.
+
+What is timed (one call on one tp rank; ``T`` tokens packed in sequences of ``s``, ``b`` sequences
+with ``K`` cached tokens)::
+
+  embedding  forward   embed_tokens(ids)                 grad enabled (the first stage of a train call)
+             backward  its backward: the dense weight gradient and the hook adding it to the fp32 buffer
+             prefill   the same lookup without grad
+  block      forward   DecoderLayer(x, ctx)              ctx: what Transformer.forward hands its blocks
+             backward  backward of that output (input and weight gradients, fp32 accumulation hooks)
+             prefill   DecoderLayer(x, ctx) without grad, writing the KV cache (ctx of a prefill call)
+             decode    one step of b sequences at position K (ctx of Transformer.decode), replayed from a
+                       captured CUDA graph where generation replays one (``decode_graphed``: CUDA, tp = 1)
+  head       forward   final norm + lm_head + LogitsShard.logprobs (the vocab-parallel log-softmax every
+                       actor call computes)           backward: of those log-probs
+             prefill   norm on all T rows, lm_head on each sequence's last row, gather, and the sampling of
+                       token 0 (``reallm.parallel.generate._sample``, the settings in ``sampling``)
+             decode    norm + lm_head (graph-replayed as the block) + gather + sampling, per step
+  score_head forward / backward / prefill / decode: final norm + the critic's score
+  optimizer  ParallelModel.optimizer_step (global norm, clipping, AdamW, write-back) / parameters
+  host       pinned device -> host copy (``host_copy``, as ``offload``) and host -> device (``reload``)
+
+Timing (``Timer``): CUDA events on CUDA, ``perf_counter`` on CPU; a warm-up call, one call to size the
+groups, then the median of 3-10 groups of back-to-back calls, each group ≥ 1.5 ms and the whole point
+≈ 30 ms. On CUDA the groups follow each other without synchronisation (an event pair around each): the
+steady state of a stream of layers, where a launch-bound call costs its host time and a device-bound one
+its device time. Each row is then made non-decreasing in tokens / K (and decode tables in batch) by
+isotonic regression (``monotone``): a larger size never looks cheaper because of noise; the points it
+moved are listed in the run's ``adjusted``.
+
+Grids: tables are ``seqlen × tokens`` (token ops) and ``batch × kv_len`` (decode); ops that do not
+depend on the sequence length (embedding, head forward/backward, score head) get one seqlen row, head
+and score-head decode one kv_len column. Points that do not fit (out of memory, or a KV cache over
+``decode_cache_bytes_max``) are skipped with the rest of their row (larger sizes), listed in the run's
+``skipped``, and filled (``fill_table``): along the row's last measured segment (time is linear in
+tokens and in K there), else along the batch axis; the filled points are listed in ``filled``.
+
+Collectives: with ``torch.distributed`` initialised and world > 1 (``torchrun ... -m planner.cli profile``),
+``measure_collectives`` times all-reduce, all-gather, reduce-scatter (and point-to-point for 2 ranks) on
+groups of the first n ranks, n = 2, 4, ... ≤ world; bus bandwidth β = factor · ΔS / Δt between a small and
+a large message, latency α = the small message's time (``collectives.py`` formulas: factor 2(n−1)/n for
+all-reduce, (n−1)/n for the others). The link entry holds the all-reduce's α, β; every entry not measured
+is the analytic one, marked ``"assumed": true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from executor import comm
+from executor.comm import Group
+from planner.cost_model.analytic_profile import AnalyticRates, collective_rates
+from planner.cost_model.profile import PROFILE_FORMAT, PROFILE_VERSION, profile_from_dict, shape_key, shape_of
+from reallm.errors import UserError
+from reallm.model.generate import GenerationConfig
+from reallm.placement import Placement
+from reallm.spec import ModelSpec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GiB = 1 << 30
+
+
+# -- settings --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grids:
+    """Grid axes of the tables (module docstring)."""
+
+    tokens: tuple[int, ...]
+    seqlens: tuple[int, ...]
+    batches: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+
+    def __post_init__(self):
+        for name in ("tokens", "seqlens", "batches", "kv_lens"):
+            axis = tuple(int(v) for v in getattr(self, name))
+            if not axis or any(v < 1 for v in axis) or any(a >= b for a, b in zip(axis, axis[1:])):
+                raise UserError(f"profile grid {name}: must be a non-empty, strictly increasing list of positive "
+                                f"integers, got {list(axis)}")
+            object.__setattr__(self, name, axis)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in dataclasses.asdict(self).items()}
+
+
+#: H100: every 1.1B/7B/13B/70B-shaped layer at tp 1, 2, 4, 8 in a few minutes. Tokens double around the
+#: knee between launch-bound and compute-bound; beyond the last point tables extrapolate linearly.
+CUDA_GRIDS = Grids(tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768), seqlens=(128, 1024, 8192),
+                   batches=(1, 4, 16, 64, 256, 1024), kv_lens=(128, 512, 2048, 8192, 32768))
+CUDA_QUICK_GRIDS = Grids(tokens=(64, 1024, 8192), seqlens=(256, 2048), batches=(1, 16, 128), kv_lens=(256, 4096))
+CPU_GRIDS = Grids(tokens=(16, 64, 256, 1024), seqlens=(64, 256), batches=(1, 4, 16), kv_lens=(16, 128, 512))
+CPU_QUICK_GRIDS = Grids(tokens=(16, 128), seqlens=(32,), batches=(1, 4), kv_lens=(16, 64))
+
+
+def default_grids(device: str, quick: bool) -> Grids:
+    if device == "cuda":
+        return CUDA_QUICK_GRIDS if quick else CUDA_GRIDS
+    return CPU_QUICK_GRIDS if quick else CPU_GRIDS
+
+
+#: Sampling as a PPO actor's generation does it by default (``PPOHyperparameters``): top-k 200, top-p 0.9,
+#: the logits mask recorded. Its cost is part of the head's prefill and decode times.
+PPO_SAMPLING = GenerationConfig(max_new_tokens=2, min_new_tokens=0, greedy=False, temperature=1.0, top_k=200,
+                                top_p=0.9, return_logits_mask=True)
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    device: str = "cpu"
+    grids: Grids = CPU_GRIDS
+    #: Time decode steps as replays of a captured CUDA graph where generation replays one (``decode_graphed``).
+    decode_cuda_graph: bool = True
+    #: Blocks as torch.compile'd regions (``ParallelModel.build(compile_blocks=True)``: CUDA, tp = 1), for
+    #: runs that build their models so.
+    compile_blocks: bool = False
+    sampling: GenerationConfig = PPO_SAMPLING
+    #: Skip decode points whose one-layer KV cache is larger (they are filled by extrapolation).
+    decode_cache_bytes_max: int = 8 * GiB
+    #: Wall time to spend per grid point (repeats are sized from it) and per group of calls.
+    point_target_s: float = 0.03
+    group_min_s: float = 1.5e-3
+    min_repeats: int = 3
+    max_repeats: int = 10
+    show_progress: bool = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device == "cuda" else torch.float32
+
+    @property
+    def dtype_name(self) -> str:
+        return "bf16" if self.device == "cuda" else "fp32"
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+class Timer:
+    """Median time of a call (module docstring); CUDA events on CUDA, perf_counter on CPU."""
+
+    def __init__(self, settings: ProfileSettings):
+        self.s = settings
+        self.cuda = settings.device == "cuda"
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _single_s(self, fn: Callable[[], Any]) -> float:
+        """One call from an idle device: sizes the groups."""
+        self._sync()
+        t0 = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - t0
+
+    def time_s(self, fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = None) -> float:
+        """Seconds per call of ``fn``; ``setup`` (untimed) runs before every timed call, which are then single.
+
+        On CUDA the groups are issued back to back with an event pair around each and one synchronisation at
+        the end: the steady state of a stream of layers, where a launch-bound call costs its host time and a
+        device-bound one its device time (a synchronisation per group would add its wake-up to every group)."""
+        if setup is not None:
+            setup()
+        fn()  # warm-up: lazy initialisation, kernel selection, JIT
+        if setup is not None:
+            setup()
+        first = max(self._single_s(fn), 1e-7)
+        inner = 1 if setup is not None else max(1, min(256, math.ceil(self.s.group_min_s / first)))
+        reps = max(self.s.min_repeats, min(self.s.max_repeats, round(self.s.point_target_s / (inner * first))))
+        if not self.cuda:
+            samples = []
+            for _ in range(reps):
+                if setup is not None:
+                    setup()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples.append((time.perf_counter() - t0) / inner)
+            return statistics.median(samples)
+        if setup is None:
+            for _ in range(inner):  # lead-in: the queue reaches its steady state before the first event
+                fn()
+        events = []
+        for _ in range(reps):
+            if setup is not None:
+                setup()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            events.append((start, end))
+        self._sync()
+        return statistics.median(a.elapsed_time(b) / 1e3 / inner for a, b in events)
+
+
+def graphed(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """``fn`` captured in a CUDA graph: (replay, its static output). Warmed up on a side stream first, as
+    ``reallm.model.generate._DecodeRunner`` does (lazy library init and Triton JIT must not be captured)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+# -- one tp rank alone -----------------------------------------------------------------------------------
+def solo_tp_group(tp: int):
+    """A tp axis of ``tp`` members where only rank 0 exists: collectives return the local data (all-gather
+    concatenates copies, so shapes are right). Built lazily: ``reallm.parallel`` imports torch."""
+    from reallm.parallel.groups import AxisGroup
+
+    @dataclass(frozen=True)
+    class SoloTp(AxisGroup):
+        def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+            return t
+
+        def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+            return t
+
+        def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+            return t if self.size == 1 else torch.cat([t] * self.size, dim=dim)
+
+        def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+            return t if self.size == 1 else t.chunk(self.size, dim=0)[self.index].contiguous()
+
+    ranks = tuple(range(tp))
+    return SoloTp(Group(ranks, None), ranks, 0)
+
+
+def rank0_model(spec: ModelSpec, tp: int, settings: ProfileSettings, *, is_critic: bool = False):
+    """tp rank 0's ``ParallelModel`` of a one-block ``spec`` (embedding, block, head), trainable, random
+    weights drawn on the device (the layout's per-shard draws would cost minutes for a 70B layer)."""
+    from reallm.model.optim import OptimizerSettings
+    from reallm.parallel.groups import AxisGroup, ParallelGroups
+    from reallm.parallel.model import ParallelModel
+
+    placement = Placement(devices=tuple(range(tp)), tp=tp)
+    one = AxisGroup(Group((0,), None), (0,), 0)
+    groups = ParallelGroups(placement=placement, rank=0, coord=placement.coord(0), tp=solo_tp_group(tp), pp=one,
+                            dp=one, replica=Group((0,), None), mesh=Group((0,), None))
+    extra = {"compile_blocks": True} if settings.compile_blocks else {}
+    if settings.compile_blocks:
+        # Backward is timed repeatedly over one graph (retain_graph=True), which compiled backward graphs with
+        # donated buffers refuse; donation only saves memory, not time.
+        from torch._functorch import config as functorch_config
+
+        functorch_config.donated_buffer = False
+    pm = ParallelModel.build(None, groups, is_critic=is_critic, dtype=settings.dtype, device=settings.device,
+                             optimizer=OptimizerSettings(), total_steps=1000,
+                             spec=dataclasses.replace(spec, num_layers=1), **extra)
+    with torch.no_grad():
+        pm.flat.normal_(0.0, 0.02)
+    return pm
+
+
+def decode_graphed(model, settings: ProfileSettings) -> bool:
+    """Does generation replay this stage's decode steps from a CUDA graph? The executor's rule
+    (``reallm.parallel.generate``): on CUDA, without tp hooks (their NCCL collectives are not captured)."""
+    from reallm.parallel.generate import _has_tp_hooks
+
+    return settings.decode_cuda_graph and settings.device == "cuda" and not _has_tp_hooks(model)
+
+
+class _Captured(Exception):
+    pass
+
+
+def blocks_input(model, run: Callable[[], Any]):
+    """(hidden states, per-call context) that ``run()`` (a ``model.forward`` or ``model.decode`` call) hands to
+    the blocks: a block timed with them runs exactly the code of that whole-model call. The call stops there."""
+    seen = []
+
+    def stop(h, ctx):
+        seen.append((h, ctx))
+        raise _Captured
+
+    model._blocks = stop  # an instance attribute shadows the method for this one call
+    try:
+        run()
+    except _Captured:
+        pass
+    finally:
+        del model._blocks
+    return seen[0]
+
+
+def packed_batch(tokens: int, seqlen: int, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` random ids packed in sequences of ``seqlen`` (one shorter remainder; one sequence if fewer)."""
+    n, rest = divmod(tokens, seqlen)
+    lengths = [seqlen] * n + ([rest] if rest else [])
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    ids = torch.randint(0, vocab_size, (tokens,), dtype=torch.int64)
+    return ids.to(device), cu.to(device)
+
+
+class _SamplerState:
+    """What ``reallm.parallel.generate._sample`` reads and appends to for one micro-batch of ``batch``."""
+
+    def __init__(self, batch: int, device):
+        self.u_BN = torch.rand(batch, 2, dtype=torch.float64, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out_tok: list = []
+        self.out_lp: list = []
+        self.out_mask: list = []
+
+
+def sample_like_generation(pm, logits_shard_BW: torch.Tensor, state: _SamplerState, cfg: GenerationConfig) -> None:
+    """The last stage's per-step work after the head: gather the logits over tp and draw, exactly as
+    ``reallm.parallel.generate`` does (its ``_sample``: sampling, bookkeeping, the is-finished host sync)."""
+    from reallm.parallel.generate import _sample
+    from reallm.parallel.vocab import gather_last_logits
+
+    state.out_tok, state.out_lp, state.out_mask = [], [], []
+    eos_t = torch.tensor([2], dtype=torch.int64, device=logits_shard_BW.device)
+    _sample(state, gather_last_logits(logits_shard_BW, pm.groups.tp), cfg, 1, [2], eos_t, 0, 2, pm.spec.vocab_size)
+
+
+# -- tables ----------------------------------------------------------------------------------------------
+class SkipPoint(Exception):
+    """A grid point that cannot be measured here (the reason is recorded)."""
+
+
+def fill_table(xs: Sequence[float], ys: Sequence[float], values: list[list[Optional[float]]]
+               ) -> tuple[Optional[list[list[float]]], list[tuple[float, float]]]:
+    """Complete a table whose missing points (None) lie at the end of their rows: along the row's last two
+    measured points, else from the two previous rows at that column, else proportionally from the nearest
+    measured point. Never below the row's previous value. Returns (table or None if hopeless, filled points)."""
+    out = [list(r) for r in values]
+    filled = []
+    for i in range(len(xs)):
+        known = [j for j in range(len(ys)) if values[i][j] is not None]
+        for j in range(len(ys)):
+            if out[i][j] is not None:
+                continue
+            left = [k for k in known if k < j]
+            if len(left) >= 2:
+                a, b = left[-2:]
+                v = out[i][b] + (out[i][b] - out[i][a]) * (ys[j] - ys[b]) / (ys[b] - ys[a])
+            elif i >= 2 and out[i - 1][j] is not None and out[i - 2][j] is not None:
+                v = out[i - 1][j] + (out[i - 1][j] - out[i - 2][j]) * (xs[i] - xs[i - 1]) / (xs[i - 1] - xs[i - 2])
+            elif left:
+                v = out[i][left[-1]] * ys[j] / ys[left[-1]]
+            elif i >= 1 and out[i - 1][j] is not None:
+                v = out[i - 1][j] * xs[i] / xs[i - 1]
+            else:
+                return None, filled
+            if j > 0 and out[i][j - 1] is not None:
+                v = max(v, out[i][j - 1])
+            out[i][j] = max(v, 0.0)
+            filled.append((xs[i], ys[j]))
+    return out, filled
+
+
+def isotonic(values: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest in least squares (pool adjacent violators): noise that makes a
+    larger size look cheaper is averaged with its neighbours, a flat launch-bound floor stays unbiased."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s_, n_ = blocks.pop()
+            blocks[-1][0] += s_
+            blocks[-1][1] += n_
+    return [s_ / n_ for s_, n_ in blocks for _ in range(n_)]
+
+
+def monotone(values: list[list[Optional[float]]], along_x: bool) -> list[list[Optional[float]]]:
+    """Each row's measured points made non-decreasing (``isotonic``) in y (tokens, kv_len), and for decode
+    tables (``along_x``) each column in x (batch) too, then the rows again. Time never falls when the work
+    grows; seqlen is left alone (a prefill head selects fewer rows from longer sequences)."""
+    out = [list(r) for r in values]
+
+    def rows():
+        for r in out:
+            n = sum(v is not None for v in r)  # measured points lead each row
+            r[:n] = isotonic(r[:n])
+
+    rows()
+    if along_x:
+        for j in range(len(out[0])):
+            col = [out[i][j] for i in range(len(out))]
+            n = sum(v is not None for v in col)
+            if col[:n] == [v for v in col if v is not None]:
+                for i, v in enumerate(isotonic(col[:n])):
+                    out[i][j] = v
+        rows()
+    return out
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.5g}")
+
+
+@dataclass
+class RunLog:
+    """What one profiler run records besides the tables."""
+
+    skipped: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    #: Measured points that ``monotone`` moved by more than 0.1 %: raw -> stored.
+    adjusted: list[str] = field(default_factory=list)
+    optimizer_points: list[dict] = field(default_factory=list)
+    host: dict = field(default_factory=dict)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the GPU machine may lack it; progress is a convenience
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, unit="pt", dynamic_ncols=True, desc="profile", file=sys.stderr)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def points_per_config(g: Grids) -> int:
+    """Grid points measured for one (shape, tp): progress bar total."""
+    nt, ns, nb, nk = len(g.tokens), len(g.seqlens), len(g.batches), len(g.kv_lens)
+    return (3 * nt) + (3 * ns * nt + nb * nk) + (2 * nt + ns * nt + nb) + (3 * nt + nb) + 1
+
+
+# -- the measurements of one (shape, tp) -----------------------------------------------------------------
+class LayerBench:
+    """Times every layer kind and op of one tp rank's one-block model (module docstring)."""
+
+    def __init__(self, spec: ModelSpec, tp: int, settings: ProfileSettings, timer: Timer, log: RunLog,
+                 progress: _Progress):
+        self.spec, self.tp, self.s, self.timer, self.log, self.progress = spec, tp, settings, timer, log, progress
+        self.key = shape_key(spec)
+        self.dev = torch.device(settings.device)
+        self.graph = False  # decided per model, as the executor decides (``decode_graphed``)
+
+    # -- table driver ------------------------------------------------------------------------------------
+    def table(self, kind: str, op: str, x_name: str, xs: Sequence[int], y_name: str, ys: Sequence[int],
+              point: Callable[[int, int], float]) -> Optional[dict]:
+        """Measure ``point(x, y)`` over the grid; after a point that does not fit, the rest of its row is skipped."""
+        where = f"{self.key} {kind} tp={self.tp} {op}"
+        values: list[list[Optional[float]]] = [[None] * len(ys) for _ in xs]
+        for i, x in enumerate(xs):
+            for j, y in enumerate(ys):
+                reason = None
+                try:
+                    values[i][j] = point(x, y)
+                except SkipPoint as e:
+                    reason = str(e)
+                except torch.OutOfMemoryError:
+                    reason = "out of memory"
+                if reason is not None:
+                    gc.collect()
+                    if self.s.device == "cuda":
+                        torch.cuda.empty_cache()
+                    self.log.skipped.append(f"{where} {x_name}={x} {y_name}>={y}: {reason}")
+                    self.progress.step(len(ys) - j)
+                    break
+                self.progress.step()
+        smooth = monotone(values, along_x=op == "decode")
+        self.log.adjusted += [f"{where} {x_name}={x} {y_name}={y}: {v:.4g} -> {w:.4g} s"
+                              for x, rv, rw in zip(xs, values, smooth) for y, v, w in zip(ys, rv, rw)
+                              if v is not None and abs(w - v) > 1e-3 * v]
+        full, filled = fill_table(xs, ys, smooth)
+        if full is None:
+            self.log.skipped.append(f"{where}: too few points fit to fill the table; analytic fallback")
+            return None
+        self.log.filled += [f"{where} {x_name}={x:g} {y_name}={y:g}" for x, y in filled]
+        return {x_name: list(xs), y_name: list(ys), "time_s": [[_sig(v) for v in row] for row in full]}
+
+    def _time(self, fn, setup=None, grad: bool = True) -> float:
+        with torch.set_grad_enabled(grad):
+            return self.timer.time_s(fn, setup)
+
+    def _hidden(self, rows: int, grad: bool) -> torch.Tensor:
+        x = torch.randn(rows, self.spec.hidden_size, dtype=self.s.dtype, device=self.dev)
+        return x.requires_grad_(grad)
+
+    def _decode_fn(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], Any], Callable[[], torch.Tensor]]:
+        """(what to call per step, how to get its output): a graph replay where generation replays one, else
+        ``fn`` itself."""
+        if not self.graph:
+            box = {}
+
+            def call():
+                box["out"] = fn()
+
+            return call, lambda: box["out"]
+        with torch.no_grad():
+            replay, out = graphed(fn)
+        return replay, lambda: out
+
+    def _check_cache(self, pm, batch: int, max_len: int) -> None:
+        layer = next(iter(pm.model.model.layers.values()))
+        kv_width = layer.self_attn.k_proj.weight.shape[0]
+        cache_bytes = 2 * batch * max_len * kv_width * torch.finfo(self.s.dtype).bits // 8
+        if cache_bytes > self.s.decode_cache_bytes_max:
+            raise SkipPoint(f"one layer's KV cache {cache_bytes / GiB:.1f} GiB > "
+                            f"{self.s.decode_cache_bytes_max / GiB:g} GiB (decode_cache_bytes_max)")
+
+    # -- actor: embedding, block, head, optimizer ----------------------------------------------------------
+    def actor(self) -> dict:
+        g = self.s.grids
+        pm = rank0_model(self.spec, self.tp, self.s)
+        model = pm.model
+        self.graph = decode_graphed(model, self.s)
+        emb = model.model.embed_tokens
+        layer = next(iter(model.model.layers.values()))
+        V, mid_s = self.spec.vocab_size, g.seqlens[len(g.seqlens) // 2]
+        one_row = (mid_s,)
+        out: dict = {"embedding": {}, "block": {}, "head": {}}
+
+        def emb_fwd(s, T):
+            ids, _ = packed_batch(T, s, V, self.dev)
+            return self._time(lambda: emb(ids))
+
+        def emb_bwd(s, T):
+            ids, _ = packed_batch(T, s, V, self.dev)
+            y = emb(ids)
+            gy = torch.randn_like(y)
+            return self._time(lambda: torch.autograd.backward(y, gy, retain_graph=True))
+
+        def emb_prefill(s, T):
+            ids, _ = packed_batch(T, s, V, self.dev)
+            return self._time(lambda: emb(ids), grad=False)
+
+        for op, fn in (("forward", emb_fwd), ("backward", emb_bwd), ("prefill", emb_prefill)):
+            out["embedding"][op] = self.table("embedding", op, "seqlen", one_row, "tokens", g.tokens, fn)
+
+        def blk_ctx(s, T, grad):
+            ids, cu = packed_batch(T, s, V, self.dev)
+            with torch.set_grad_enabled(grad):
+                return blocks_input(model, lambda: model(ids, cu))[1]
+
+        def blk_fwd(s, T):
+            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
+            return self._time(lambda: layer(x, ctx))
+
+        def blk_bwd(s, T):
+            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
+            y = layer(x, ctx)
+            gy = torch.randn_like(y)
+            return self._time(lambda: torch.autograd.backward(y, gy, retain_graph=True))
+
+        def blk_prefill(s, T):
+            ids, cu = packed_batch(T, s, V, self.dev)
+            cache = model.new_kv_cache(cu.numel() - 1, min(s, T))
+            with torch.no_grad():
+                ctx = blocks_input(model, lambda: model(ids, cu, kv_cache=cache))[1]
+            x = self._hidden(T, False)
+            return self._time(lambda: layer(x, ctx), grad=False)
+
+        def blk_decode(b, K):
+            self._check_cache(pm, b, K + 1)
+            cache = model.new_kv_cache(b, K + 1)
+            ids = torch.randint(0, V, (b,), device=self.dev)
+            pos = torch.full((b,), K, dtype=torch.int64, device=self.dev)
+            with torch.no_grad():
+                ctx = blocks_input(model, lambda: model.decode(ids, pos, cache))[1]
+            x = self._hidden(b, False)
+            step, _ = self._decode_fn(lambda: layer(x, ctx))
+            return self._time(step, grad=False)
+
+        for op, fn in (("forward", blk_fwd), ("backward", blk_bwd), ("prefill", blk_prefill)):
+            out["block"][op] = self.table("block", op, "seqlen", g.seqlens, "tokens", g.tokens, fn)
+        out["block"]["decode"] = self.table("block", "decode", "batch", g.batches, "kv_len", g.kv_lens, blk_decode)
+
+        from reallm.parallel.vocab import LogitsShard
+
+        def logprobs(x, ids, cu):
+            shard = LogitsShard(model._head(x, None), pm.tp_state.vocab_start, V, pm.groups.tp)
+            return shard.logprobs(ids, cu)
+
+        def head_fwd(s, T):
+            ids, cu = packed_batch(T, s, V, self.dev)
+            x = self._hidden(T, True)
+            return self._time(lambda: logprobs(x, ids, cu))
+
+        def head_bwd(s, T):
+            ids, cu = packed_batch(T, s, V, self.dev)
+            x = self._hidden(T, True)
+            lp = logprobs(x, ids, cu)
+            glp = torch.randn_like(lp)
+            return self._time(lambda: torch.autograd.backward(lp, glp, retain_graph=True))
+
+        def head_prefill(s, T):
+            _, cu = packed_batch(T, s, V, self.dev)
+            last = (cu[1:] - 1).long()
+            x, state = self._hidden(T, False), _SamplerState(last.numel(), self.dev)
+            return self._time(lambda: sample_like_generation(pm, model._head(x, last), state, self.s.sampling),
+                              grad=False)
+
+        def head_decode(b, _K):
+            x, state = self._hidden(b, False), _SamplerState(b, self.dev)
+            step, logits = self._decode_fn(lambda: model._head(x, None))
+
+            def call():
+                step()
+                sample_like_generation(pm, logits(), state, self.s.sampling)
+
+            return self._time(call, grad=False)
+
+        out["head"]["forward"] = self.table("head", "forward", "seqlen", one_row, "tokens", g.tokens, head_fwd)
+        out["head"]["backward"] = self.table("head", "backward", "seqlen", one_row, "tokens", g.tokens, head_bwd)
+        out["head"]["prefill"] = self.table("head", "prefill", "seqlen", g.seqlens, "tokens", g.tokens, head_prefill)
+        out["head"]["decode"] = self.table("head", "decode", "batch", g.batches, "kv_len", g.kv_lens[:1], head_decode)
+
+        self.optimizer(pm)
+        return out
+
+    def optimizer(self, pm) -> None:
+        opt = pm.optimizer
+
+        def setup():
+            opt.grads.normal_()  # a large norm: the clipping pass runs, as it usually does in PPO
+
+        t = self.timer.time_s(pm.optimizer_step, setup)
+        self.log.optimizer_points.append({"model": self.key, "tp": self.tp, "params": pm.num_elements,
+                                          "time_s": _sig(t)})
+        self.progress.step()
+
+    # -- critic: the score head ----------------------------------------------------------------------------
+    def critic(self) -> dict:
+        g = self.s.grids
+        pm = rank0_model(self.spec, self.tp, self.s, is_critic=True)
+        model = pm.model
+        self.graph = decode_graphed(model, self.s)
+        one_row = (g.seqlens[len(g.seqlens) // 2],)
+        out: dict = {}
+
+        def fwd(s, T):
+            x = self._hidden(T, True)
+            return self._time(lambda: model._head(x, None))
+
+        def bwd(s, T):
+            x = self._hidden(T, True)
+            y = model._head(x, None)
+            gy = torch.randn_like(y)
+            return self._time(lambda: torch.autograd.backward(y, gy, retain_graph=True))
+
+        def prefill(s, T):
+            x = self._hidden(T, False)
+            return self._time(lambda: model._head(x, None), grad=False)
+
+        def decode(b, _K):
+            x = self._hidden(b, False)
+            step, _ = self._decode_fn(lambda: model._head(x, None))
+            return self._time(step, grad=False)
+
+        for op, fn in (("forward", fwd), ("backward", bwd), ("prefill", prefill)):
+            out[op] = self.table("score_head", op, "seqlen", one_row, "tokens", g.tokens, fn)
+        out["decode"] = self.table("score_head", "decode", "batch", g.batches, "kv_len", g.kv_lens[:1], decode)
+        return out
+
+    def run(self) -> dict:
+        """``{kind: {op: table dict or None}}``."""
+        layers = self.actor()
+        self._free()
+        layers["score_head"] = self.critic()
+        self._free()
+        return layers
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.s.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -- host copies and collectives -------------------------------------------------------------------------
+def measure_host_copy(timer: Timer, big_bytes: int = 256 << 20, small_bytes: int = 4096) -> dict:
+    """Pinned copies as offload/reload make them: device → host (``host_copy``) and host → device."""
+    from reallm.parallel.optim import host_copy
+
+    res = {}
+    for name, n in (("small", small_bytes), ("big", big_bytes)):
+        d = torch.empty(n, dtype=torch.uint8, device="cuda")
+        h = host_copy(d)
+        res[f"d2h_{name}_s"] = timer.time_s(lambda d=d: host_copy(d))
+        res[f"h2d_{name}_s"] = timer.time_s(lambda d=d, h=h: d.copy_(h, non_blocking=True))
+    dt = (res["d2h_big_s"] + res["h2d_big_s"] - res["d2h_small_s"] - res["h2d_small_s"]) / 2
+    res["bandwidth_bytes_per_s"] = _sig((big_bytes - small_bytes) / max(dt, 1e-9))
+    res["latency_s"] = _sig((res["d2h_small_s"] + res["h2d_small_s"]) / 2)
+    return {k: _sig(v) for k, v in res.items()}
+
+
+def _local_world(world: int, device: str) -> int:
+    if os.environ.get("LOCAL_WORLD_SIZE"):  # torchrun's launch contract, as executor.worker reads RANK
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    return torch.cuda.device_count() if device == "cuda" else world
+
+
+def measure_collectives(device: str, small_bytes: int = 4096, big_bytes: int = 64 << 20, repeats: int = 5
+                        ) -> Optional[dict]:
+    """On every rank of an initialised world > 1 (collective over the world): per group size n (the first n
+    ranks) and op, the small and large message times and the α, β they give (module docstring). Returns
+    ``{"nvlink" | "ib": {n: {op: {...}}}}`` on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    local = _local_world(world, device)
+    sizes = [2 ** k for k in range(1, int(math.log2(world)) + 1)]
+    groups = {n: comm.new_group(range(n)) for n in sizes}  # every rank, one order
+    result: dict = {}
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def one(op: str, buf: torch.Tensor, g: Group) -> None:
+        if op == "all_reduce":
+            comm.all_reduce(buf, g)
+        elif op == "all_gather":  # each member contributes 1/n: the gathered buffer is buf's size
+            comm.all_gather_cat(buf[: buf.numel() // g.size], g)
+        elif op == "reduce_scatter":
+            comm.reduce_scatter_dim0(buf, g)
+        else:
+            comm.exchange([(buf, 1)], []) if rank == 0 else comm.exchange([], [(buf, 0)])
+
+    def timed(op: str, buf: torch.Tensor, g: Group) -> float:
+        samples = []
+        for i in range(repeats + 2):
+            comm.barrier(g)
+            sync()
+            t0 = time.perf_counter()
+            one(op, buf, g)
+            sync()
+            if i >= 2:  # two warm-ups: connection setup, buffer registration
+                samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    for n in sizes:
+        g = groups[n]
+        if rank >= n:
+            continue
+        link = "nvlink" if n <= local else "ib"
+        per_op = {}
+        for op, factor in (("all_reduce", 2 * (n - 1) / n), ("all_gather", (n - 1) / n),
+                           ("reduce_scatter", (n - 1) / n), ("p2p", 1.0)):
+            if op == "p2p" and n != 2:
+                continue
+            t = {}
+            for name, nbytes in (("small", small_bytes), ("big", big_bytes)):
+                numel = max(n, nbytes // 2 // n * n)
+                buf = torch.ones(numel, dtype=torch.bfloat16, device=dev)
+                t[name] = (timed(op, buf, g), numel * 2)
+            (ts, bs), (tb, bb) = t["small"], t["big"]
+            per_op[op] = {"small_bytes": bs, "small_s": _sig(ts), "big_bytes": bb, "big_s": _sig(tb),
+                          "latency_s": _sig(ts),
+                          "bandwidth_bytes_per_s": _sig(factor * (bb - bs) / max(tb - ts, 1e-9))}
+        result.setdefault(link, {})[n] = per_op
+    comm.barrier(comm.world())
+    return result if rank == 0 else None
+
+
+def collectives_table(rates: AnalyticRates, measured: Optional[dict], host: Optional[dict]) -> dict:
+    """The profile's ``collectives``: measured entries (all-reduce α, β; host copies), the rest analytic and
+    marked assumed."""
+    table = collective_rates(rates)
+    for tab in table.values():
+        for entry in tab.values():
+            entry["assumed"] = True
+    for link, per_n in (measured or {}).items():
+        for n, ops in per_n.items():
+            ar = ops["all_reduce"]
+            table[link][str(n)] = {"bandwidth_bytes_per_s": ar["bandwidth_bytes_per_s"], "latency_s": ar["latency_s"]}
+    if host:
+        table["host"]["1"] = {"bandwidth_bytes_per_s": host["bandwidth_bytes_per_s"], "latency_s": host["latency_s"]}
+    return table
+
+
+# -- metadata and the whole profile ----------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=40"],
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def analytic_rates_for(device: str) -> AnalyticRates:
+    """Rates for the entries the run cannot measure: the CPU cluster's on CPU, H100 datasheet on CUDA."""
+    if device == "cpu":
+        try:
+            from reallm.cluster import load_cluster
+
+            return AnalyticRates.from_cluster(load_cluster("cpu"))
+        except (ImportError, UserError):
+            pass
+    return AnalyticRates.h100()
+
+
+def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: ProfileSettings, *, command: str,
+                   collectives: Optional[dict] = None, base: Optional[dict] = None,
+                   checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
+    """Measure every spec's layers at every tp degree on this device; the profile dict (schema in
+    ``planner/cost_model/profile.py``). ``base``: a measured profile dict of this device to add to (its
+    entries for the same shape and tp are replaced). ``checkpoint(d)`` is called after each shape."""
+    t_start = time.time()
+    rates = analytic_rates_for(settings.device)
+    dev_name = device_name(settings.device)
+    timer = Timer(settings)
+    log = RunLog()
+    unique = list({shape_key(s): s for s in specs}.values())
+    run = {"command": command, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+           "python": platform.python_version(), "git_commit": git_commit(), "dtype": settings.dtype_name,
+           "models": [shape_key(s) for s in unique], "tp": list(tps), "grids": settings.grids.to_dict(),
+           "decode": ("cuda graph replay where generation uses one (tp = 1), else eager"
+                      if settings.decode_cuda_graph and settings.device == "cuda" else "eager"),
+           "compile_blocks": settings.compile_blocks,
+           "sampling": dataclasses.asdict(settings.sampling),
+           "timing": "cuda events" if settings.device == "cuda" else "perf_counter"}
+    if base is not None:
+        d = base
+        d.setdefault("runs", [])
+    else:
+        d = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "source": "measured", "device": dev_name,
+             "dtype": settings.dtype_name, "includes_tp_comm": False,
+             "notes": "MEASURED by `planner profile` (executor/profiler.py): the executor's own layer code on one "
+                      "tp rank, tp collectives excluded (the cost model adds them from the link rates); "
+                      "collective entries marked assumed are analytic, not measured. See runs.",
+             "rates": rates.to_dict(), "models": {}, "optimizer": {"time_s_per_param": 0.0},
+             "collectives": collectives_table(rates, None, None), "runs": []}
+    host = measure_host_copy(timer) if settings.device == "cuda" else None
+    log.host = host or {}
+    if host is not None or collectives is not None:
+        merged = collectives_table(rates, collectives, host)
+        for lt, tab in merged.items():
+            for n, entry in tab.items():
+                if not entry.get("assumed"):
+                    d["collectives"].setdefault(lt, {})[n] = entry
+    run["collectives_measured"] = collectives or {}
+    d["runs"].append(run)
+    progress = _Progress(len(unique) * len(tps) * points_per_config(settings.grids), settings.show_progress)
+    try:
+        for spec in unique:
+            key = shape_key(spec)
+            for tp in tps:
+                progress.describe(f"{key} tp={tp}")
+                t0 = time.time()
+                try:
+                    layers = LayerBench(spec, tp, settings, timer, log, progress).run()
+                except Exception as e:  # noqa: BLE001 - one failing configuration must not cost the others
+                    # Its layer kinds fall back to analytic entries when used; the run says why.
+                    log.errors.append(f"{key} tp={tp}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                    progress.write(f"{key} tp={tp}: FAILED ({type(e).__name__}: {e}); continuing")
+                    gc.collect()
+                    if settings.device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                _store(d, spec, tp, layers)
+                progress.write(f"{key} tp={tp}: {time.time() - t0:.1f} s")
+                _finish_run(d, run, log, t_start)
+                if checkpoint is not None:
+                    checkpoint(d)
+    finally:
+        progress.close()
+    _finish_run(d, run, log, t_start)
+    profile_from_dict(d, where="measured profile")  # what we write must load
+    return d
+
+
+def _store(d: dict, spec: ModelSpec, tp: int, layers: dict) -> None:
+    """Put one (shape, tp)'s tables in the profile dict; a kind missing a table is left out (analytic fallback)."""
+    entry = d["models"].setdefault(shape_key(spec), {"shape": shape_of(spec), "layers": {}})
+    for kind, ops in layers.items():
+        per_tp = entry["layers"].setdefault(kind, {})
+        if all(t is not None for t in ops.values()):
+            per_tp[str(tp)] = ops
+        else:
+            per_tp.pop(str(tp), None)
+        if not per_tp:
+            entry["layers"].pop(kind)
+    if not entry["layers"]:
+        d["models"].pop(shape_key(spec))
+
+
+def _finish_run(d: dict, run: dict, log: RunLog, t_start: float) -> None:
+    run.update(skipped=log.skipped, filled=log.filled, adjusted=log.adjusted, errors=log.errors,
+               optimizer_points=log.optimizer_points,
+               host_copy=log.host, wall_s=round(time.time() - t_start, 1))
+    points = [p for r in d["runs"] for p in r.get("optimizer_points", [])]
+    if points:
+        # The largest parameter set of every run so far: fixed per-step costs (launches, the norm's host
+        # sync) matter least there.
+        big = max(points, key=lambda p: p["params"])
+        d["optimizer"]["time_s_per_param"] = _sig(big["time_s"] / big["params"])
+
+
+def check_base(path: str, device: str, dtype: str) -> dict:
+    """The profile at ``path`` to merge into: a measured profile of this device and dtype."""
+    import json
+
+    from planner.cost_model.profile import load_profile
+
+    prof = load_profile(path)
+    if prof.source != "measured" or prof.device != device or prof.dtype != dtype:
+        raise UserError(f"{path}: --merge adds to a measured profile of this device ({device}, {dtype}); it is "
+                        f"{prof.source} on {prof.device!r} ({prof.dtype}). Write to another --out, or drop --merge.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_profile(d: dict, path: str) -> None:
+    """Atomically (a temporary file renamed), so an interrupted run leaves the last complete shape's file."""
+    from planner.cost_model.analytic_profile import compact_json
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(compact_json(d) + "\n")
+    os.replace(tmp, path)
+
+
+def run_profile(specs: Sequence[ModelSpec], tps: Sequence[int], settings: ProfileSettings, out: str, *,
+                command: str, merge: bool = False) -> Optional[dict]:
+    """The ``planner profile`` driver. Under torchrun (world > 1) every rank measures the collectives first,
+    then rank 0 alone the layers; the other ranks return None."""
+    collectives = None
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's launch contract (as executor.worker)
+    if world > 1:
+        import torch.distributed as dist
+
+        rank = int(os.environ["RANK"])
+        if settings.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        comm.init(rank, world, "nccl" if settings.device == "cuda" else "gloo", "env://", timeout_s=300.0)
+        try:
+            collectives = measure_collectives(settings.device)
+        finally:
+            dist.destroy_process_group()
+        if rank != 0:
+            return None
+    base = check_base(out, device_name(settings.device), settings.dtype_name) if merge and os.path.exists(out) else None
+    d = profile_models(specs, tps, settings, command=command, collectives=collectives, base=base,
+                       checkpoint=lambda d: write_profile(d, out))
+    write_profile(d, out)
+    return d
