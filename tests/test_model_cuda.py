@@ -40,23 +40,19 @@ def _seqs(vocab: int, lengths, seed: int = 0):
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("window", [None, 32])
-def test_varlen_attention_equals_the_sdpa_reference(window):
-    q0 = torch.empty(1, 8, 64, device="cuda", dtype=torch.bfloat16)
-    if not varlen_usable(q0, window):
-        pytest.skip(f"torch {torch.__version__} has no usable varlen_attn for window={window}")
-    lengths = [1, 17, 128, 300]
+def _assert_attention_equals_reference(fn, lengths, window=None, seed=0):
+    """``fn(q, k, v, seqs, scale)`` against the per-sequence SDPA reference: output and input gradients."""
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     seqs = PackedSeqs.from_cu_seqlens(cu)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     T = sum(lengths)
     q = torch.randn(T, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
     k = torch.randn(T, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
     v = torch.randn(T, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
     w = torch.randn(T, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g)
     outs, grads = [], []
-    for fn in (varlen_attention, sdpa_loop_attention):
-        o = fn(q, k, v, seqs, 64 ** -0.5, window)
+    for f in (fn, lambda q, k, v, seqs, scale: sdpa_loop_attention(q, k, v, seqs, scale, window)):
+        o = f(q, k, v, seqs, 64 ** -0.5)
         (o.float() * w.float()).sum().backward()
         outs.append(o.float())
         grads.append([t.grad.float().clone() for t in (q, k, v)])
@@ -65,6 +61,15 @@ def test_varlen_attention_equals_the_sdpa_reference(window):
     torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("window", [None, 32])
+def test_varlen_attention_equals_the_sdpa_reference(window):
+    q0 = torch.empty(1, 8, 64, device="cuda", dtype=torch.bfloat16)
+    if not varlen_usable(q0, window):
+        pytest.skip(f"torch {torch.__version__} has no usable varlen_attn for window={window}")
+    _assert_attention_equals_reference(lambda q, k, v, seqs, scale: varlen_attention(q, k, v, seqs, scale, window),
+                                       [1, 17, 128, 300], window)
 
 
 def test_cuda_fp32_logits_equal_cpu_and_bf16_backends_agree(tiny):
@@ -160,24 +165,7 @@ def test_decode_kernel_steps_equal_the_sdpa_path(tiny, compiled):
 def test_batched_attention_equals_the_sdpa_reference():
     from reallm.model.attention import batched_attention, batched_usable
 
-    lengths = [256, 256, 256]
     cu = torch.tensor([0, 256, 512, 768], dtype=torch.int32, device="cuda")
-    seqs = PackedSeqs.from_cu_seqlens(cu)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    T = sum(lengths)
-    q = torch.randn(T, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
-    k = torch.randn(T, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
-    v = torch.randn(T, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
-    assert batched_usable(q, seqs, None)
-    w = torch.randn(T, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    outs, grads = [], []
-    for fn in (lambda: batched_attention(q, k, v, seqs, 0.125), lambda: sdpa_loop_attention(q, k, v, seqs, 0.125)):
-        o = fn()
-        (o.float() * w.float()).sum().backward()
-        outs.append(o.float())
-        grads.append([t.grad.float().clone() for t in (q, k, v)])
-        for t in (q, k, v):
-            t.grad = None
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
-    for a, b in zip(grads[0], grads[1]):
-        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    assert batched_usable(torch.empty(1, 8, 64, device="cuda", dtype=torch.bfloat16), PackedSeqs.from_cu_seqlens(cu),
+                          None)
+    _assert_attention_equals_reference(batched_attention, [256, 256, 256], seed=1)
