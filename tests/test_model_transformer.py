@@ -249,3 +249,26 @@ def test_sliding_window_matches_transformers(tmp_path):
         torch.testing.assert_close(model(tokens, cu), ref, atol=1e-4, rtol=0)
     with open(f"{path}/config.json") as f:
         assert json.load(f)["sliding_window"] == 5
+
+
+def test_chunked_prefill_equals_one_forward():
+    from reallm.model.transformer import Transformer, pack_sequences
+    from reallm.spec import ModelSpec
+
+    spec = ModelSpec(family="llama", num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                     head_dim=16, vocab_size=100)
+    m = Transformer(spec)
+    m.init_weights(1)
+    m.eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (5, 17, 3, 40, 9, 1)]
+    tok, cu = pack_sequences(seqs)
+    with torch.no_grad():
+        whole = m.new_kv_cache(6, 50)
+        want = m(tok, cu, kv_cache=whole, select_rows=(cu[1:] - 1).long())
+        for max_tokens in (1, 20, 45, 10_000):  # one prompt per group (even a longer one), mixed, all at once
+            cache = m.new_kv_cache(6, 50)
+            torch.testing.assert_close(m.prefill(tok, cu, cache, max_tokens=max_tokens), want, atol=1e-5, rtol=1e-5)
+            for layer in whole.k:
+                torch.testing.assert_close(cache.k[layer], whole.k[layer], atol=1e-6, rtol=0)
+                torch.testing.assert_close(cache.v[layer], whole.v[layer], atol=1e-6, rtol=0)

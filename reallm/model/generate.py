@@ -333,7 +333,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
     N = cfg.max_new_tokens
     cache = model.new_kv_cache(B, max(len(p) for p in prompts) + N)
     tokens, cu = pack_sequences(prompts, device=device)
-    logits = model(tokens, cu, kv_cache=cache, select_rows=(cu[1:] - 1).long())  # [B, V]
+    logits = model.prefill(tokens, cu, cache)  # [B, V]
     u_BN = None if cfg.greedy else torch.from_numpy(keyed_uniforms(seed, step, seq_ids, N)).to(device)
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)

@@ -41,6 +41,9 @@ from reallm.model.arch import ArchConfig, arch_from_spec
 from reallm.model.attention import AttnBackend, PackedSeqs, decode_attention, packed_causal_attention
 from reallm.spec import ModelSpec
 
+#: Prompt tokens per prefill forward (``Transformer.prefill``): bounds generation's activation memory.
+PREFILL_CHUNK_TOKENS = 8192
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -427,9 +430,10 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, *, max_seqlen: Optional[int] = None,
                 position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                select_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Packed forward. ``kv_cache``: also store every token's k/v (prefill); ``select_rows``: apply the
-        head only to these rows (e.g. each prompt's last token), returning ``[len(select_rows), ...]``."""
+                select_rows: Optional[torch.Tensor] = None, cache_row_offset: int = 0) -> torch.Tensor:
+        """Packed forward. ``kv_cache``: also store every token's k/v (prefill), sequence b in cache row
+        ``cache_row_offset + b``; ``select_rows``: apply the head only to these rows (e.g. each prompt's last
+        token), returning ``[len(select_rows), ...]``."""
         seqs = PackedSeqs.from_cu_seqlens(cu_seqlens.to(x.device), max_seqlen)
         if seqs.num_tokens != x.shape[0]:
             raise ValueError(f"cu_seqlens ends at {seqs.num_tokens} but the input has {x.shape[0]} tokens")
@@ -437,11 +441,32 @@ class Transformer(nn.Module):
         seq_idx = None
         if position_ids is None or kv_cache is not None:
             seq_idx, pos = packed_positions(seqs, x.device)
+            seq_idx = seq_idx + cache_row_offset
             position_ids = pos if position_ids is None else position_ids
         cos, sin = self._rope(position_ids, h.dtype)
         ctx = _Ctx(cos, sin, seqs=seqs, kv_cache=kv_cache, cache_rows=seq_idx, cache_cols=position_ids,
                    compiled=self.compiled)
         return self._head(self._blocks(h, ctx), select_rows)
+
+    def prefill(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, kv_cache: KVCache,
+                max_tokens: int = PREFILL_CHUNK_TOKENS) -> torch.Tensor:
+        """Fill ``kv_cache`` with the packed prompts and return the head's output at each prompt's last
+        token, ``[B, ...]``: the same as ``forward(..., kv_cache=, select_rows=last rows)``, run over groups
+        of whole prompts of at most ``max_tokens`` tokens (one prompt at least), so the activations of a
+        large batch never exist at once."""
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+        B = len(bounds) - 1
+        outs, first = [], 0
+        while first < B:
+            last = first + 1
+            while last < B and bounds[last + 1] - bounds[first] <= max_tokens:
+                last += 1
+            a, z = bounds[first], bounds[last]
+            cu = cu_seqlens[first:last + 1] - a
+            outs.append(self(tokens[a:z], cu, kv_cache=kv_cache, select_rows=(cu[1:] - 1).long(),
+                             cache_row_offset=first))
+            first = last
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def decode(self, x: torch.Tensor, positions_B: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """One new token per cached sequence: x is tokens ``[B]`` (or hidden ``[B, h]``) at ``positions_B``;
