@@ -41,20 +41,27 @@ def trial_dir_of(cfg) -> str:
     return os.path.join(cfg.output_dir, cfg.experiment_name, cfg.trial_name)
 
 
-#: Is rank 0's progress report shown? ``quickstart.run(quiet=True)`` turns it off around its launch
-#: (``progress_display``); forked workers inherit the setting, spawned ones (GPU, mode=local) start with it on.
-_progress_shown = True
+#: ``REALLM_QUIET=1`` hides rank 0's progress report. ``quickstart.run(quiet=True)`` sets it around its
+#: launch (``progress_display``): an environment variable reaches forked and spawned workers alike.
+QUIET_ENV = "REALLM_QUIET"
 
 
 @contextlib.contextmanager
 def progress_display(enabled: bool) -> Iterator[None]:
     """Show (or not) the progress report of the runs launched inside the block from this process."""
-    global _progress_shown
-    saved, _progress_shown = _progress_shown, enabled
+    saved = os.environ.get(QUIET_ENV)
+    os.environ[QUIET_ENV] = "0" if enabled else "1"
     try:
         yield
     finally:
-        _progress_shown = saved
+        if saved is None:
+            os.environ.pop(QUIET_ENV, None)
+        else:
+            os.environ[QUIET_ENV] = saved
+
+
+def progress_shown() -> bool:
+    return os.environ.get(QUIET_ENV, "0") != "1"
 
 
 def _is_terminal(stream: TextIO) -> bool:
@@ -156,7 +163,7 @@ class MetricsWriter:
             os.remove(self.path)
         self.tb_dir = os.path.join(out_dir, "tensorboard")
         self._tb = None
-        self.progress = StepProgress(total_steps, resume_from_step, start_s=start_s, enabled=_progress_shown)
+        self.progress = StepProgress(total_steps, resume_from_step, start_s=start_s, enabled=progress_shown())
 
     def _tensorboard(self):
         if self._tb is None:
