@@ -26,7 +26,8 @@ device d of each call c,
       transient(c) + Σ_{trained models X with d ∈ mesh(train_X)} state(train_X) · counted(X, c)
 where counted is false only when c is a non-train call of X that is not identical to X's train
 placement (the state is in host memory then), and transient(c) drops the weight replica when it is
-identical. Any device above ``memory_capacity_bytes`` makes the assignment infeasible (objective inf).
+identical (``cand_mem_shared_bytes``; with ``memory.offload_train_state`` the tables state it net of the
+gradients and Adam states that wait in host memory during such a call, ``cost_model/tables.py``). Any device above ``memory_capacity_bytes`` makes the assignment infeasible (objective inf).
 """
 
 from __future__ import annotations
