@@ -10,6 +10,9 @@ Dataset files (JSON lines, one object per line; ``sft_train.json`` is the same S
   ``pos_answers[i]`` is paired with ``neg_answers[i]``; negatives are near misses (the sum plus an offset in
   ``NEAR_MISS_OFFSETS``), all different from the sum and from each other, never negative.
 * PPO      ``{"prompt": "17+25="}``
+* ``rw_full_train``: every train prompt with *all* its near misses (up to ``len(NEAR_MISS_OFFSETS)`` pairs
+  per row, the positive repeated), for reward models that must learn addition from the pairs (the
+  learning test trains on it: ``rw_train``'s 4000 prompts are too few for that).
 
 Train and valid splits are drawn from disjoint prompt pools, the same pools for every stage, so no valid
 prompt is ever seen in any training stage.
@@ -40,7 +43,7 @@ NUM_PAIRS = 2
 NEAR_MISS_OFFSETS = (-10, -2, -1, 1, 2, 10)
 
 #: File stem → row kind; the names ``make_tiny_assets`` returns as keys as well.
-DATASET_FILES = ("sft_train", "sft_valid", "rw_train", "rw_valid", "ppo_train", "ppo_valid")
+DATASET_FILES = ("sft_train", "sft_valid", "rw_train", "rw_valid", "ppo_train", "ppo_valid", "rw_full_train")
 
 # The last "a+b=" in a prompt: lenient so that a prompt decoded with its "<s>" (or with a few-shot prefix)
 # still parses.
@@ -130,6 +133,15 @@ def _rw_rows(pairs: Iterable[tuple[int, int]], rng: random.Random) -> list[dict]
     return rows
 
 
+def _rw_full_rows(pairs: Iterable[tuple[int, int]]) -> list[dict]:
+    rows = []
+    for a, b in pairs:
+        s = a + b
+        negs = [str(s + d) for d in NEAR_MISS_OFFSETS if s + d >= 0]
+        rows.append({"prompt": make_prompt(a, b), "pos_answers": [str(s)] * len(negs), "neg_answers": negs})
+    return rows
+
+
 def _ppo_rows(pairs: Iterable[tuple[int, int]]) -> list[dict]:
     return [{"prompt": make_prompt(a, b)} for a, b in pairs]
 
@@ -148,6 +160,7 @@ def addition_datasets(seed: int = 1) -> dict[str, list[dict]]:
         "rw_valid": _rw_rows(valid, rw_rng),
         "ppo_train": _ppo_rows(ppo_train),
         "ppo_valid": _ppo_rows(valid),
+        "rw_full_train": _rw_full_rows(train),
     }
 
 

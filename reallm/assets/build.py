@@ -6,7 +6,7 @@ Layout under ``out_dir``::
     tokenizer/                       tokenizer.json, tokenizer_config.json
     checkpoints/<name>/              config.json, generation_config.json, model.safetensors, tokenizer files
                                      (<name> in llama, qwen2, mistral, llama_tied, llama_9h)
-    data/{sft,rw,ppo}_{train,valid}.jsonl, data/sft_train.json
+    data/{sft,rw,ppo}_{train,valid}.jsonl, data/rw_full_train.jsonl, data/sft_train.json
 
 Idempotent: an ``out_dir`` whose stamp has this ``ASSETS_VERSION`` and seed and whose files are all present
 at their recorded sizes is returned untouched. Otherwise everything is built in a sibling temporary
@@ -28,7 +28,7 @@ from reallm.assets.addition import write_datasets
 from reallm.errors import UserError
 
 #: Bump whenever anything written here changes (shapes, data, tokenizer), so stale asset dirs get rebuilt.
-ASSETS_VERSION = 1
+ASSETS_VERSION = 2
 STAMP = "assets.json"
 
 
