@@ -348,6 +348,14 @@ class ExperimentRuntime(Runtime):
         return recovery.checkpoint_path(self.out_dir, role, step)
 
     # -- recovery -----------------------------------------------------------------------------------
+    def trained_model(self, ctx: CallContext, model_cfg) -> ModelHandle:
+        """The one trained model of a single-model experiment (SFT, RW): built at its first call from
+        ``model_cfg`` and tracked for checkpoints and recovery; ``self.model`` afterwards."""
+        if getattr(self, "model", None) is None:
+            self.model = self.track("default", ModelHandle.build(ctx, model_cfg, self.cfg.seed, trainable=True,
+                                                                 total_steps=self.num_steps()))
+        return self.model
+
     def track(self, key: str, handle: ModelHandle) -> ModelHandle:
         """Declare ``handle`` (weights of record with their optimizer) part of the recovery state under
         ``key`` (e.g. its role); when resuming, its saved state is loaded now. Returns ``handle``."""

@@ -54,10 +54,7 @@ class RWRuntime(PairedRuntime):
         super().check_plan(plan)
 
     def _model(self, ctx: CallContext) -> ModelHandle:
-        if self.model is None:
-            self.model = self.track("default", ModelHandle.build(ctx, self.cfg.model, self.cfg.seed, trainable=True,
-                                                                 total_steps=self.num_steps()))
-        return self.model
+        return self.trained_model(ctx, self.cfg.model)
 
     def run_call(self, ctx: CallContext, batch: SeqBatch):
         model = self._model(ctx)

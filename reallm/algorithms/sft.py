@@ -76,10 +76,7 @@ class SFTRuntime(ExperimentRuntime):
             "prompt_mask": [torch.arange(len(self.train[i].tokens)) < self.train[i].prompt_len for i in ids]})
 
     def _model(self, ctx: CallContext) -> ModelHandle:
-        if self.model is None:
-            self.model = self.track("default", ModelHandle.build(ctx, self.cfg.model, self.cfg.seed, trainable=True,
-                                                                 total_steps=self.num_steps()))
-        return self.model
+        return self.trained_model(ctx, self.cfg.model)
 
     def run_call(self, ctx: CallContext, batch: SeqBatch):
         from reallm.parallel import sft_loss
