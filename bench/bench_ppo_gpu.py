@@ -185,12 +185,29 @@ class TimedPPORuntime(PPORuntime):
         self._bench_last_s = time.perf_counter()
 
     def run_call(self, ctx, batch):
-        if (CENSUS and self.rank == 0 and self.device.type == "cuda" and ctx.step == 2
+        if (os.environ.get(CENSUS_ENV) == "1" and self.rank == 0 and self.device.type == "cuda" and ctx.step == 2
                 and ctx.call.name == "actor_gen"):  # gc + a tensor walk: slows that step; off by default
             try:
                 print(memory_census(self), flush=True)
             except Exception as e:  # noqa: BLE001 - a diagnostic must not stop the benchmark
                 print(f"memory census failed: {type(e).__name__}: {e}", flush=True)
+        peak_trace = os.environ.get(PEAK_TRACE_ENV)
+        if peak_trace and self.rank == 0 and self.device.type == "cuda" and ctx.step == 2 and ctx.call.name == peak_trace:
+            import torch
+
+            from bench.profiling import peak_attribution
+
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
+            try:
+                out = super().run_call(ctx, batch)
+                torch.cuda.synchronize()
+                print(f"allocation peak of {peak_trace}, step 3:\n"
+                      + peak_attribution(torch.cuda.memory._snapshot(), base), flush=True)
+            finally:
+                torch.cuda.memory._record_memory_history(enabled=None)
+            return out
         return super().run_call(ctx, batch)
 
     def end_step(self, step: int, rank: int) -> None:
@@ -278,7 +295,8 @@ MEMORY_POLICIES = {
              "memory.offload_idle_train_states=true"],
 }
 MEMORY_POLICY = "resident"
-CENSUS = False
+#: Diagnostics for the workers (spawned on GPU, so passed in the environment): ``--census``, ``--peak-trace``.
+CENSUS_ENV, PEAK_TRACE_ENV = "REALLM_BENCH_CENSUS", "REALLM_BENCH_PEAK_TRACE"
 
 
 def planned(exp_overrides: list[str]):
@@ -436,9 +454,15 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", choices=sorted(MEMORY_POLICIES), default="resident",
                     help="memory policy (MEMORY_POLICIES); lean is the issue-8 measurement")
     ap.add_argument("--census", action="store_true", help="print the live CUDA tensors before step 3's actor_gen")
+    ap.add_argument("--peak-trace", metavar="CALL", help="record step 3's CALL (e.g. actor_gen) and print who "
+                    "holds the memory at its allocation peak")
     args = ap.parse_args(argv)
-    global MEMORY_POLICY, CENSUS
-    MEMORY_POLICY, CENSUS = args.memory, args.census
+    global MEMORY_POLICY
+    MEMORY_POLICY = args.memory
+    if args.census:
+        os.environ[CENSUS_ENV] = "1"
+    if args.peak_trace:
+        os.environ[PEAK_TRACE_ENV] = args.peak_trace
     w = workload_from_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -83,7 +83,7 @@ def run_ours(spec: ModelSpec, batch: int, seqlen: int, steps: int, warmup: int, 
     if PROFILE:
         from bench.profiling import kernel_table
 
-        print(kernel_table(step, rows=8, op_rows=14), flush=True)
+        print(kernel_table(step, rows=30, op_rows=30), flush=True)
     return {"times_s": times, "loss_first": losses[0], "loss_last": losses[-1],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 

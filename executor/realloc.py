@@ -12,12 +12,40 @@ Cost: ``ReallocTraffic`` of the plan gives bytes per (src, dst) pair; the runtim
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 
 from executor import comm
-from reallm.kernels.intervals import gather_intervals, scatter_intervals
+from reallm.kernels.intervals import IntervalArgs, gather_intervals, prepare_intervals, scatter_intervals
+
+#: Kernel arguments per (message, side, dtype size, device), built on a message's first use on CUDA: a plan
+#: lives as long as its two layouts, and every later step launches its kernels with no host work.
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _intervals(m, side: str, t: torch.Tensor) -> tuple:
+    """``(starts, lengths, prepared or None)`` of message ``m`` on ``side`` ('src' or 'dst')."""
+    st, ln = m.src_intervals() if side == "src" else m.dst_intervals()
+    if t.device.type != "cuda":
+        return st, ln, None
+    per_msg = _PREPARED.setdefault(m, {})
+    key = (side, t.element_size(), t.device)
+    if key not in per_msg:
+        per_msg[key] = prepare_intervals(st, ln, t.element_size(), t.device)
+    prepared: IntervalArgs = per_msg[key]
+    return st, ln, prepared
+
+
+def _gather(m, flat: torch.Tensor) -> torch.Tensor:
+    st, ln, prepared = _intervals(m, "src", flat)
+    return gather_intervals(flat, st, ln, prepared=prepared)
+
+
+def _scatter(m, flat: torch.Tensor, values: torch.Tensor) -> None:
+    st, ln, prepared = _intervals(m, "dst", flat)
+    scatter_intervals(flat, st, ln, values, prepared=prepared)
 
 
 def run_realloc(plan, rank: int, src_flat: Optional[torch.Tensor], dst_flat: Optional[torch.Tensor]) -> dict:
@@ -29,12 +57,9 @@ def run_realloc(plan, rank: int, src_flat: Optional[torch.Tensor], dst_flat: Opt
         if rank not in (m.src, m.dst):
             continue
         if m.is_local:
-            s_st, s_ln = m.src_intervals()
-            d_st, d_ln = m.dst_intervals()
-            scatter_intervals(dst_flat, d_st, d_ln, gather_intervals(src_flat, s_st, s_ln))
+            _scatter(m, dst_flat, _gather(m, src_flat))
         elif rank == m.src:
-            s_st, s_ln = m.src_intervals()
-            payload = gather_intervals(src_flat, s_st, s_ln)
+            payload = _gather(m, src_flat)
             sends.append((payload, m.dst))
             sent += payload.numel() * payload.element_size()
         else:
@@ -44,6 +69,5 @@ def run_realloc(plan, rank: int, src_flat: Optional[torch.Tensor], dst_flat: Opt
             received += buf.numel() * buf.element_size()
     comm.exchange(sends, recvs)
     for m, buf in scatters:
-        d_st, d_ln = m.dst_intervals()
-        scatter_intervals(dst_flat, d_st, d_ln, buf)
+        _scatter(m, dst_flat, buf)
     return {"sent_bytes": sent, "received_bytes": received}

@@ -169,3 +169,37 @@ def test_batched_attention_equals_the_sdpa_reference():
     assert batched_usable(torch.empty(1, 8, 64, device="cuda", dtype=torch.bfloat16), PackedSeqs.from_cu_seqlens(cu),
                           None)
     _assert_attention_equals_reference(batched_attention, [256, 256, 256], seed=1)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_vocab_logprobs_equal_eager_forward_and_backward(masked):
+    """The compiled per-chunk log-softmax passes (``LogitsShard.fused``) against the eager ones, bf16 logits,
+    a padded vocabulary, a temperature, a logits mask and a ragged last chunk."""
+    from executor.comm import Group
+    from reallm.parallel.groups import AxisGroup
+    from reallm.parallel.vocab import LogitsShard
+
+    one = AxisGroup(Group((0,), None), (0,), 0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, V, Vp = 700, 1000, 1024
+    logits = (torch.randn(T, Vp, device="cuda", generator=g) * 4).bfloat16()
+    tokens = torch.randint(0, V, (T,), device="cuda", generator=g)
+    cu = torch.tensor([0, 300, 301, 650, 700], device="cuda", dtype=torch.int32)
+    mask = (torch.rand(T, V, device="cuda", generator=g) < 0.3) if masked else None
+    out = {}
+    for fused in (False, True):
+        x = logits.clone().requires_grad_(True)
+        lp = LogitsShard(x, 0, V, one, fused=fused).logprobs(tokens, cu, temperature=0.8, logits_mask=mask,
+                                                                chunk_rows=128)
+        (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
+        out[fused] = (lp.detach(), x.grad)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out[True][1].float(), out[False][1].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_sum_of_squares_on_cuda_equals_fp64():
+    from reallm.parallel.optim import sum_of_squares
+
+    x = torch.randn(3 * 4096 * 7 + 123, device="cuda") * 1e-3
+    want = (x.double() ** 2).sum()
+    assert abs(float(sum_of_squares(x)) / float(want) - 1) < 1e-6

@@ -240,3 +240,22 @@ def test_cuda_graph_decode_equals_eager(tiny):
     eager = generate(model, prompts, cfg, eos_token_id=2, pad_token_id=PAD, seed=1)
     graph = generate(model, prompts, cfg, eos_token_id=2, pad_token_id=PAD, seed=1, use_cuda_graph=True)
     assert eager.sequences() == graph.sequences()
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_sampling_in_row_chunks_equals_one_pass(monkeypatch, greedy):
+    """Rows are sampled in bounded chunks (memory); the result is the one-pass result, row for row."""
+    import reallm.model.generate as gen
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(11, 50, generator=g) * 3
+    cfg = GenerationConfig(greedy=greedy, temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=2,
+                           return_logits_mask=True)
+    u = torch.from_numpy(keyed_uniforms(5, 1, range(11), 1)[:, 0])
+    one = sampling_step(z, cfg, 0, [3], u, vocab_size=48)
+    monkeypatch.setattr(gen, "SAMPLING_CHUNK_LOGITS", 3 * 50)  # 3 rows a chunk, a ragged last chunk
+    assert gen.sampling_chunk_rows(50) == 3
+    chunked = sampling_step(z, cfg, 0, [3], u, vocab_size=48)
+    for a, b in zip(one, chunked):
+        assert torch.equal(a, b)
+    assert one[2][:, 3].all() and one[2][:, 48:].all()  # EOS banned (t < min_new_tokens), tp padding removed

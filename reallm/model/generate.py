@@ -147,15 +147,33 @@ def draw(z_BV: torch.Tensor, u_B: Optional[torch.Tensor]) -> torch.Tensor:
     return tok.clamp_(max=z_BV.shape[-1] - 1)
 
 
+#: Logits per sampling chunk: rows are processed in groups of ``max(1, SAMPLING_CHUNK_LOGITS // V)``, so the
+#: fp32 / fp64 full-vocabulary temporaries of a step stay within ~16 MiB each, whatever the batch.
+SAMPLING_CHUNK_LOGITS = 1 << 21
+
+
+def sampling_chunk_rows(vocab: int) -> int:
+    return max(1, SAMPLING_CHUNK_LOGITS // max(vocab, 1))
+
+
 def sampling_step(logits_BV: torch.Tensor, cfg: GenerationConfig, t: int, eos_token_ids: Sequence[int],
                   u_B: Optional[torch.Tensor], vocab_size: Optional[int] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(token [B], its log-prob under the processed distribution [B], removed-token mask [B, V] or None)."""
-    z = process_logits(logits_BV, cfg, t, eos_token_ids, vocab_size)
-    tok = draw(z, None if cfg.greedy else u_B)
-    logp = torch.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1)
-    mask = torch.isneginf(z) if cfg.return_logits_mask else None
-    return tok, logp, mask
+    """(token [B], its log-prob under the processed distribution [B], removed-token mask [B, V] or None).
+    Rows are independent; they are processed in chunks of ``sampling_chunk_rows`` (bounded memory)."""
+    B = logits_BV.shape[0]
+    rows = sampling_chunk_rows(logits_BV.shape[-1])
+    toks, logps, masks = [], [], []
+    for a in range(0, max(B, 1), rows):
+        z = process_logits(logits_BV[a:a + rows], cfg, t, eos_token_ids, vocab_size)
+        tok = draw(z, None if cfg.greedy or u_B is None else u_B[a:a + rows])
+        logps.append(torch.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1))
+        toks.append(tok)
+        if cfg.return_logits_mask:
+            masks.append(torch.isneginf(z))
+    if len(toks) == 1:
+        return toks[0], logps[0], masks[0] if masks else None
+    return torch.cat(toks), torch.cat(logps), torch.cat(masks) if masks else None
 
 
 # -- outputs ----------------------------------------------------------------------------------------------

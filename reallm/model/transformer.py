@@ -41,8 +41,17 @@ from reallm.model.arch import ArchConfig, arch_from_spec
 from reallm.model.attention import AttnBackend, PackedSeqs, decode_attention, packed_causal_attention
 from reallm.spec import ModelSpec
 
-#: Prompt tokens per prefill forward (``Transformer.prefill``): bounds generation's activation memory.
-PREFILL_CHUNK_TOKENS = 8192
+#: Activation bytes one prefill forward may use inside a block (``Transformer.prefill``): prompts go through
+#: in groups of ``prefill_chunk_tokens`` tokens, so generation's working set stays small next to its KV cache.
+PREFILL_CHUNK_BYTES = 128 << 20
+PREFILL_CHUNK_TOKENS_MIN, PREFILL_CHUNK_TOKENS_MAX = 512, 8192
+
+
+def prefill_chunk_tokens(hidden: int, intermediate: int, dtype_bytes: int = 2) -> int:
+    """Tokens per prefill group: the block's no-grad peak is about 3 intermediate-wide rows (fused gate-up
+    output, SiLU, product) and 4 hidden-wide ones per token (``intermediate``: this rank's shard)."""
+    per_token = dtype_bytes * (3 * intermediate + 4 * hidden)
+    return int(min(max(PREFILL_CHUNK_BYTES // per_token, PREFILL_CHUNK_TOKENS_MIN), PREFILL_CHUNK_TOKENS_MAX))
 
 
 @dataclass(frozen=True)
@@ -449,11 +458,13 @@ class Transformer(nn.Module):
         return self._head(self._blocks(h, ctx), select_rows)
 
     def prefill(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, kv_cache: KVCache,
-                max_tokens: int = PREFILL_CHUNK_TOKENS) -> torch.Tensor:
+                max_tokens: Optional[int] = None) -> torch.Tensor:
         """Fill ``kv_cache`` with the packed prompts and return the head's output at each prompt's last
         token, ``[B, ...]``: the same as ``forward(..., kv_cache=, select_rows=last rows)``, run over groups
-        of whole prompts of at most ``max_tokens`` tokens (one prompt at least), so the activations of a
-        large batch never exist at once."""
+        of whole prompts of at most ``max_tokens`` tokens (one prompt at least; default
+        ``prefill_chunk_tokens`` of this rank's shapes), so the activations of a large batch never exist at once."""
+        if max_tokens is None:
+            max_tokens = self.prefill_chunk_tokens()
         bounds = [int(b) for b in cu_seqlens.tolist()]
         B = len(bounds) - 1
         outs, first = [], 0
@@ -467,6 +478,13 @@ class Transformer(nn.Module):
                              cache_row_offset=first))
             first = last
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def prefill_chunk_tokens(self) -> int:
+        """``prefill_chunk_tokens`` of the blocks held here (their tp shard of the MLP)."""
+        for layer in self.model.layers.values():
+            w = layer.mlp.gate_proj.weight
+            return prefill_chunk_tokens(w.shape[1], w.shape[0], w.element_size())
+        return PREFILL_CHUNK_TOKENS_MAX
 
     def decode(self, x: torch.Tensor, positions_B: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """One new token per cached sequence: x is tokens ``[B]`` (or hidden ``[B, h]``) at ``positions_B``;

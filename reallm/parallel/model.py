@@ -140,14 +140,13 @@ class ParallelModel:
 
     def _register_grad_hooks(self) -> None:
         assert self.optimizer is not None
-        grads = self.optimizer.grads
         params = dict(self.model.hf_named_parameters())
         for s in self.shards.shards:
             p = params[s.name]
-            view = grads[s.offset:s.offset + s.num_elements].view(s.local_shape)
+            accumulate = self.optimizer.grad_accumulator(s.offset, s.num_elements, s.local_shape)
 
-            def hook(p: torch.Tensor, view=view) -> None:
-                view.add_(p.grad)
+            def hook(p: torch.Tensor, accumulate=accumulate) -> None:
+                accumulate(p.grad)
                 p.grad = None
 
             self._hooks.append(p.register_post_accumulate_grad_hook(hook))
@@ -213,7 +212,8 @@ class ParallelModel:
     def _wrap(self, y: torch.Tensor) -> Output:
         if self.spec.is_critic:
             return y
-        return LogitsShard(y, self.tp_state.vocab_start, self.spec.vocab_size, self.groups.tp)
+        return LogitsShard(y, self.tp_state.vocab_start, self.spec.vocab_size, self.groups.tp,
+                           fused=bool(self.model.compiled) and y.is_cuda)
 
     def _act_buffer(self, prep: _Prepared) -> torch.Tensor:
         return torch.empty(prep.act_rows, self.spec.hidden_size, dtype=self.dtype, device=self.device)

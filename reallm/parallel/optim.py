@@ -102,7 +102,13 @@ class FlatAdamW:
         if n != n_padded:
             raise ValueError(f"flat parameters have {n_padded} elements, buckets need {n}")
         dev = params_flat.device
-        self.grads = torch.zeros(n_padded, dtype=torch.float32, device=dev)
+        self._grads = torch.zeros(n_padded, dtype=torch.float32, device=dev)
+        # Lazy zeroing (``grad_accumulator``): after ``zero_grad`` a registered view is *stale*; the first
+        # gradient overwrites it (no zero fill, no read of the old values), ``settle_grads`` zeroes the rest.
+        self._views: list[torch.Tensor] = []
+        self._stale: list[bool] = []
+        self._gaps: list[tuple[int, int]] = [(0, n_padded)]
+        self._gaps_stale = False
         # The owned elements, as (flat start, flat stop) pieces in order.
         if self.zero1:
             me = dp.group.ranks.index(dp.axis_ranks[dp.index])
@@ -141,8 +147,46 @@ class FlatAdamW:
     def lr(self) -> float:
         return lr_at(self.num_updates, self.total_steps, self.settings)
 
+    # -- gradients -------------------------------------------------------------------------------------------
+    @property
+    def grads(self) -> torch.Tensor:
+        """The fp32 gradient buffer [N'], every stale view zeroed first."""
+        self.settle_grads()
+        return self._grads
+
+    def grad_accumulator(self, offset: int, numel: int, shape: Sequence[int]) -> Callable[[torch.Tensor], None]:
+        """``accumulate(g)``: add ``g`` into ``grads[offset:offset + numel]`` (viewed as ``shape``); right
+        after ``zero_grad`` it copies instead (casting to fp32 on the way)."""
+        i = len(self._views)
+        view = self._grads[offset:offset + numel].view(*shape)
+        self._views.append(view)
+        self._stale.append(False)
+        self._gaps = [(a, b) for ga, gb in self._gaps
+                      for a, b in ((ga, min(gb, offset)), (max(ga, offset + numel), gb)) if b > a]
+
+        def accumulate(g: torch.Tensor) -> None:
+            if self._stale[i]:
+                view.copy_(g)
+                self._stale[i] = False
+            else:
+                view.add_(g)
+
+        return accumulate
+
     def zero_grad(self) -> None:
-        self.grads.zero_()
+        self._stale = [True] * len(self._views)
+        self._gaps_stale = True
+
+    def settle_grads(self) -> None:
+        """Zero what ``zero_grad`` left stale: views no gradient reached, and the buffer outside every view."""
+        if self._gaps_stale:
+            for a, b in self._gaps:
+                self._grads[a:b].zero_()
+            self._gaps_stale = False
+        for i, stale in enumerate(self._stale):
+            if stale:
+                self._views[i].zero_()
+                self._stale[i] = False
 
     # -- data parallel -------------------------------------------------------------------------------------
     def reduce_dp(self) -> None:
@@ -172,12 +216,7 @@ class FlatAdamW:
         g = self.owned_grads()
         sq = torch.zeros((), dtype=torch.float64, device=g.device)
         for a, b in self.primary_runs:
-            for c in range(a, b, _NORM_CHUNK):  # bounded temporaries; fp64 accumulation (vector_norm is not exact)
-                x = g[c:min(c + _NORM_CHUNK, b)]
-                if x.is_cuda:  # one kernel per chunk (the fp64 cast of one chunk is the only temporary)
-                    sq += torch.linalg.vector_norm(x, dtype=torch.float64).square()
-                else:
-                    sq += torch.sum(x * x, dtype=torch.float64)
+            sq += sum_of_squares(g[a:b])
         norm = float(norm_sq_reduce(sq.reshape(1)).sqrt())
         stats = {"lr": lr, "grad_norm": norm, "skipped": 0.0}
         if not math.isfinite(norm):
@@ -266,6 +305,29 @@ class FlatAdamW:
             v.copy_(state[k])
         if "master" in self.state_tensors():
             self._write_back()
+
+
+#: Elements per fp32 partial sum of ``sum_of_squares`` on CUDA.
+_NORM_ROW = 4096
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """sum(x²) of a 1-d fp32 tensor as an fp64 scalar, with no full-size temporary.
+
+    CUDA: fp32 norms of rows of ``_NORM_ROW`` elements (one pass over x, one kernel), their squares summed
+    in fp64 — relative error ~1e-7, deterministic. Elsewhere: fp64 sums over chunks of ``_NORM_CHUNK``."""
+    sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    if x.is_cuda:
+        n = x.numel() // _NORM_ROW * _NORM_ROW
+        if n:
+            sq += torch.linalg.vector_norm(x[:n].view(-1, _NORM_ROW), dim=1).double().square().sum()
+        if n < x.numel():
+            sq += torch.linalg.vector_norm(x[n:], dtype=torch.float64).square()
+        return sq
+    for c in range(0, x.numel(), _NORM_CHUNK):
+        y = x[c:c + _NORM_CHUNK]
+        sq += torch.sum(y * y, dtype=torch.float64)
+    return sq
 
 
 def reduce_in_one(tensors: Sequence[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:

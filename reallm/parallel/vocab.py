@@ -4,15 +4,18 @@ tp rank r holds logit columns ``[s, s + W)`` of the padded vocabulary V' (s = r 
 with target token y_n (a global id), z = logits / temperature, and columns removed by the generation's
 logits mask or beyond the real vocabulary V set to finfo(fp32).min (as ``reallm.algorithms.functional``)::
 
-    M_n   = max over tp of (max_j z[n, j])                         all-reduce MAX   [N]
-    S_n   = sum over tp of sum_j exp(z[n, j] - M_n)                all-reduce SUM   [N]   } one
+    l_n   = log sum_j exp(z[n, j])            this shard's logsumexp (one fused pass per chunk of rows)
+    M_n   = max over tp of l_n                                      all-reduce MAX   [N]
+    S_n   = sum over tp of exp(l_n - M_n)                           all-reduce SUM   [N]   } one
     zy_n  = sum over tp of (z[n, y_n - s] if s <= y_n < s + W else 0)                   } all-reduce
     logp_n = zy_n - (M_n + log S_n)
 
 Backward needs no communication: every tp rank computes the same loss, and the gradient of logp_n with
 respect to its own columns is ``g_n (onehot(y_n - s) - exp(z - lse_n)) / temperature`` (masked columns:
 exp(finfo.min - lse) = 0). Rows are processed in chunks in both passes, so beyond the logits and their
-gradient one fp32 ``[chunk, W]`` buffer is alive, as in ``functional.gather_logprobs_chunked``.
+gradient one fp32 ``[chunk, W]`` buffer is alive, as in ``functional.gather_logprobs_chunked``. With
+``fused`` (compiled models on CUDA) each chunk's pass is one torch.compile'd kernel that reads the bf16
+logits once, instead of a dozen eager kernels over fp32 copies.
 
 Layouts follow the two conventions the codebase uses: ``LogitsShard.logprobs`` returns the *shifted*
 layout [N = T - B] of ``reallm.algorithms.functional`` (entry k of sequence i: log-prob of token k+1);
@@ -53,67 +56,98 @@ def _prepared(logits: torch.Tensor, temperature: float, removed: Optional[torch.
     return z
 
 
+def _chunk_stats(logits_TW: torch.Tensor, rows_c: torch.Tensor, target_c: torch.Tensor, inside_c: torch.Tensor,
+                 removed_cV: Optional[torch.Tensor], temperature: float, vocab_start: int,
+                 vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of rows: (this shard's logsumexp [c], the target's logit where it lies here, else 0 [c]).
+    One read of the logits; compiled on CUDA into a single fused reduction."""
+    z = _prepared(logits_TW.index_select(0, rows_c), temperature, removed_cV, vocab_start, vocab_size)
+    m = z.amax(-1)
+    lse = m + torch.log(torch.exp(z - m[:, None]).sum(-1))
+    zy = z.gather(-1, target_c[:, None]).squeeze(-1)
+    return lse, torch.where(inside_c, zy, 0.0)
+
+
+def _chunk_grad(logits_TW: torch.Tensor, rows_c: torch.Tensor, target_c: torch.Tensor, inside_c: torch.Tensor,
+                removed_cV: Optional[torch.Tensor], lse_c: torch.Tensor, g_c: torch.Tensor, temperature: float,
+                vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """d logp / d logits of one chunk, times the incoming gradient, in the logits' dtype [c, W]."""
+    z = _prepared(logits_TW.index_select(0, rows_c), temperature, removed_cV, vocab_start, vocab_size)
+    col = torch.arange(z.shape[-1], device=z.device)
+    onehot = (col[None, :] == target_c[:, None]) & inside_c[:, None]
+    gz = (onehot.float() - torch.exp(z - lse_c[:, None])) * (g_c.float() / temperature)[:, None]
+    return gz.to(logits_TW.dtype)
+
+
+_FUSED: dict = {}
+
+
+def _maybe_fused(fn, fused: bool):
+    """``fn`` compiled (one fused kernel per pass) when ``fused``, else eager."""
+    if not fused:
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True)
+    return _FUSED[fn]
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TW, rows_N, targets_N, temperature, removed_TV, vocab_start, vocab_size, chunk_rows,
-                tp):
+                tp, fused):
         N, W = rows_N.shape[0], logits_TW.shape[-1]
         dev = logits_TW.device
-        local_max = torch.empty(N, dtype=torch.float32, device=dev)
         local_target = targets_N - vocab_start
         inside = (local_target >= 0) & (local_target < W)
         safe_target = local_target.clamp(0, max(W - 1, 0))
-
-        def chunk(a):
-            r = rows_N[a:a + chunk_rows]
-            return _prepared(logits_TW.index_select(0, r), temperature,
-                             None if removed_TV is None else removed_TV.index_select(0, r), vocab_start, vocab_size)
-
-        for a in range(0, N, chunk_rows):
-            local_max[a:a + chunk_rows] = chunk(a).amax(-1) if W else torch.finfo(torch.float32).min
-        gmax = tp.all_reduce_max(local_max)
+        stats = _maybe_fused(_chunk_stats, fused)
+        local_lse = torch.empty(N, dtype=torch.float32, device=dev)
         sums = torch.zeros(2, N, dtype=torch.float32, device=dev)
         for a in range(0, N, chunk_rows):
             b = min(a + chunk_rows, N)
-            z = chunk(a)
-            sums[0, a:b] = torch.exp(z - gmax[a:b, None]).sum(-1)
-            zy = z.gather(-1, safe_target[a:b, None]).squeeze(-1)
-            sums[1, a:b] = torch.where(inside[a:b], zy, 0.0)
+            r = rows_N[a:b]
+            removed = None if removed_TV is None else removed_TV.index_select(0, r)
+            if W:
+                local_lse[a:b], sums[1, a:b] = stats(logits_TW, r, safe_target[a:b], inside[a:b], removed,
+                                                     temperature, vocab_start, vocab_size)
+            else:
+                local_lse[a:b] = float("-inf")
+        # lse = log sum over tp of exp(lse_r): the max, then one all-reduce of (sum, target logit)
+        gmax = tp.all_reduce_max(local_lse.clone())
+        sums[0] = torch.exp(local_lse - gmax)
         tp.all_reduce(sums)
         lse = gmax + torch.log(sums[0])
         ctx.save_for_backward(logits_TW, rows_N, safe_target, inside, lse,
                               *(() if removed_TV is None else (removed_TV,)))
-        ctx.args = (temperature, vocab_start, vocab_size, chunk_rows, removed_TV is not None)
+        ctx.args = (temperature, vocab_start, vocab_size, chunk_rows, removed_TV is not None, fused)
         return sums[1] - lse
 
     @staticmethod
     def backward(ctx, grad_N):
         logits_TW, rows_N, safe_target, inside, lse, *rest = ctx.saved_tensors
-        temperature, vocab_start, vocab_size, c, has_mask = ctx.args
+        temperature, vocab_start, vocab_size, c, has_mask, fused = ctx.args
         removed_TV = rest[0] if has_mask else None
+        grad_fn = _maybe_fused(_chunk_grad, fused)
         grad = torch.zeros_like(logits_TW)
         for a in range(0, rows_N.shape[0], c):
             r = rows_N[a:a + c]
-            z = _prepared(logits_TW.index_select(0, r), temperature,
-                          None if removed_TV is None else removed_TV.index_select(0, r), vocab_start, vocab_size)
-            g = grad_N[a:a + c].float()
-            gz = torch.exp(z - lse[a:a + c, None]).mul_(-g[:, None])
-            gz.scatter_add_(-1, safe_target[a:a + c, None], torch.where(inside[a:a + c], g, 0.0)[:, None])
-            if temperature != 1.0:
-                gz.div_(temperature)
-            grad.index_copy_(0, r, gz.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None
+            removed = None if removed_TV is None else removed_TV.index_select(0, r)
+            grad.index_copy_(0, r, grad_fn(logits_TW, r, safe_target[a:a + c], inside[a:a + c], removed,
+                                           lse[a:a + c], grad_N[a:a + c], temperature, vocab_start, vocab_size))
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_target_logprobs(logits_TW: torch.Tensor, rows_N: torch.Tensor, targets_N: torch.Tensor, *,
                                    tp: AxisGroup, vocab_start: int, vocab_size: int, temperature: float = 1.0,
                                    logits_mask: Optional[torch.Tensor] = None,
-                                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                                   chunk_rows: int = DEFAULT_CHUNK_ROWS, fused: bool = False) -> torch.Tensor:
     """log_softmax over the whole (masked) vocabulary of logits row ``rows_N[n]``, at global id
-    ``targets_N[n]``; fp32 [N], differentiable (module docstring). ``logits_mask`` [T, V or V'] is global."""
+    ``targets_N[n]``; fp32 [N], differentiable (module docstring). ``logits_mask`` [T, V or V'] is global.
+    ``fused``: each chunk's pass as one torch.compile'd kernel (CUDA)."""
     mask = None if logits_mask is None else logits_mask.bool()
     return _VocabParallelLogProbs.apply(logits_TW, rows_N.long(), targets_N.long(), float(temperature), mask,
-                                        int(vocab_start), int(vocab_size), int(chunk_rows), tp)
+                                        int(vocab_start), int(vocab_size), int(chunk_rows), tp,
+                                        bool(fused and logits_TW.is_cuda))
 
 
 def _shifted_rows(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -140,6 +174,8 @@ class LogitsShard:
     vocab_start: int
     vocab_size: int
     tp: AxisGroup
+    #: Compile each chunk's pass into one fused kernel (set by compiled models on CUDA).
+    fused: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -153,7 +189,7 @@ class LogitsShard:
         targets = tokens_T.long()[rows + 1]
         return vocab_parallel_target_logprobs(self.logits, rows, targets, tp=self.tp, vocab_start=self.vocab_start,
                                               vocab_size=self.vocab_size, temperature=temperature,
-                                              logits_mask=logits_mask, chunk_rows=chunk_rows)
+                                              logits_mask=logits_mask, chunk_rows=chunk_rows, fused=self.fused)
 
     def row_logprobs(self, tokens_T: torch.Tensor, cu_seqlens: torch.Tensor, *, temperature: float = 1.0,
                      logits_mask: Optional[torch.Tensor] = None,
