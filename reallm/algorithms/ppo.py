@@ -39,6 +39,7 @@ from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_promp
 from reallm.dataflow import ppo_logits_mask_needed
 from reallm.datasets import read_records
 from reallm.errors import UserError
+from reallm.parallel.optim import release_library_workspaces
 from reallm.plan import Plan
 
 ROLE_FIELD = {"actor": "actor", "critic": "critic", "ref": "ref", "rew": "rew"}
@@ -170,6 +171,8 @@ class PPORuntime(ExperimentRuntime):
         elif (handle is not None and ctx.call.kind == "train" and self.cfg.memory.offload_idle_train_states
               and self.shares_devices(role)):
             handle.pm.offload()  # the trained model waits in host memory until its next call (weights reload then)
+        if self.cfg.memory.offload_idle_train_states:
+            release_library_workspaces(self.device)  # the least resident memory between calls
         if ctx.call.name in self.realloc_s:
             stats = dict(stats, realloc_s=self.realloc_s.pop(ctx.call.name))
         return out, stats

@@ -148,8 +148,8 @@ def draw(z_BV: torch.Tensor, u_B: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 #: Logits per sampling chunk: rows are processed in groups of ``max(1, SAMPLING_CHUNK_LOGITS // V)``, so the
-#: fp32 / fp64 full-vocabulary temporaries of a step stay within ~16 MiB each, whatever the batch.
-SAMPLING_CHUNK_LOGITS = 1 << 21
+#: fp32 / fp64 full-vocabulary temporaries of a step stay within ~8 MiB each, whatever the batch.
+SAMPLING_CHUNK_LOGITS = 1 << 20
 
 
 def sampling_chunk_rows(vocab: int) -> int:

@@ -43,7 +43,7 @@ from reallm.spec import ModelSpec
 
 #: Activation bytes one prefill forward may use inside a block (``Transformer.prefill``): prompts go through
 #: in groups of ``prefill_chunk_tokens`` tokens, so generation's working set stays small next to its KV cache.
-PREFILL_CHUNK_BYTES = 128 << 20
+PREFILL_CHUNK_BYTES = 32 << 20
 PREFILL_CHUNK_TOKENS_MIN, PREFILL_CHUNK_TOKENS_MAX = 512, 8192
 
 

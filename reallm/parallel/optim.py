@@ -349,3 +349,11 @@ def host_copy(t: torch.Tensor) -> torch.Tensor:
     out.copy_(t)
     return out
 
+
+
+def release_library_workspaces(device: torch.device) -> None:
+    """Give back the cuBLAS workspaces cached per (handle, stream) — 32 MiB each on Hopper, allocated through
+    torch's allocator — so memory left between calls is only what a call needs; the next product takes a
+    workspace again (from the allocator's cache: no cudaMalloc)."""
+    if device.type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
