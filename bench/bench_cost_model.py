@@ -10,7 +10,8 @@ LLaMA in fp32 on CPU):
 
 - generate: ``ParallelModel.generate`` of n prompts of P random tokens in m micro-batches, no EOS token
   (every sequence decodes exactly N tokens), sampling as PPO does by default (top-k 200, top-p 0.9, the
-  logits mask returned: also what ``executor.profiler`` times; label ``ppo``) or greedy (label ``greedy``).
+  logits mask returned: the profile's ``sample`` tables; label ``ppo``) or greedy (its ``greedy`` tables;
+  label ``greedy``).
   Measured phase ``prefill_s``: the same call with N = 1.
 - inference: ``ParallelModel.logprobs`` (a reference model's call) on n sequences of s tokens in m
   micro-batches; label ``mask``: under a logits mask, as PPO's reference model.
@@ -20,7 +21,8 @@ LLaMA in fp32 on CPU):
   reads log-probs under a logits mask, as PPO's actor.
 
 Estimates: ``planner.cost_model.call_time.t_call`` and ``memory.call_memory(...).standalone_bytes`` of a
-``Call`` built to match, on ``Placement((0,), num_micro_batches=m)``, from ``--profile``; or, with
+``Call`` built to match, on ``Placement((0,), num_micro_batches=m)``, with ``ModelOptions`` of the setting
+(checkpointing, greedy, ``compile_blocks`` = ``--compile-blocks``), from ``--profile``; or, with
 ``--measure-profile`` (the default on CPU when no profile is given), from a profile of the model's layers
 measured first on this device by ``executor.profiler`` (``planner profile``'s code; its quick grid with
 ``--quick``); else the cluster's shipped profile (``profiles/h100_measured.json``, else the analytic one).
@@ -34,9 +36,10 @@ as the estimate's standalone bytes count them. Column ``other``: resident memory
 library workspaces kept per stream, e.g. cuBLAS's 32 MiB for every stream generation's CUDA-graph capture
 used; garbage of earlier calls) — the planner's ``USABLE_MEMORY_FRACTION`` headroom.
 
-Settings are chosen between the profile's grid points: the tables' axes are read from the profile, and a
-setting whose sequence length, tokens per micro-batch or decode batch falls on a grid point is nudged off
-it (the ``notes`` column says where a point lies outside a grid, i.e. is extrapolated or clamped).
+Settings are chosen between the profile's grid points: the tables' axes are read from the profile
+(``Grids.of``), and a setting whose sequence length, tokens per micro-batch or decode batch falls on a grid
+point is nudged off it (the ``notes`` column says where a point lies outside a grid, i.e. is extrapolated or
+clamped).
 Ranking: Kendall τ-b between estimated and measured times over 20 settings of one train call (micro-batches,
 checkpointing, batch, length) and 20 of one generate call (micro-batches, batch, prompt and new tokens).
 Targets (issue 11, on an H100): time error median ≤ 10 % and max ≤ 25 %, memory error ≤ 10 %, τ ≥ 0.9.
@@ -68,8 +71,8 @@ from planner.cost_model.memory import (  # noqa: E402
     logits_mask_bytes,
     train_activation_bytes,
 )
-from planner.cost_model.profile import Profile, default_profile, load_profile, shape_key  # noqa: E402
-from planner.cost_model.shapes import ModelOptions, stages_of  # noqa: E402
+from planner.cost_model.profile import Grids, Profile, default_profile, load_profile, shape_key  # noqa: E402
+from planner.cost_model.shapes import ModelOptions, blocks_compiled, stages_of  # noqa: E402
 from reallm.cluster import load_cluster  # noqa: E402
 from reallm.dataflow import Call  # noqa: E402
 from reallm.placement import Placement  # noqa: E402
@@ -125,23 +128,6 @@ class Setting:
         return Placement((0,), num_micro_batches=self.num_micro_batches)
 
 
-@dataclass(frozen=True)
-class Grids:
-    """Axes of the profile's tables for one model shape (tp = 1): token ops (block forward) and decode."""
-
-    seqlen: tuple[float, ...]
-    tokens: tuple[float, ...]
-    batch: tuple[float, ...]
-    kv_len: tuple[float, ...]
-
-    @staticmethod
-    def of(profile: Profile, spec: ModelSpec) -> Grids:
-        profile.layer_time_s(spec, "block", "forward", 1, 1.0, 1.0)  # fills an analytic entry if missing
-        block = profile.layers[shape_key(spec)]["block"][1]
-        fwd, dec = block["forward"], block["decode"]
-        return Grids(fwd.x, fwd.y, dec.x, dec.y)
-
-
 def _on(x: float, axis: Sequence[float]) -> bool:
     return len(axis) > 1 and any(abs(x - g) < 1e-9 for g in axis)
 
@@ -159,16 +145,16 @@ def off_grid(s: Setting, g: Grids, seqlen_step: int) -> tuple[Setting, list[str]
     batch), and notes on points outside a grid."""
     for _ in range(64):
         b, m = s.seqs_per_micro_batch, s.num_micro_batches
-        if _on(s.seqlen, g.seqlen):
+        if _on(s.seqlen, g.seqlens):
             s = replace(s, seqlen=s.seqlen + seqlen_step)
-        elif _on(b * s.seqlen, g.tokens) or (s.kind == "generate" and _on(b, g.batch)):
+        elif _on(b * s.seqlen, g.tokens) or (s.kind == "generate" and _on(b, g.batches)):
             s = replace(s, n_seqs=(b + 1) * m)
         else:
             break
     b = s.seqs_per_micro_batch
-    notes = [_outside("s", s.seqlen, g.seqlen), _outside("T", b * s.seqlen, g.tokens)]
+    notes = [_outside("s", s.seqlen, g.seqlens), _outside("T", b * s.seqlen, g.tokens)]
     if s.kind == "generate":
-        notes += [_outside("b", b, g.batch), _outside("K", s.seqlen + s.new_tokens, g.kv_len)]
+        notes += [_outside("b", b, g.batches), _outside("K", s.seqlen + s.new_tokens, g.kv_lens)]
     return s, [n for n in notes if n]
 
 
@@ -226,8 +212,10 @@ class Estimate:
     memory_terms: dict[str, float]
 
 
-def estimate(s: Setting, spec: ModelSpec, profile: Profile, cluster, dtype_bytes: int) -> Estimate:
-    opts = ModelOptions(gradient_checkpointing=s.checkpointing, zero_stage=0, dtype_bytes=dtype_bytes)
+def estimate(s: Setting, spec: ModelSpec, profile: Profile, cluster, dtype_bytes: int,
+             compile_blocks: bool = False) -> Estimate:
+    opts = ModelOptions(gradient_checkpointing=s.checkpointing, zero_stage=0, dtype_bytes=dtype_bytes,
+                        greedy=s.kind == "generate" and not s.logits_mask, compile_blocks=compile_blocks)
     call, p = s.call(), s.placement()
     ct = t_call(call, p, spec, profile, cluster, opts)
     mem = call_memory(call, p, spec, opts)
@@ -237,7 +225,8 @@ def estimate(s: Setting, spec: ModelSpec, profile: Profile, cluster, dtype_bytes
     if s.kind == "train":
         st = stages_of(spec, 1, 1)[0]
         tokens = s.seqs_per_micro_batch * s.seqlen
-        terms["activation_bytes"] = train_activation_bytes(spec, p, st, 0, tokens, s.checkpointing, dtype_bytes)
+        terms["activation_bytes"] = train_activation_bytes(spec, p, st, 0, tokens, s.checkpointing, dtype_bytes,
+                                                           blocks_compiled(opts, 1))
     return Estimate(ct.time_s, dict(ct.terms), mem.standalone_bytes, terms)
 
 
@@ -737,7 +726,8 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
         if (group, s2) in seen:
             continue
         seen.add((group, s2))
-        planned.append(Row(group, s2, estimate(s2, spec, profile, cluster, dtype_bytes), Measured(), notes))
+        planned.append(Row(group, s2, estimate(s2, spec, profile, cluster, dtype_bytes, compile_blocks), Measured(),
+                           notes))
     # Inference-replica calls first, then the training replica: one model build each.
     planned.sort(key=lambda r: (r.setting.kind == "train",))
     runner = Runner(spec, device, repeats=repeats or (1 if quick else 3), warmup=warmup,

@@ -15,32 +15,46 @@ with ``K`` cached tokens)::
              prefill   the same lookup without grad
   block      forward   DecoderLayer(x, ctx)              ctx: what Transformer.forward hands its blocks
              backward  backward of that output (input and weight gradients, fp32 accumulation hooks)
+             forward_ckpt / backward_ckpt   the same under torch.utils.checkpoint, as gradient
+                       checkpointing runs it (its backward recomputes the forward); optional tables
              prefill   DecoderLayer(x, ctx) without grad, writing the KV cache (ctx of a prefill call)
-             decode    one step of b sequences at position K (ctx of Transformer.decode), replayed from a
-                       captured CUDA graph where generation replays one (``decode_graphed``: CUDA, tp = 1)
+             decode    one step of b sequences at position K (ctx of Transformer.decode): device time,
+                       host time and one-off capture cost as generation runs it (``decode_graphed``: a
+                       replayed CUDA graph on CUDA with tp = 1, else eager; ``_decode_point``)
   head       forward   final norm + lm_head + LogitsShard.logprobs (the vocab-parallel log-softmax every
-                       actor call computes)           backward: of those log-probs
-             prefill   norm on all T rows, lm_head on each sequence's last row, gather, and the sampling of
-                       token 0 (``reallm.parallel.generate._sample``, the settings in ``sampling``)
-             decode    norm + lm_head (graph-replayed as the block) + gather + sampling, per step
+                       actor call computes, fused per chunk with compiled blocks: ``ParallelModel._wrap``)
+                       backward: of those log-probs
+             prefill   norm on all T rows, lm_head on each sequence's last row
+             decode    norm + lm_head of b rows, as the block's decode
+  decode_step          a step outside its layers (``launch``: the ring's slot bookkeeping, the positions,
+                       ``DecodeRunner`` on the model with its blocks and head bypassed: embedding, rope,
+                       input copies and the replay launch; its first two calls once: ``capture``), and the
+                       draw of the next token: gather over tp + ``reallm.parallel.generate._sample`` with
+                       greedy settings (``greedy``) and with ``sampling`` (``sample``), device and host
   score_head forward / backward / prefill / decode: final norm + the critic's score
   optimizer  ParallelModel.optimizer_step (global norm, clipping, AdamW, write-back) / parameters
   host       pinned device -> host copy (``host_copy``, as ``offload``) and host -> device (``reload``)
 
-Timing (``Timer``): CUDA events on CUDA, ``perf_counter`` on CPU; a warm-up call, one call to size the
-groups, then the median of 3-10 groups of back-to-back calls, each group ≥ 1.5 ms and the whole point
-≈ 30 ms. On CUDA the groups follow each other without synchronisation (an event pair around each): the
-steady state of a stream of layers, where a launch-bound call costs its host time and a device-bound one
-its device time. Each row is then made non-decreasing in tokens / K (and decode tables in batch) by
-isotonic regression (``monotone``): a larger size never looks cheaper because of noise; the points it
-moved are listed in the run's ``adjusted``.
+Timing (``Timer``): CUDA events on CUDA, ``perf_counter`` on CPU. Token ops (``time_s``): a warm-up call,
+one call to size the groups, then the median of 3-10 groups of back-to-back calls, each group ≥ 1.5 ms
+and the whole point ≈ 30 ms. On CUDA the groups follow each other without synchronisation (an event pair
+around each): the steady state of a stream of layers, where a launch-bound call costs its host time and a
+device-bound one its device time. Decode ops (``device_host_s``): generation's step loop never waits for
+the device, so a step's device and host times are measured apart and combined by the cost model: a sleep
+kernel holds the stream while the host issues a group of calls (the issue time is the host time), then
+the device runs the group back to back (events around it: the device time). Graphed layers are timed as
+graphs of 1 and ``DECODE_GRAPH_COPIES`` copies (``_decode_point``): the device time per copy, the host
+time a copy adds to a replay, and the capture's cost per copy. On CPU the host does the work: host and
+capture times are 0. Each row of a device or capture table is then made non-decreasing in tokens / K (and
+decode tables in batch) by isotonic regression (``monotone``): a larger size never looks cheaper because of
+noise; the points it moved are listed in the run's ``adjusted``. Host tables are stored as measured.
 
 Grids: tables are ``seqlen × tokens`` (token ops) and ``batch × kv_len`` (decode); ops that do not
-depend on the sequence length (embedding, head forward/backward, score head) get one seqlen row, head
-and score-head decode one kv_len column. Points that do not fit (out of memory, or a KV cache over
-``decode_cache_bytes_max``) are skipped with the rest of their row (larger sizes), listed in the run's
-``skipped``, and filled (``fill_table``): along the row's last measured segment (time is linear in
-tokens and in K there), else along the batch axis; the filled points are listed in ``filled``.
+depend on the sequence length (embedding, head forward/backward, score head) get one seqlen row, head,
+score-head and decode-step decode tables one kv_len column. Points that do not fit (out of memory, or a
+KV cache over ``decode_cache_bytes_max``) are skipped with the rest of their row (larger sizes), listed in
+the run's ``skipped``, and filled (``fill_table``): along the row's last measured segment (time is linear
+in tokens and in K there), else along the batch axis; the filled points are listed in ``filled``.
 
 Collectives: with ``torch.distributed`` initialised and world > 1 (``torchrun ... -m planner.cli profile``),
 ``measure_collectives`` times all-reduce, all-gather, reduce-scatter (and point-to-point for 2 ranks) on
@@ -52,6 +66,7 @@ is the analytic one, marked ``"assumed": true``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -69,11 +84,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.utils.checkpoint
 
 from executor import comm
 from executor.comm import Group
 from planner.cost_model.analytic_profile import AnalyticRates, collective_rates
-from planner.cost_model.profile import PROFILE_FORMAT, PROFILE_VERSION, profile_from_dict, shape_key, shape_of
+from planner.cost_model.profile import (
+    CKPT_OPS,
+    DECODE_OPS,
+    PROFILE_FORMAT,
+    PROFILE_VERSION,
+    SAMPLING_MODES,
+    TOKEN_OPS,
+    Grids,
+    profile_from_dict,
+    shape_key,
+    shape_of,
+)
+from reallm import working_set
 from reallm.errors import UserError
 from reallm.model.generate import GenerationConfig
 from reallm.placement import Placement
@@ -84,26 +112,7 @@ GiB = 1 << 30
 
 
 # -- settings --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Grids:
-    """Grid axes of the tables (module docstring)."""
-
-    tokens: tuple[int, ...]
-    seqlens: tuple[int, ...]
-    batches: tuple[int, ...]
-    kv_lens: tuple[int, ...]
-
-    def __post_init__(self):
-        for name in ("tokens", "seqlens", "batches", "kv_lens"):
-            axis = tuple(int(v) for v in getattr(self, name))
-            if not axis or any(v < 1 for v in axis) or any(a >= b for a, b in zip(axis, axis[1:])):
-                raise UserError(f"profile grid {name}: must be a non-empty, strictly increasing list of positive "
-                                f"integers, got {list(axis)}")
-            object.__setattr__(self, name, axis)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) for k, v in dataclasses.asdict(self).items()}
-
+# ``Grids`` (the tables' axes) is defined with the schema, where the cost-model bench reads it back too.
 
 #: H100: every 1.1B/7B/13B/70B-shaped layer at tp 1, 2, 4, 8 in a few minutes. Tokens double around the
 #: knee between launch-bound and compute-bound; beyond the last point tables extrapolate linearly.
@@ -121,9 +130,14 @@ def default_grids(device: str, quick: bool) -> Grids:
 
 
 #: Sampling as a PPO actor's generation does it by default (``PPOHyperparameters``): top-k 200, top-p 0.9,
-#: the logits mask recorded. Its cost is part of the head's prefill and decode times.
+#: the logits mask recorded: the ``decode_step`` tables ``sample`` and ``sample_host``.
 PPO_SAMPLING = GenerationConfig(max_new_tokens=2, min_new_tokens=0, greedy=False, temperature=1.0, top_k=200,
                                 top_p=0.9, return_logits_mask=True)
+#: Greedy generation (no logits mask): the ``decode_step`` tables ``greedy`` and ``greedy_host``.
+GREEDY_SAMPLING = GenerationConfig(max_new_tokens=2, greedy=True)
+#: Graphed decode layers are timed as graphs of this many copies (and of one): the device time per copy and
+#: the host time each extra copy adds to a replay (``LayerBench._decode_point``).
+DECODE_GRAPH_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -158,9 +172,11 @@ class ProfileSettings:
 class Timer:
     """Median time of a call (module docstring); CUDA events on CUDA, perf_counter on CPU."""
 
-    def __init__(self, settings: ProfileSettings):
+    def __init__(self, settings: ProfileSettings, host_sync: Optional[list[str]] = None):
         self.s = settings
         self.cuda = settings.device == "cuda"
+        #: ``device_host_s`` calls whose function waited for the device on the host (see there).
+        self.host_sync = host_sync if host_sync is not None else []
 
     def _sync(self) -> None:
         if self.cuda:
@@ -214,17 +230,86 @@ class Timer:
         self._sync()
         return statistics.median(a.elapsed_time(b) / 1e3 / inner for a, b in events)
 
+    def device_host_s(self, fn: Callable[[], Any]) -> tuple[float, float]:
+        """(device s, host s) per call of ``fn`` when the host issues calls without waiting for the device, as
+        the generation loop does. On CUDA the stream is held by a sleep kernel while the host issues a group
+        of calls: the host time is the issue time, and the device then runs the queued group back to back
+        (events around it), so neither waits for the other. A group is redone with a longer sleep when the
+        host did not finish issuing before the sleep ended; ``fn`` that synchronises (the host cannot get
+        ahead: the loop cannot overlap it either) gets (its back-to-back time ``time_s``, 0), noted in
+        ``host_sync``. On CPU: (``time_s(fn)``, 0) — the host does the work."""
+        if not self.cuda:
+            return self.time_s(fn), 0.0
+        fn()  # warm-up
+        self._sync()
+        t0 = time.perf_counter()
+        fn()
+        host1 = time.perf_counter() - t0
+        self._sync()
+        wall1 = max(time.perf_counter() - t0, 1e-7)
+        # Groups of at most 16 calls keep the launch queue short (a full queue would block the host).
+        n = max(1, min(16, math.ceil(self.s.group_min_s / wall1)))
+        reps = max(self.s.min_repeats, min(self.s.max_repeats, round(self.s.point_target_s / (n * wall1))))
+        sleep_s = 2.0 * n * host1 + 1e-3
+        devices, hosts = [], []
+        tries = 0
+        while len(devices) < reps:
+            cycles = self._sleep_cycles(sleep_s)
+            self._sync()
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            torch.cuda._sleep(cycles)
+            e1.record()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            issue = time.perf_counter() - t0
+            e2.record()
+            self._sync()
+            slept = e0.elapsed_time(e1) / 1e3
+            if issue > 0.8 * slept:  # the device may have waited for the host: not its own time
+                tries += 1
+                if tries > 4:
+                    self.host_sync.append(f"{getattr(fn, '__qualname__', fn)}: {issue * 1e3:.2f} ms to issue {n} "
+                                          f"call(s) under {slept * 1e3:.2f} ms of sleep; timed back to back")
+                    return self.time_s(fn), 0.0
+                sleep_s = 2.0 * issue + 1e-3
+                continue
+            devices.append(e1.elapsed_time(e2) / 1e3 / n)
+            hosts.append(issue / n)
+        return statistics.median(devices), statistics.median(hosts)
 
-def graphed(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-    """``fn`` captured in a CUDA graph: (replay, its static output). Warmed up on a side stream first, as
-    ``reallm.model.generate._DecodeRunner`` does (lazy library init and Triton JIT must not be captured)."""
-    stream = torch.cuda.Stream()
+    def _sleep_cycles(self, seconds: float) -> int:
+        """``torch.cuda._sleep`` cycles lasting about ``seconds`` (clock rate measured once)."""
+        if getattr(self, "_cycles_per_s", None) is None:
+            cycles = 1 << 20
+            torch.cuda._sleep(cycles)  # warm-up
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            torch.cuda._sleep(cycles)
+            b.record()
+            self._sync()
+            self._cycles_per_s = cycles / max(a.elapsed_time(b) / 1e3, 1e-6)
+        return int(seconds * self._cycles_per_s)
+
+    def wall_s(self, fn: Callable[[], Any]) -> float:
+        """One call from an idle device to an idle device: a one-off cost (a graph capture)."""
+        return self._single_s(fn)
+
+
+def graphed(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+    """``fn`` captured in a CUDA graph: (replay, its static output). Warmed up and captured on generation's
+    capture stream, as ``reallm.model.generate.DecodeRunner`` does (lazy library init and Triton JIT must not
+    be captured)."""
+    from reallm.model.generate import _capture_stream
+
+    stream = _capture_stream(torch.device("cuda", torch.cuda.current_device()))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         out = fn()
     return graph.replay, out
 
@@ -326,6 +411,7 @@ class _SamplerState:
     def __init__(self, batch: int, device):
         self.u_BN = torch.rand(batch, 2, dtype=torch.float64, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos_t = torch.tensor([2], dtype=torch.int64, device=device)
         self.out_tok: list = []
         self.out_lp: list = []
         self.out_mask: list = []
@@ -333,13 +419,26 @@ class _SamplerState:
 
 def sample_like_generation(pm, logits_shard_BW: torch.Tensor, state: _SamplerState, cfg: GenerationConfig) -> None:
     """The last stage's per-step work after the head: gather the logits over tp and draw, exactly as
-    ``reallm.parallel.generate`` does (its ``_sample``: sampling, bookkeeping, the is-finished host sync)."""
+    ``reallm.parallel.generate`` does (its ``_sample``: sampling and bookkeeping; token 1 of 2, so no
+    end-of-batch check)."""
     from reallm.parallel.generate import _sample
     from reallm.parallel.vocab import gather_last_logits
 
     state.out_tok, state.out_lp, state.out_mask = [], [], []
-    eos_t = torch.tensor([2], dtype=torch.int64, device=logits_shard_BW.device)
-    _sample(state, gather_last_logits(logits_shard_BW, pm.groups.tp), cfg, 1, [2], eos_t, 0, 2, pm.spec.vocab_size)
+    _sample(state, gather_last_logits(logits_shard_BW, pm.groups.tp), cfg, 1, [2], state.eos_t, 0, 2,
+            pm.spec.vocab_size)
+
+
+@contextlib.contextmanager
+def layers_bypassed(model):
+    """``model.decode`` without its blocks and head (instance attributes shadow the methods): what a decode
+    step costs outside its layers."""
+    model._blocks = lambda h, ctx: h
+    model._head = lambda h, select_rows: h
+    try:
+        yield model
+    finally:
+        del model._blocks, model._head
 
 
 # -- tables ----------------------------------------------------------------------------------------------
@@ -429,6 +528,8 @@ class RunLog:
     adjusted: list[str] = field(default_factory=list)
     optimizer_points: list[dict] = field(default_factory=list)
     host: dict = field(default_factory=dict)
+    #: Decode calls that wait for the device on the host (``Timer.device_host_s``).
+    host_sync: list[str] = field(default_factory=list)
 
 
 class _Progress:
@@ -464,7 +565,9 @@ class _Progress:
 def points_per_config(g: Grids) -> int:
     """Grid points measured for one (shape, tp): progress bar total."""
     nt, ns, nb, nk = len(g.tokens), len(g.seqlens), len(g.batches), len(g.kv_lens)
-    return (3 * nt) + (3 * ns * nt + nb * nk) + (2 * nt + ns * nt + nb) + (3 * nt + nb) + 1
+    # embedding; block (forward, backward, prefill, checkpointed forward and backward; decode); head;
+    # decode step (launch, 2 sampling modes); score head; optimizer
+    return (3 * nt) + (5 * ns * nt + nb * nk) + (2 * nt + ns * nt + nb) + 3 * nb + (3 * nt + nb) + 1
 
 
 # -- the measurements of one (shape, tp) -----------------------------------------------------------------
@@ -482,13 +585,19 @@ class LayerBench:
     def table(self, kind: str, op: str, x_name: str, xs: Sequence[int], y_name: str, ys: Sequence[int],
               point: Callable[[int, int], float]) -> Optional[dict]:
         """Measure ``point(x, y)`` over the grid; after a point that does not fit, the rest of its row is skipped."""
-        where = f"{self.key} {kind} tp={self.tp} {op}"
-        values: list[list[Optional[float]]] = [[None] * len(ys) for _ in xs]
+        return self.tables(kind, (op,), x_name, xs, y_name, ys, lambda x, y: (point(x, y),))[op]
+
+    def tables(self, kind: str, ops: Sequence[str], x_name: str, xs: Sequence[int], y_name: str,
+               ys: Sequence[int], point: Callable[[int, int], Sequence[float]]) -> dict[str, Optional[dict]]:
+        """``table`` for a ``point`` that measures several ops at once (one value per op)."""
+        where = f"{self.key} {kind} tp={self.tp}"
+        values = {op: [[None] * len(ys) for _ in xs] for op in ops}
         for i, x in enumerate(xs):
             for j, y in enumerate(ys):
                 reason = None
                 try:
-                    values[i][j] = point(x, y)
+                    for op, v in zip(ops, point(x, y), strict=True):
+                        values[op][i][j] = v
                 except SkipPoint as e:
                     reason = str(e)
                 except torch.OutOfMemoryError:
@@ -497,20 +606,27 @@ class LayerBench:
                     gc.collect()
                     if self.s.device == "cuda":
                         torch.cuda.empty_cache()
-                    self.log.skipped.append(f"{where} {x_name}={x} {y_name}>={y}: {reason}")
+                    self.log.skipped.append(f"{where} {'/'.join(ops)} {x_name}={x} {y_name}>={y}: {reason}")
                     self.progress.step(len(ys) - j)
                     break
                 self.progress.step()
-        smooth = monotone(values, along_x=op == "decode")
-        self.log.adjusted += [f"{where} {x_name}={x} {y_name}={y}: {v:.4g} -> {w:.4g} s"
-                              for x, rv, rw in zip(xs, values, smooth) for y, v, w in zip(ys, rv, rw)
-                              if v is not None and abs(w - v) > 1e-3 * v]
-        full, filled = fill_table(xs, ys, smooth)
-        if full is None:
-            self.log.skipped.append(f"{where}: too few points fit to fill the table; analytic fallback")
-            return None
-        self.log.filled += [f"{where} {x_name}={x:g} {y_name}={y:g}" for x, y in filled]
-        return {x_name: list(xs), y_name: list(ys), "time_s": [[_sig(v) for v in row] for row in full]}
+        out = {}
+        for op in ops:
+            # Host times are left as measured: launching does not get dearer with the sizes, and a call the
+            # host cannot get ahead of records 0 (``Timer.device_host_s``).
+            along_x = op not in TOKEN_OPS + CKPT_OPS
+            smooth = values[op] if op.endswith("_host") else monotone(values[op], along_x=along_x)
+            self.log.adjusted += [f"{where} {op} {x_name}={x} {y_name}={y}: {v:.4g} -> {w:.4g} s"
+                                  for x, rv, rw in zip(xs, values[op], smooth) for y, v, w in zip(ys, rv, rw)
+                                  if v is not None and abs(w - v) > 1e-3 * v]
+            full, filled = fill_table(xs, ys, smooth)
+            if full is None:
+                self.log.skipped.append(f"{where} {op}: too few points fit to fill the table; analytic fallback")
+                out[op] = None
+                continue
+            self.log.filled += [f"{where} {op} {x_name}={x:g} {y_name}={y:g}" for x, y in filled]
+            out[op] = {x_name: list(xs), y_name: list(ys), "time_s": [[_sig(v) for v in row] for row in full]}
+        return out
 
     def _time(self, fn, setup=None, grad: bool = True) -> float:
         with torch.set_grad_enabled(grad):
@@ -520,19 +636,33 @@ class LayerBench:
         x = torch.randn(rows, self.spec.hidden_size, dtype=self.s.dtype, device=self.dev)
         return x.requires_grad_(grad)
 
-    def _decode_fn(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], Any], Callable[[], torch.Tensor]]:
-        """(what to call per step, how to get its output): a graph replay where generation replays one, else
-        ``fn`` itself."""
+    def _decode_point(self, fn: Callable[[], Any]) -> tuple[float, float, float]:
+        """(device, host, capture) seconds of one layer call ``fn`` in a decode step as generation runs it
+        (``profile.py``'s ``decode``, ``decode_host``, ``decode_capture``). Where generation replays a graph
+        (``self.graph``): graphs of 1 and c = ``DECODE_GRAPH_COPIES`` copies of ``fn``, replayed with the host
+        ahead of the device: device = D_c / c; host = (H_c − H_1)/(c − 1), what a copy adds to the replay's
+        launch; capture = (W_c − W_1)/(c − 1) − device, W the wall time of warm-up + capture (an eager
+        first step and a capture, beyond two ordinary steps). Eager: the call's own device and host times."""
         if not self.graph:
+            dev, host = self.timer.device_host_s(fn)
+            return dev, host, 0.0
+        c = DECODE_GRAPH_COPIES
+        fn()  # a new shape's compilation (compiled blocks) is no part of a capture's cost
+        runs = {}
+        for k in (1, c):
             box = {}
 
-            def call():
-                box["out"] = fn()
+            def capture(k=k, box=box):
+                with torch.no_grad():
+                    box["replay"], box["out"] = graphed(lambda: [fn() for _ in range(k)])
 
-            return call, lambda: box["out"]
-        with torch.no_grad():
-            replay, out = graphed(fn)
-        return replay, lambda: out
+            wall = self.timer.wall_s(capture)
+            dev, host = self.timer.device_host_s(box["replay"])
+            runs[k] = (dev, host, wall)
+            box.clear()
+        (_, h1, w1), (dc, hc, wc) = runs[1], runs[c]
+        dev = dc / c
+        return dev, max((hc - h1) / (c - 1), 0.0), max((wc - w1) / (c - 1) - dev, 0.0)
 
     def _check_cache(self, pm, batch: int, max_len: int) -> None:
         layer = next(iter(pm.model.model.layers.values()))
@@ -602,18 +732,41 @@ class LayerBench:
             with torch.no_grad():
                 ctx = blocks_input(model, lambda: model.decode(ids, pos, cache))[1]
             x = self._hidden(b, False)
-            step, _ = self._decode_fn(lambda: layer(x, ctx))
-            return self._time(step, grad=False)
+            with torch.no_grad():
+                return self._decode_point(lambda: layer(x, ctx))
 
-        for op, fn in (("forward", blk_fwd), ("backward", blk_bwd), ("prefill", blk_prefill)):
+        def ckpt(x, ctx):  # as Transformer._blocks runs a block under gradient checkpointing
+            return torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+
+        def blk_fwd_ckpt(s, T):
+            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
+            return self._time(lambda: ckpt(x, ctx))
+
+        def blk_bwd_ckpt(s, T):  # a fresh checkpointed forward before each timed backward (it recomputes)
+            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
+            gy, box = torch.randn_like(x), {}
+
+            def setup():
+                box["y"] = ckpt(x, ctx)
+
+            return self._time(lambda: torch.autograd.backward(box.pop("y"), gy), setup)
+
+        for op, fn in (("forward", blk_fwd), ("backward", blk_bwd), ("prefill", blk_prefill),
+                       ("forward_ckpt", blk_fwd_ckpt), ("backward_ckpt", blk_bwd_ckpt)):
+            if op in CKPT_OPS:
+                try:  # optional tables (the cost model has a fallback): a failure costs only them
+                    table = self.table("block", op, "seqlen", g.seqlens, "tokens", g.tokens, fn)
+                except Exception as e:  # noqa: BLE001
+                    self.log.errors.append(f"{self.key} block tp={self.tp} {op}: {type(e).__name__}: {e}")
+                    table = None
+                if table is not None:
+                    out["block"][op] = table
+                continue
             out["block"][op] = self.table("block", op, "seqlen", g.seqlens, "tokens", g.tokens, fn)
-        out["block"]["decode"] = self.table("block", "decode", "batch", g.batches, "kv_len", g.kv_lens, blk_decode)
+        out["block"].update(self.tables("block", DECODE_OPS, "batch", g.batches, "kv_len", g.kv_lens, blk_decode))
 
-        from reallm.parallel.vocab import LogitsShard
-
-        def logprobs(x, ids, cu):
-            shard = LogitsShard(model._head(x, None), pm.tp_state.vocab_start, V, pm.groups.tp)
-            return shard.logprobs(ids, cu)
+        def logprobs(x, ids, cu):  # the executor's own wrapping (vocab-parallel, fused where it fuses)
+            return pm._wrap(model._head(x, None)).logprobs(ids, cu)
 
         def head_fwd(s, T):
             ids, cu = packed_batch(T, s, V, self.dev)
@@ -627,29 +780,64 @@ class LayerBench:
             glp = torch.randn_like(lp)
             return self._time(lambda: torch.autograd.backward(lp, glp, retain_graph=True))
 
-        def head_prefill(s, T):
+        def head_prefill(s, T):  # the draw of token 0 is the decode step's sampling (``decode_step``)
             _, cu = packed_batch(T, s, V, self.dev)
             last = (cu[1:] - 1).long()
-            x, state = self._hidden(T, False), _SamplerState(last.numel(), self.dev)
-            return self._time(lambda: sample_like_generation(pm, model._head(x, last), state, self.s.sampling),
-                              grad=False)
+            x = self._hidden(T, False)
+            return self._time(lambda: model._head(x, last), grad=False)
 
         def head_decode(b, _K):
-            x, state = self._hidden(b, False), _SamplerState(b, self.dev)
-            step, logits = self._decode_fn(lambda: model._head(x, None))
-
-            def call():
-                step()
-                sample_like_generation(pm, logits(), state, self.s.sampling)
-
-            return self._time(call, grad=False)
+            x = self._hidden(b, False)
+            with torch.no_grad():
+                return self._decode_point(lambda: model._head(x, None))
 
         out["head"]["forward"] = self.table("head", "forward", "seqlen", one_row, "tokens", g.tokens, head_fwd)
         out["head"]["backward"] = self.table("head", "backward", "seqlen", one_row, "tokens", g.tokens, head_bwd)
         out["head"]["prefill"] = self.table("head", "prefill", "seqlen", g.seqlens, "tokens", g.tokens, head_prefill)
-        out["head"]["decode"] = self.table("head", "decode", "batch", g.batches, "kv_len", g.kv_lens[:1], head_decode)
+        out["head"].update(self.tables("head", DECODE_OPS, "batch", g.batches, "kv_len", g.kv_lens[:1], head_decode))
+        out["decode_step"] = self.decode_step(pm)
 
         self.optimizer(pm)
+        return out
+
+    def decode_step(self, pm) -> dict:
+        """The ``decode_step`` tables: a step outside its layers, and the draw of the next token."""
+        from reallm.model.generate import DecodeRunner
+        from reallm.parallel.generate import ring_ops
+
+        g, model, V = self.s.grids, pm.model, pm.spec.vocab_size
+        K = g.kv_lens[0]
+        out: dict = {}
+
+        def launch(b, _K):
+            # generation's step outside the layers: the ring's bookkeeping of one slot (pp = 1: one "fwd" op),
+            # the positions, and DecodeRunner (embedding and rope; where graphed, the input copies and replay)
+            cache = model.new_kv_cache(b, K + 2)
+            ids = torch.randint(0, V, (b,), device=self.dev)
+            lengths = torch.full((b,), K, dtype=torch.int64, device=self.dev)
+            ops = ring_ops(0, 1, 1, has_slot=lambda t, g_: True, was_done_pass=lambda t, g_: False)
+            with torch.no_grad(), layers_bypassed(model):
+                runner = DecodeRunner(model, cache, self.graph)
+
+                def step():
+                    next(ops)
+                    runner(ids, lengths + 1)
+
+                first_two = self.timer.wall_s(lambda: (step(), step())) if self.graph else 0.0
+                dev, host = self.timer.device_host_s(step)
+            capture = max(first_two - 2 * max(dev, host), 0.0) if self.graph else 0.0
+            return dev, host, capture
+
+        out.update(self.tables("decode_step", ("launch", "launch_host", "capture"), "batch", g.batches, "kv_len",
+                               (K,), launch))
+        for mode, cfg in zip(SAMPLING_MODES, (GREEDY_SAMPLING, self.s.sampling), strict=True):
+            def draw(b, _K, cfg=cfg):
+                logits = torch.randn(b, model.lm_head.weight.shape[0], dtype=self.s.dtype, device=self.dev)
+                state = _SamplerState(b, self.dev)
+                with torch.no_grad():
+                    return self.timer.device_host_s(lambda: sample_like_generation(pm, logits, state, cfg))
+
+            out.update(self.tables("decode_step", (mode, f"{mode}_host"), "batch", g.batches, "kv_len", (K,), draw))
         return out
 
     def optimizer(self, pm) -> None:
@@ -688,8 +876,8 @@ class LayerBench:
 
         def decode(b, _K):
             x = self._hidden(b, False)
-            step, _ = self._decode_fn(lambda: model._head(x, None))
-            return self._time(step, grad=False)
+            with torch.no_grad():
+                return self._decode_point(lambda: model._head(x, None))[0]
 
         for op, fn in (("forward", fwd), ("backward", bwd), ("prefill", prefill)):
             out[op] = self.table("score_head", op, "seqlen", one_row, "tokens", g.tokens, fn)
@@ -848,8 +1036,8 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
     t_start = time.time()
     rates = analytic_rates_for(settings.device)
     dev_name = device_name(settings.device)
-    timer = Timer(settings)
     log = RunLog()
+    timer = Timer(settings, log.host_sync)
     unique = list({shape_key(s): s for s in specs}.values())
     run = {"command": command, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
@@ -859,6 +1047,12 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
                       if settings.decode_cuda_graph and settings.device == "cuda" else "eager"),
            "compile_blocks": settings.compile_blocks,
            "sampling": dataclasses.asdict(settings.sampling),
+           "greedy_sampling": dataclasses.asdict(GREEDY_SAMPLING),
+           "decode_graph_copies": DECODE_GRAPH_COPIES,
+           # the executor's chunking that the decode-step and prefill tables depend on (``reallm.working_set``;
+           # sampling is timed with all rows at once, the default policy)
+           "sampling_chunk_logits": settings.sampling.sampling_chunk_logits,
+           "prefill_chunk_bytes": working_set.PREFILL_CHUNK_BYTES,
            "timing": "cuda events" if settings.device == "cuda" else "perf_counter"}
     if base is not None:
         d = base
@@ -927,6 +1121,7 @@ def _store(d: dict, spec: ModelSpec, tp: int, layers: dict) -> None:
 
 def _finish_run(d: dict, run: dict, log: RunLog, t_start: float) -> None:
     run.update(skipped=log.skipped, filled=log.filled, adjusted=log.adjusted, errors=log.errors,
+               host_sync=log.host_sync,
                optimizer_points=log.optimizer_points,
                host_copy=log.host, wall_s=round(time.time() - t_start, 1))
     points = [p for r in d["runs"] for p in r.get("optimizer_points", [])]
@@ -948,7 +1143,11 @@ def check_base(path: str, device: str, dtype: str) -> dict:
         raise UserError(f"{path}: --merge adds to a measured profile of this device ({device}, {dtype}); it is "
                         f"{prof.source} on {prof.device!r} ({prof.dtype}). Write to another --out, or drop --merge.")
     with open(path) as f:
-        return json.load(f)
+        d = json.load(f)
+    if d.get("version") != PROFILE_VERSION:
+        raise UserError(f"{path}: --merge adds to a version-{PROFILE_VERSION} profile; it is version {d.get('version')} "
+                        f"(its decode tables are timed differently). Re-measure into a new --out, or drop --merge.")
+    return d
 
 
 def write_profile(d: dict, path: str) -> None:

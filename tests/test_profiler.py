@@ -25,6 +25,7 @@ from planner.cost_model import profile as profile_mod
 from planner.cost_model.call_time import t_call
 from planner.cost_model.profile import (
     LAYER_KINDS,
+    OPTIONAL_OPS,
     PROFILE_DIR,
     REQUIRED_OPS,
     default_profile,
@@ -64,11 +65,14 @@ def _assert_covers(prof, spec, tps):
     key = shape_key(spec)
     for kind in LAYER_KINDS:
         for tp in tps:
-            assert set(prof.layers[key][kind][tp]) == set(REQUIRED_OPS[kind]), (kind, tp)
+            # the profiler also measures the optional ops (checkpointed blocks)
+            assert set(prof.layers[key][kind][tp]) == set(REQUIRED_OPS[kind]) | set(OPTIONAL_OPS.get(kind, ())), (
+                kind, tp)
     for tp in tps:
         for kind in ("embedding", "block", "head", "score_head"):
             assert prof.layer_time_s(spec, kind, "forward", tp, 100, 32) > 0
         assert prof.decode_time_s(spec, "block", tp, 3, 40) > 0
+        assert prof.layer_time_s(spec, "block", "backward_ckpt", tp, 100, 32) > 0
     assert prof.fallbacks == []
 
 
@@ -91,6 +95,16 @@ def test_profile_covers_every_op_without_fallback(tiny_profile):
     layers = d["models"][shape_key(TINY)]["layers"]
     assert layers["block"]["1"]["forward"]["seqlen"] == list(CPU_QUICK_GRIDS.seqlens)
     assert len(layers["head"]["2"]["decode"]["kv_len"]) == 1
+    # On a CPU the host does the work: host and capture tables are 0, device tables hold the wall time.
+    for tp in ("1", "2", "4"):
+        step = layers["decode_step"][tp]
+        assert all(v == 0.0 for op in ("launch_host", "capture", "greedy_host", "sample_host")
+                   for row in step[op]["time_s"] for v in row)
+        assert all(v > 0.0 for op in ("launch", "greedy", "sample") for row in step[op]["time_s"] for v in row)
+        for kind in ("block", "head"):
+            assert all(v == 0.0 for op in ("decode_host", "decode_capture")
+                       for row in layers[kind][tp][op]["time_s"] for v in row)
+    assert run["greedy_sampling"]["greedy"] and not run["sampling"]["greedy"]
 
 
 def test_profile_feeds_the_cost_model(tiny_profile):
@@ -114,8 +128,10 @@ def test_points_that_do_not_fit_are_skipped_and_filled():
     small_cache = dataclasses.replace(FAST, decode_cache_bytes_max=20_000)  # b=4, K=64: 66 kB of one-layer cache
     d = profile_models([TINY], [1], small_cache, command="test")
     (run,) = d["runs"]
-    assert any("block tp=1 decode batch=4 kv_len>=64" in s and "KV cache" in s for s in run["skipped"])
-    assert any(s.endswith("block tp=1 decode batch=4 kv_len=64") for s in run["filled"])
+    assert any("block tp=1 decode/decode_host/decode_capture batch=4 kv_len>=64" in s and "KV cache" in s
+               for s in run["skipped"])
+    for op in ("decode", "decode_host", "decode_capture"):
+        assert any(s.endswith(f"block tp=1 {op} batch=4 kv_len=64") for s in run["filled"])
     _assert_covers(profile_from_dict(d), TINY, (1,))
 
 
@@ -151,6 +167,13 @@ def test_cli_writes_merges_and_the_cost_model_reads(tmp_path):
     prof = load_profile(str(out))
     _assert_covers(prof, TINY, (1, 2))
     assert [r["tp"] for r in prof.runs] == [[1], [2]]
+    # Merging into a version-1 file (timed differently) is refused with a clear error.
+    old = json.loads(out.read_text())
+    old["version"] = 1
+    out.write_text(json.dumps(old))
+    with pytest.raises(SystemExit) as e:
+        planner_main(["profile", "--tp", "4", "--merge", *common])
+    assert e.value.code == 2
 
 
 def _fails(capsys, argv, *needles):

@@ -6,7 +6,7 @@ Read in this order (each module's docstring has its formulas, each term a small 
 - ``analytic_profile``: the analytic H100 profile from datasheet rates (``python -m`` it to regenerate);
 - ``collectives``:      alpha-beta ring formulas;
 - ``shapes``:           pipeline stages, parameters per device, batch split;
-- ``call_time``:        ``t_call`` — pipeline slots, tp/pp/dp communication, generation's decode sum;
+- ``call_time``:        ``t_call`` — pipeline slots, tp/pp/dp communication, generation's decode steps;
 - ``memory``:           ``mem`` (= ``call_memory``) and the executor's memory policy;
 - ``realloc``:          reallocation from the layout algebra's plan (exact) and its fast estimate;
 - ``transfer``:         bytes of the keys on a data edge and the transfer formula;

@@ -22,9 +22,17 @@ Per tp rank, with T tokens per micro-batch in sequences of length s, tp degree t
   backward_s  = 2× the matmul and elementwise terms, 2.5× attention, 2× the kernels (no recompute)
   prefill_s   = forward_s + 4·T·kv_r / (η_mem·B)                      KV-cache write
   decode_s(b, K) = max((2·b·W + 4·b·K·q/t) / (η_mm·P), (2·W + 4·b·K·kv_r) / (η_mem·B)) + 12 · 2 µs
+  decode_host_s = 0 at tp = 1 (generation replays the step as one CUDA graph), else 30 ops · H
+  decode_capture_s = 2 · 30 ops · H at tp = 1 (eager warm-up step + capture), else 0
   head (LM):  W = ceil(V/t)·h; forward = roofline matmul + T·(V/t)·10 bytes of log-softmax traffic;
-              prefill only computes the logits of each sequence's last token (T/s rows); decode adds
-              b·(V/t)·32 bytes of sampling traffic (softmax, top-k/top-p sort).
+              prefill only computes the logits of each sequence's last token (T/s rows); decode is the
+              matmul of b rows (+ 8 kernels), host and capture as a block with 6 ops.
+  decode step (per step, outside the layers; V' = the vocabulary padded for tp):
+              launch = 4 kernels · 2 µs, launch_host = 2 ops · H (tp = 1: input copies + graph launch) or
+              6 ops · H, capture = 2 · launch_host;
+              greedy = b·V'·12 bytes / (η_mem·B) + 8 kernels · 2 µs, greedy_host = 8 ops · H;
+              sample = b·V'·48 bytes / (η_mem·B) (softmax, top-k, top-p sort, cumsum, mask) + 50 kernels ·
+              2 µs, sample_host = 50 ops · H; H = 25 µs per eagerly launched op (Python dispatch + launch).
   embedding:  a row gather (4·T·h bytes), backward a scatter-add (12·T·h bytes).
   score head: h → 1, elementwise-bound.
   optimizer:  Adam over fp32 master + 2 moments, bf16 grads and weights: 28 bytes / (η_mem·B) per parameter.
@@ -48,6 +56,9 @@ SEQLEN_GRID = (128, 1024, 8192)
 BATCH_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 KV_GRID = (1, 128, 512, 2048, 8192, 32768)
 BLOCK_KERNELS = 12
+#: Eagerly launched ops of one decode step's parts (host side, module docstring).
+EAGER_BLOCK_OPS, EAGER_HEAD_OPS = 30, 6
+GREEDY_OPS, SAMPLE_OPS = 8, 50
 ADAM_BYTES_PER_PARAM = 28
 
 
@@ -68,6 +79,8 @@ class AnalyticRates:
     host_bandwidth_bytes_per_s: float
     host_latency_s: float
     link_efficiency: float = 0.8
+    #: Host time per eagerly launched op (Python dispatch + kernel launch): decode steps' host side.
+    host_op_s: float = 25e-6
 
     @staticmethod
     def h100() -> AnalyticRates:
@@ -91,7 +104,9 @@ class AnalyticRates:
                              ib_bandwidth_bytes_per_s=f(cluster.inter_node_bandwidth_bytes_per_s),
                              ib_latency_s=f(cluster.inter_node_latency_s),
                              host_bandwidth_bytes_per_s=f(cluster.host_device_bandwidth_bytes_per_s),
-                             host_latency_s=f(cluster.intra_node_latency_s))
+                             host_latency_s=f(cluster.intra_node_latency_s),
+                             # On a CPU the host does the work: decode times are all in the device tables.
+                             host_op_s=25e-6 if gpu else 0.0)
 
     @staticmethod
     def from_dict(d: dict) -> AnalyticRates:
@@ -176,10 +191,30 @@ def head_backward_s(spec: ModelSpec, tp: int, tokens: float, r: AnalyticRates) -
 
 
 def head_decode_s(spec: ModelSpec, tp: int, batch: float, r: AnalyticRates) -> float:
-    v = vocab_rows_per_rank(spec, tp)
-    w = v * spec.hidden_size
-    return (matmul_time_s(2 * batch * w, DTYPE_BYTES * w, r) + memory_time_s(32 * batch * v, r)
-            + 8 * r.decode_kernel_overhead_s)
+    w = vocab_rows_per_rank(spec, tp) * spec.hidden_size
+    return matmul_time_s(2 * batch * w, DTYPE_BYTES * w, r) + 8 * r.decode_kernel_overhead_s
+
+
+def decode_host_s(tp: int, ops: int, r: AnalyticRates) -> float:
+    """Host time per step of a layer of ``ops`` eager ops: none where the step is one replayed graph (tp = 1)."""
+    return 0.0 if tp == 1 else ops * r.host_op_s
+
+
+def decode_capture_s(tp: int, ops: int, r: AnalyticRates) -> float:
+    """One-off eager warm-up step + capture of a layer of ``ops`` ops (tp = 1 only: nothing is captured else)."""
+    return 2 * ops * r.host_op_s if tp == 1 else 0.0
+
+
+def sampling_s(spec: ModelSpec, tp: int, batch: float, greedy: bool, r: AnalyticRates) -> float:
+    """Device time of drawing the next token from ``batch`` rows of padded-vocabulary logits."""
+    v = vocab_rows_per_rank(spec, tp) * tp
+    if greedy:
+        return memory_time_s(12 * batch * v, r) + GREEDY_OPS * r.decode_kernel_overhead_s
+    return memory_time_s(48 * batch * v, r) + SAMPLE_OPS * r.decode_kernel_overhead_s
+
+
+def launch_host_s(tp: int, r: AnalyticRates) -> float:
+    return (2 if tp == 1 else 6) * r.host_op_s
 
 
 def score_head_s(spec: ModelSpec, tokens: float, r: AnalyticRates, passes: float = 1.0) -> float:
@@ -205,14 +240,19 @@ def _tok_table(fn) -> dict:
             "time_s": [[_sig(fn(t, s)) for t in TOKENS_GRID] for s in SEQLEN_GRID]}
 
 
-def _dec_table(fn) -> dict:
-    return {"batch": list(BATCH_GRID), "kv_len": list(KV_GRID),
-            "time_s": [[_sig(fn(b, k)) for k in KV_GRID] for b in BATCH_GRID]}
+def _dec_table(fn, kv_grid=KV_GRID) -> dict:
+    return {"batch": list(BATCH_GRID), "kv_len": list(kv_grid),
+            "time_s": [[_sig(fn(b, k)) for k in kv_grid] for b in BATCH_GRID]}
+
+
+def _step_table(fn) -> dict:
+    """A decode-step table (one kv_len column: the step's parts outside the layers do not depend on it)."""
+    return _dec_table(lambda b, k: fn(b), KV_GRID[:1])
 
 
 def analytic_layer_dicts(spec: ModelSpec, r: AnalyticRates, tps=TP_DEGREES) -> dict:
     """``{kind: {str(tp): {op: table dict}}}`` in the profile schema."""
-    out: dict = {"embedding": {}, "block": {}, "head": {}, "score_head": {}}
+    out: dict = {"embedding": {}, "block": {}, "head": {}, "score_head": {}, "decode_step": {}}
     for tp in tps:
         k = str(tp)
         out["embedding"][k] = {
@@ -225,12 +265,16 @@ def analytic_layer_dicts(spec: ModelSpec, r: AnalyticRates, tps=TP_DEGREES) -> d
             "backward": _tok_table(lambda t, s, tp=tp: block_backward_s(spec, tp, t, s, r)),
             "prefill": _tok_table(lambda t, s, tp=tp: block_prefill_s(spec, tp, t, s, r)),
             "decode": _dec_table(lambda b, kv, tp=tp: block_decode_s(spec, tp, b, kv, r)),
+            "decode_host": _dec_table(lambda b, kv, tp=tp: decode_host_s(tp, EAGER_BLOCK_OPS, r)),
+            "decode_capture": _dec_table(lambda b, kv, tp=tp: decode_capture_s(tp, EAGER_BLOCK_OPS, r)),
         }
         out["head"][k] = {
             "forward": _tok_table(lambda t, s, tp=tp: head_forward_s(spec, tp, t, r)),
             "backward": _tok_table(lambda t, s, tp=tp: head_backward_s(spec, tp, t, r)),
             "prefill": _tok_table(lambda t, s, tp=tp: head_forward_s(spec, tp, max(t / s, 1.0), r)),
             "decode": _dec_table(lambda b, kv, tp=tp: head_decode_s(spec, tp, b, r)),
+            "decode_host": _dec_table(lambda b, kv, tp=tp: decode_host_s(tp, EAGER_HEAD_OPS, r)),
+            "decode_capture": _dec_table(lambda b, kv, tp=tp: decode_capture_s(tp, EAGER_HEAD_OPS, r)),
         }
         out["score_head"][k] = {
             "forward": _tok_table(lambda t, s: score_head_s(spec, t, r)),
@@ -238,20 +282,28 @@ def analytic_layer_dicts(spec: ModelSpec, r: AnalyticRates, tps=TP_DEGREES) -> d
             "prefill": _tok_table(lambda t, s: score_head_s(spec, t, r)),
             "decode": _dec_table(lambda b, kv: score_head_s(spec, b, r)),
         }
+        out["decode_step"][k] = {
+            "launch": _step_table(lambda b: 4 * r.decode_kernel_overhead_s),
+            "launch_host": _step_table(lambda b, tp=tp: launch_host_s(tp, r)),
+            "capture": _step_table(lambda b, tp=tp: 2 * launch_host_s(tp, r)),
+            "greedy": _step_table(lambda b, tp=tp: sampling_s(spec, tp, b, True, r)),
+            "greedy_host": _step_table(lambda b: GREEDY_OPS * r.host_op_s),
+            "sample": _step_table(lambda b, tp=tp: sampling_s(spec, tp, b, False, r)),
+            "sample_host": _step_table(lambda b: SAMPLE_OPS * r.host_op_s),
+        }
     return out
 
 
 def analytic_layers(spec: ModelSpec, r: AnalyticRates, tps=TP_DEGREES) -> dict:
     """Loaded tables ``{kind: {tp: {op: Table2D}}}`` (what ``Profile.layers[key]`` holds)."""
-    from planner.cost_model.profile import decode_table, token_table
+    from planner.cost_model.profile import table_of
 
     problems: list[str] = []
     out: dict = {}
     for kind, per_tp in analytic_layer_dicts(spec, r, tps).items():
         for tp_s, ops in per_tp.items():
-            out.setdefault(kind, {})[int(tp_s)] = {
-                op: (decode_table if op == "decode" else token_table)(td, f"{kind}.{op}", problems)
-                for op, td in ops.items()}
+            out.setdefault(kind, {})[int(tp_s)] = {op: table_of(op, td, f"{kind}.{op}", problems)
+                                                   for op, td in ops.items()}
     assert not problems, problems
     return out
 

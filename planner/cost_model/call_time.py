@@ -11,6 +11,9 @@ Per micro-batch stage times (``stage_forward_s`` etc.), for the slowest stage (m
       profile's no-grad ``prefill`` times — the same work, the KV-cache write aside — and its head the
       ``forward`` time: log-probs of every row, which the prefill's head does not compute)
   B = Σ_blocks (bwd(T) + fwd(T) if gradient checkpointing) + [embedding, head bwd] + tp_comm_bwd
+      (with gradient checkpointing and a profile that has the checkpointed block ops, F takes
+      ``forward_ckpt`` and B ``backward_ckpt`` for the blocks: the wrapped forward, and the backward that
+      recomputes it, as measured; ``ckpt_block_ops``)
   tp_comm per block, forward and backward alike (``tp_block_comm_s``): 2 all-reduces of T·h·2 bytes
       over the tp group, or with sp 2 all-gathers + 2 reduce-scatters of the same buffer (the same
       bytes, twice the latency terms). The analytic profile's layer times exclude tp collectives
@@ -29,18 +32,36 @@ Calls (``t_call``):
                all-gather of the updated weights in the compute dtype (d bytes, ``ModelOptions``);
                optimizer = params/device · profile.optimizer.time_s_per_param (/dp with ZeRO-1)
   inference  = (pp + m − 1)·(F + p2p)
-  generate   = prefill + Σ_{k=0}^{N−2} decode_step(P + k)
-               prefill = (pp + m − 1)·(F_prefill(T = b·P) + p2p), b = sequences per micro-batch; the
-               prefill's head samples token 0, so N new tokens take N − 1 decode steps, step k feeding
-               token k at position P + k (``reallm.parallel.generate``)
-               decode_step(K) = max(m, pp)·(D_stage(b, K) + p2p(b·h·2)) — the ring pipeline of
+  generate   = prefill + capture + Σ_{k=0}^{N−2} decode_round(P + k)
+               prefill = (pp + m − 1)·(F_prefill(b, P) + p2p) + m·draw(b), b = sequences per micro-batch;
+               F_prefill(b, P) = Σ_groups F_prefill(T = group tokens): with pp = 1 the prompts go through
+               in groups (``shapes.prefill_groups``), with pp > 1 in one pass of T = b·P tokens;
+               the prefill's head computes each prompt's last logits and the last stage draws
+               token 0 from them (draw = max(S, S_host) below), so N new tokens take N − 1 decode steps,
+               step k feeding token k at position P + k (``reallm.parallel.generate``)
+               decode_round(K) = max(m, pp)·(slot(b, K) + p2p(b·h·2)) — the ring pipeline of
                generation: a token of micro-batch j needs all pp stages, so one decoding round of all
                m micro-batches takes max(m, pp) stage slots
-               Σ decode_step is integrated over K ∈ [P, P+N−2] with the trapezoid rule on 9 points
+               slot(b, K): one decode step of a stage (``stage_decode_s``), from its device time D and the
+               host time H of the step loop (``profile.py``: a layer's ``decode`` and ``decode_host``):
+                 D = Σ_blocks decode(b, K) + launch(b) + [head decode(b) + S(b)] + tp_decode_comm
+                 H = Σ_blocks decode_host(b, K) + launch_host(b) + [head decode_host(b) + S_host(b)]
+                 ([…]: last stage; S, S_host: the ``decode_step`` sampling tables, ``greedy`` or ``sample``
+                 after ``ModelOptions.greedy``)
+                 slot = max(D, H) with pp = 1: the host launches each step (one graph replay where
+                 generation captures one) and its sampling without waiting for the device, except for the
+                 end-of-batch check every 8 steps, so the slower of the two sets the pace (``slot_s``);
+                 slot = D + H with pp > 1: a stage reads each input's control flag on the host, which
+                 waits for the device, so host and device take turns
+               capture = m·max over stages of [Σ_blocks decode_capture(b, P) + capture(b)
+                 + head decode_capture(b)]: per micro-batch, the eager first step and the CUDA-graph capture
+                 of the step beyond two ordinary steps (0 where nothing is captured, or N < 3)
+               Σ decode_round is integrated over K ∈ [P, P+N−2] with the trapezoid rule on 9 points
                (exact where the table is linear in K, as decode is between grid points).
 
 Not modelled: overlap of the dp all-reduce with backward (counted serial), kernel-level overlap of
-tp collectives with compute, stragglers, and data loading.
+tp collectives with compute, the host's launch of decode-time tp collectives, the idle device after
+generation's end-of-batch check (every 8 steps, about one launch), stragglers, and data loading.
 """
 
 from __future__ import annotations
@@ -59,6 +80,8 @@ from planner.cost_model.shapes import (
     head_kind,
     max_params_per_device,
     pp_crosses_nodes,
+    prefill_chunk_tokens,
+    prefill_groups,
     prompt_len,
     seqs_per_micro_batch,
     stages_of,
@@ -135,12 +158,19 @@ def tp_decode_comm_s(batch: float, num_blocks: int, has_head: bool, spec: ModelS
 
 
 # -- per-stage times ------------------------------------------------------------------------------
+def ckpt_block_ops(spec: ModelSpec, p: Placement, profile: Profile, checkpointing: bool) -> bool:
+    """Whether a train call's blocks take the profile's checkpointed ops (module docstring)."""
+    return checkpointing and profile.has_op(spec, "block", "backward_ckpt", p.tp) and profile.has_op(
+        spec, "block", "forward_ckpt", p.tp)
+
+
 def stage_forward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, op: str, tokens: float,
-                    seqlen: float, rate: LinkRate, head_op: Optional[str] = None) -> float:
+                    seqlen: float, rate: LinkRate, head_op: Optional[str] = None,
+                    block_op: Optional[str] = None) -> float:
     """Forward (op = forward) or prefill of one micro-batch on one stage, tp collectives included; the head
-    takes ``head_op`` (default ``op``)."""
+    takes ``head_op`` and the blocks ``block_op`` (default ``op``)."""
     comm = not profile.includes_tp_comm
-    t = st.num_blocks * (profile.layer_time_s(spec, "block", op, p.tp, tokens, seqlen)
+    t = st.num_blocks * (profile.layer_time_s(spec, "block", block_op or op, p.tp, tokens, seqlen)
                          + (tp_block_comm_s(tokens, spec, p, rate) if comm else 0.0))
     if st.has_embedding:
         t += profile.layer_time_s(spec, "embedding", op, p.tp, tokens, seqlen)
@@ -155,9 +185,12 @@ def stage_backward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile,
                      rate: LinkRate, checkpointing: bool) -> float:
     """Backward of one micro-batch on one stage; recomputes the blocks' forward under checkpointing."""
     comm = not profile.includes_tp_comm
-    blk = profile.layer_time_s(spec, "block", "backward", p.tp, tokens, seqlen)
-    if checkpointing:
-        blk += profile.layer_time_s(spec, "block", "forward", p.tp, tokens, seqlen)
+    if ckpt_block_ops(spec, p, profile, checkpointing):
+        blk = profile.layer_time_s(spec, "block", "backward_ckpt", p.tp, tokens, seqlen)
+    else:
+        blk = profile.layer_time_s(spec, "block", "backward", p.tp, tokens, seqlen)
+        if checkpointing:
+            blk += profile.layer_time_s(spec, "block", "forward", p.tp, tokens, seqlen)
     blk_comm = tp_block_comm_s(tokens, spec, p, rate) * (2 if checkpointing else 1) if comm else 0.0
     t = st.num_blocks * (blk + blk_comm)
     if st.has_embedding:
@@ -168,14 +201,52 @@ def stage_backward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile,
     return t
 
 
+def sampling_mode(opts: ModelOptions) -> str:
+    """Which ``decode_step`` sampling tables a generate call reads (``profile.SAMPLING_MODES``)."""
+    return "greedy" if opts.greedy else "sample"
+
+
 def stage_decode_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, batch: float, kv_len: float,
-                   rate: LinkRate) -> float:
-    t = st.num_blocks * profile.decode_time_s(spec, "block", p.tp, batch, kv_len)
-    if st.has_head:
-        t += profile.decode_time_s(spec, head_kind(spec), p.tp, batch, kv_len)
+                   rate: LinkRate, mode: str = "sample") -> tuple[float, float]:
+    """(device s D, host s H) of one decode step of a stage (module docstring); ``mode``: greedy | sample."""
+    def dec(kind: str, op: str) -> float:
+        return profile.decode_time_s(spec, kind, p.tp, batch, kv_len, op)
+
+    dev = st.num_blocks * dec("block", "decode") + dec("decode_step", "launch")
+    host = st.num_blocks * dec("block", "decode_host") + dec("decode_step", "launch_host")
+    if st.has_head and spec.is_critic:
+        dev += dec("score_head", "decode")
+    elif st.has_head:
+        dev += dec("head", "decode") + dec("decode_step", mode)
+        host += dec("head", "decode_host") + dec("decode_step", f"{mode}_host")
     if not profile.includes_tp_comm:
-        t += tp_decode_comm_s(batch, st.num_blocks, st.has_head, spec, p, rate)
+        dev += tp_decode_comm_s(batch, st.num_blocks, st.has_head, spec, p, rate)
+    return dev, host
+
+
+def slot_s(device_s: float, host_s: float, pp: int) -> float:
+    """A decode slot from its device and host time: they overlap with pp = 1, take turns with pp > 1."""
+    return max(device_s, host_s) if pp == 1 else device_s + host_s
+
+
+def stage_capture_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, batch: float,
+                    kv_len: float) -> float:
+    """One micro-batch's one-off eager first step and graph capture on a stage, beyond two ordinary steps."""
+    if spec.is_critic:
+        return 0.0
+    t = (st.num_blocks * profile.decode_time_s(spec, "block", p.tp, batch, kv_len, "decode_capture")
+         + profile.decode_time_s(spec, "decode_step", p.tp, batch, kv_len, "capture"))
+    if st.has_head:
+        t += profile.decode_time_s(spec, "head", p.tp, batch, kv_len, "decode_capture")
     return t
+
+
+def draw_s(spec: ModelSpec, p: Placement, profile: Profile, batch: float, mode: str) -> float:
+    """The last stage's draw of one token for ``batch`` sequences (device and host overlap)."""
+    if spec.is_critic:
+        return 0.0
+    return max(profile.decode_time_s(spec, "decode_step", p.tp, batch, 0.0, mode),
+               profile.decode_time_s(spec, "decode_step", p.tp, batch, 0.0, f"{mode}_host"))
 
 
 def pipeline_p2p_s(tokens: float, spec: ModelSpec, p: Placement, rate: LinkRate) -> float:
@@ -230,23 +301,32 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
     slots = pipeline_slots(p)
     if call.kind == "generate":
         P, N = prompt_len(call), call.max_new_tokens
+        mode = sampling_mode(opts)
         tok = b * P
         p2p = pipeline_p2p_s(tok, spec, p, links.pp)
-        prefill = slots * (max(stage_forward_s(st, spec, p, profile, "prefill", tok, P, links.tp) for st in sts) + p2p)
+        groups = prefill_groups(b, P, prefill_chunk_tokens(spec, p.tp, opts.dtype_bytes)) if p.pp == 1 else [(tok, 1)]
+        fwd = max(sum(n * stage_forward_s(st, spec, p, profile, "prefill", t, P, links.tp) for t, n in groups)
+                  for st in sts)
+        prefill = slots * (fwd + p2p) + p.num_micro_batches * draw_s(spec, p, profile, b, mode)
         p2p_dec = pipeline_p2p_s(b, spec, p, links.pp)
         ring = max(p.num_micro_batches, p.pp)
 
-        def step_s(kv: float) -> float:
-            return ring * (max(stage_decode_s(st, spec, p, profile, b, kv, links.tp) for st in sts) + p2p_dec)
+        def round_s(kv: float) -> float:
+            return ring * (max(slot_s(*stage_decode_s(st, spec, p, profile, b, kv, links.tp, mode), p.pp)
+                               for st in sts) + p2p_dec)
 
-        decode = sum_over_steps_s(step_s, P, N - 1)
-        return CallTime(prefill + decode, {"prefill_s": prefill, "decode_s": decode})
+        capture = 0.0
+        if N >= 3:  # DecodeRunner: step 1 eager, step 2 captured (and replayed), then replays
+            capture = p.num_micro_batches * max(stage_capture_s(st, spec, p, profile, b, P) for st in sts)
+        decode = sum_over_steps_s(round_s, P, N - 1)
+        return CallTime(prefill + capture + decode, {"prefill_s": prefill, "capture_s": capture, "decode_s": decode})
     tok, s = b * call.max_seqlen, call.max_seqlen
     p2p = pipeline_p2p_s(tok, spec, p, links.pp)
     if call.kind == "inference":
         fwd = max(stage_forward_s(st, spec, p, profile, "prefill", tok, s, links.tp, head_op="forward") for st in sts)
         return CallTime(slots * (fwd + p2p), {"compute_s": slots * fwd, "pp_comm_s": slots * p2p})
-    fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp) for st in sts)
+    blk_op = "forward_ckpt" if ckpt_block_ops(spec, p, profile, opts.gradient_checkpointing) else "forward"
+    fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp, block_op=blk_op) for st in sts)
     bwd = max(stage_backward_s(st, spec, p, profile, tok, s, links.tp, opts.gradient_checkpointing) for st in sts)
     dp_s = dp_grad_allreduce_s(spec, p, links.dp, opts)
     opt_s = optimizer_s(spec, p, profile, opts)

@@ -3,7 +3,8 @@
 Per device of the largest stage (max over stages). P = parameter elements on the device, T tokens per
 micro-batch, L blocks on the stage, V' = ⌈V/tp⌉ vocabulary rows, d = bytes per element (2: bf16 on GPU;
 4: fp32, the CPU runs), h / q / kv_r / I the hidden, query, per-rank kv and intermediate widths,
-c = min(T, 1024) rows of one log-prob chunk (``reallm.parallel.vocab``). Each term is what the executor
+c = min(T, 1024) rows of one log-prob chunk (``reallm.parallel.vocab``): 3 fp32 copies of it, 12·c·V'
+bytes, or with compiled blocks (fused chunks) one chunk in the logits' dtype, d·c·V'. Each term is what the executor
 (``reallm.parallel``) allocates, as ``torch.cuda.max_memory_allocated`` sees it:
 
   weights_bytes         = d·P                                   the flat parameter buffer
@@ -15,15 +16,20 @@ c = min(T, 1024) rows of one log-prob chunk (``reallm.parallel.vocab``). Each te
                           its global-norm ``vector_norm(g, dtype=float64)`` still materialises an fp64
                           copy of the gradients, 8·P bytes, which a chunked norm removes; not modelled.
                           The CPU path's unfused update holds 8·P fp32 temporaries; CPU runs are tiny.)
-  layer_activation      = T·( 2·(4 + 2·d)·h/(tp if sp else 1) + d·(4·q + 4·I)/tp )
+  layer_activation      = T·( 2·(4 + 2·d)·h/(tp if sp else 1) + d·(4·q + 4·I)/tp )       (eager)
                           one block's tensors saved for backward: per RMSNorm an fp32 copy of its input,
                           the normalised input and its output (the next matmul's input); attention's q,
                           k and v expanded to every query head (the batched cuDNN path takes no GQA, and
                           torch 2.11's varlen attention no ``enable_gqa``) and its output (no s² term);
                           the MLP's gate, SiLU, up and their product
+                        = T·d·(2·h + 4·q + 3·I)              (compiled blocks: ``shapes.blocks_compiled``)
+                          the compiled regions' partitioner keeps each norm's bf16 input (the rest is
+                          recomputed in backward), q/k/v and the attention output, the fused gate-up
+                          output and the SwiGLU product. Measured on an H100 (1.1B, 2026-11-24): 58.7 and
+                          59.1 kB per token and block at T = 4608 and 12800; the formula gives 58.4
   layer_backward_bytes  = d·T·2·I/tp: a block's gradient temporaries while its saved tensors still live
   head_train            = T·V'·2·d (logits saved for the log-probs' backward, and their gradient)
-                          + 12·c·V' (fp32 chunk of the vocab-parallel log-softmax: z, z − max, exp)
+                          + the log-prob chunk (12·c·V', or d·c·V' fused: the gradient of one chunk)
                           + d·V'·h (the LM head's weight gradient, before its hook adds it to the fp32
                           buffer) + (4 + 2·d)·T·h (the final norm); a critic: the final norm only
   train activations     = in_flight·L·d·T·h/(tp if sp) + max(layer_activation + layer_backward,
@@ -35,17 +41,22 @@ c = min(T, 1024) rows of one log-prob chunk (``reallm.parallel.vocab``). Each te
   inference             = weights + max(block_working, head_working)   (no_grad: one block at a time)
                           block_working = d·T·(4·I/tp + 3·h)   inside the MLP: the fused gate-up output,
                           SiLU and product; the block's input, the residual and the norm output
-                          head_working  = d·T·V' + 12·c·V' + d·T·h  (actor: logits + one log-prob chunk;
+                          head_working  = d·T·V' + chunk + d·T·h  (actor: logits + one log-prob chunk;
                           critic: d·T·h), + with pp > 1 the m micro-batches' T·h boundary activations
-  generation            = weights + KV cache ⌈n/dp⌉·(P+N)·2·L·kv_r·d (every micro-batch of the dp rank
-                          is allocated up front) + max(the prefill's block_working(b·P) + sampling: the
-                          selected rows' logits d·b·V' and 16·b·V bytes of fp32 full-vocabulary temporaries,
-                          the logits mask at the end)
+  generation            = weights + max(KV cache ⌈n/dp⌉·(P+N)·2·L·kv_r·d (every micro-batch of the dp rank
+                          is allocated up front) + the prefill's block_working(T_g) + sampling (the
+                          selected rows' logits d·b·V' and 16·r·V bytes of fp32 full-vocabulary temporaries)
+                          + one copy of the logits mask (recorded step by step), the logits mask's copies at
+                          the end, when the caches are already freed); T_g = the largest prefill group's
+                          tokens (pp = 1; ``shapes.prefill_groups``) or b·P (pp > 1), r = min(b, sampling
+                          chunk rows)
   logits mask           (PPO's default: a call with ``packed_logits_mask`` among its outputs or inputs) one
-                          byte per token and vocabulary entry: generation keeps ⌈n/dp⌉·N·V of them and at
-                          its end three copies are alive (the per-step list, the per-micro-batch stacks,
-                          their concatenation); an inference or train call holds the ⌈n/dp⌉·s·V input
-                          masks of its micro-batches during the call
+                          byte per token and vocabulary entry: generation records ⌈n/dp⌉·N·V of them step
+                          by step, and at its end, when the KV caches are freed, (3·⌈n/dp⌉ + b)·N·V are
+                          alive (``reallm.parallel.generate._assemble``: the per-step lists, the padded
+                          per-micro-batch stacks, their concatenation, and the last micro-batch's stack);
+                          an inference or train call holds the ⌈n/dp⌉·s·V input masks of its
+                          micro-batches during the call
 
 The executor's memory policy (DESIGN §4), which the simulator applies per device and call:
 - A train call's state (weights, grads, Adam) lives on its train placement for the whole step, except
@@ -68,8 +79,12 @@ from planner.cost_model.shapes import (
     DTYPE_BYTES,
     ModelOptions,
     Stage,
+    blocks_compiled,
     max_params_per_device,
+    prefill_chunk_tokens,
+    prefill_groups,
     prompt_len,
+    sampling_chunk_rows,
     seqs_per_micro_batch,
     seqs_per_rank,
     stages_of,
@@ -93,7 +108,8 @@ LOGPROB_CHUNK_FP32_COPIES = 3
 SAMPLING_BYTES_PER_LOGIT = 16
 #: The data key of the sampling-support mask (bool [tokens, V]) that PPO's generation returns by default.
 LOGITS_MASK_KEY = "packed_logits_mask"
-#: Copies of the generated logits mask alive at the end of generation (module docstring).
+#: Copies of the generated logits mask alive at the end of generation, besides the last micro-batch's stack
+#: (module docstring).
 GENERATED_MASK_COPIES = 3
 
 
@@ -120,8 +136,11 @@ def train_state_bytes(params: int, dp: int, opts: ModelOptions) -> float:
     return weights_bytes(params, d) + GRAD_BYTES_PER_PARAM * params + optimizer
 
 
-def layer_activation_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
-    """One block's tensors saved for backward (module docstring)."""
+def layer_activation_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_bytes: int = DTYPE_BYTES,
+                           compiled: bool = False) -> float:
+    """One block's tensors saved for backward, eager or compiled (module docstring)."""
+    if compiled:
+        return tokens * dtype_bytes * (2 * spec.hidden_size + (4 * spec.q_size + 3 * spec.intermediate_size) / tp)
     sharded = 4 * spec.q_size + 4 * spec.intermediate_size
     return tokens * (2 * norm_saved_bytes_per_token(spec, dtype_bytes) / (tp if sp else 1)
                      + dtype_bytes * sharded / tp)
@@ -141,10 +160,13 @@ def block_working_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype
     return dtype_bytes * tokens * (4 * spec.intermediate_size / tp + 3 * spec.hidden_size / (tp if sp else 1))
 
 
-def logprob_chunk_bytes(spec: ModelSpec, tp: int, tokens: float) -> float:
-    """fp32 temporaries of one chunk of the vocab-parallel log-softmax."""
+def logprob_chunk_bytes(spec: ModelSpec, tp: int, tokens: float, dtype_bytes: int = DTYPE_BYTES,
+                        fused: bool = False) -> float:
+    """Temporaries of one chunk of the vocab-parallel log-softmax: fp32 copies, or fused one chunk in the
+    logits' dtype (module docstring)."""
     rows = min(tokens, LOGPROB_CHUNK_ROWS)
-    return LOGPROB_CHUNK_FP32_COPIES * 4 * rows * vocab_rows(spec, tp)
+    per_logit = dtype_bytes if fused else LOGPROB_CHUNK_FP32_COPIES * 4
+    return per_logit * rows * vocab_rows(spec, tp)
 
 
 def vocab_rows(spec: ModelSpec, tp: int) -> int:
@@ -157,30 +179,35 @@ def logits_bytes(spec: ModelSpec, tp: int, tokens: float, bytes_per_logit: float
     return tokens * vocab_rows(spec, tp) * bytes_per_logit
 
 
-def head_train_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
+def head_train_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_bytes: int = DTYPE_BYTES,
+                     fused: bool = False) -> float:
     """Last stage in training: the final norm; an actor's logits and their gradient, a log-prob chunk and
     the LM head's weight gradient."""
     norm = tokens * norm_saved_bytes_per_token(spec, dtype_bytes) / (tp if sp else 1)
     if spec.is_critic:
         return norm
-    return (norm + logits_bytes(spec, tp, tokens, 2 * dtype_bytes) + logprob_chunk_bytes(spec, tp, tokens)
+    return (norm + logits_bytes(spec, tp, tokens, 2 * dtype_bytes)
+            + logprob_chunk_bytes(spec, tp, tokens, dtype_bytes, fused)
             + dtype_bytes * vocab_rows(spec, tp) * spec.hidden_size)
 
 
-def head_working_bytes(spec: ModelSpec, tp: int, tokens: float, dtype_bytes: int = DTYPE_BYTES) -> float:
+def head_working_bytes(spec: ModelSpec, tp: int, tokens: float, dtype_bytes: int = DTYPE_BYTES,
+                       fused: bool = False) -> float:
     """Last stage without autograd: the head's output (logits or values) and, for an actor, a log-prob chunk."""
     hidden = dtype_bytes * tokens * spec.hidden_size
     if spec.is_critic:
         return hidden
-    return hidden + logits_bytes(spec, tp, tokens, dtype_bytes) + logprob_chunk_bytes(spec, tp, tokens)
+    return (hidden + logits_bytes(spec, tp, tokens, dtype_bytes)
+            + logprob_chunk_bytes(spec, tp, tokens, dtype_bytes, fused))
 
 
 def train_activation_bytes(spec: ModelSpec, p: Placement, st: Stage, stage_index: int, tokens: float,
-                           checkpointing: bool, dtype_bytes: int = DTYPE_BYTES) -> float:
+                           checkpointing: bool, dtype_bytes: int = DTYPE_BYTES, compiled: bool = False) -> float:
+    """``compiled``: blocks compiled and log-probs fused (``shapes.blocks_compiled``)."""
     in_flight = min(p.num_micro_batches, p.pp - stage_index)
-    layer = layer_activation_bytes(spec, p.tp, p.sequence_parallel, tokens, dtype_bytes)
+    layer = layer_activation_bytes(spec, p.tp, p.sequence_parallel, tokens, dtype_bytes, compiled)
     backward = layer_backward_bytes(spec, p.tp, tokens, dtype_bytes)
-    head = head_train_bytes(spec, p.tp, p.sequence_parallel, tokens, dtype_bytes) if st.has_head else 0.0
+    head = head_train_bytes(spec, p.tp, p.sequence_parallel, tokens, dtype_bytes, compiled) if st.has_head else 0.0
     if checkpointing:
         saved = in_flight * st.num_blocks * dtype_bytes * tokens * spec.hidden_size / (p.tp if p.sequence_parallel else 1)
         return saved + max(layer + backward, head)
@@ -193,12 +220,12 @@ def kv_cache_bytes(spec: ModelSpec, tp: int, num_blocks: int, num_seqs: float, k
 
 
 def logits_mask_bytes(call: Call, spec: ModelSpec, dp: int) -> float:
-    """The logits masks a call holds on one device (module docstring); 0 without them."""
+    """The logits masks a call holds on one device (module docstring; generation: one copy); 0 without them."""
     n_rank = math.ceil(call.n_seqs / dp)
     if call.kind == "generate":
         if LOGITS_MASK_KEY not in call.outputs:
             return 0.0
-        return GENERATED_MASK_COPIES * n_rank * call.max_new_tokens * spec.vocab_size
+        return n_rank * call.max_new_tokens * spec.vocab_size  # one copy (module docstring)
     if LOGITS_MASK_KEY not in call.inputs or spec.is_critic:
         return 0.0
     return n_rank * call.max_seqlen * spec.vocab_size
@@ -231,15 +258,17 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
     w = weights_bytes(params, d)
     b = seqs_per_micro_batch(call, p)
     mask = logits_mask_bytes(call, spec, p.dp)
+    compiled = blocks_compiled(opts, p.tp)
     if call.kind == "train":
         tok = b * call.max_seqlen
-        act = max(train_activation_bytes(spec, p, st, i, tok, opts.gradient_checkpointing, d) for i, st in enumerate(sts))
+        act = max(train_activation_bytes(spec, p, st, i, tok, opts.gradient_checkpointing, d, compiled)
+                  for i, st in enumerate(sts))
         act += mask
         return CallMemory(act, act, train_state_bytes(params, p.dp, opts), w)
     if call.kind == "inference":
         tok = b * call.max_seqlen
         act = max(max(block_working_bytes(spec, p.tp, p.sequence_parallel, tok, d),
-                      head_working_bytes(spec, p.tp, tok, d) if st.has_head else 0.0)
+                      head_working_bytes(spec, p.tp, tok, d, compiled) if st.has_head else 0.0)
                   + (p.num_micro_batches * d * tok * spec.hidden_size if p.pp > 1 else 0.0)
                   for st in sts)
         act += mask
@@ -247,10 +276,19 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
     # generate
     P, N = prompt_len(call), call.max_new_tokens
     n_rank = seqs_per_rank(call, p.dp)
-    act = max(kv_cache_bytes(spec, p.tp, st.num_blocks, n_rank, P + N, d)
-              + max(block_working_bytes(spec, p.tp, False, b * P, d)
-                    + (logits_bytes(spec, p.tp, b, d) + logits_bytes(spec, 1, b, SAMPLING_BYTES_PER_LOGIT)
-                       if st.has_head else 0.0),
-                    mask if st.has_head else 0.0)
-              for st in sts)
+    groups = prefill_groups(b, P, prefill_chunk_tokens(spec, p.tp, d)) if p.pp == 1 else [(b * P, 1)]
+    prefill_tokens = max(t for t, _ in groups)
+    rows = min(b, sampling_chunk_rows(vocab_rows(spec, p.tp) * p.tp, opts, b))
+    end_mask = GENERATED_MASK_COPIES * mask + (mask / n_rank * b if mask else 0.0)
+
+    def stage_bytes(st: Stage) -> float:
+        working = block_working_bytes(spec, p.tp, False, prefill_tokens, d)
+        if not st.has_head:
+            return kv_cache_bytes(spec, p.tp, st.num_blocks, n_rank, P + N, d) + working
+        working += logits_bytes(spec, p.tp, b, d) + logits_bytes(spec, 1, rows, SAMPLING_BYTES_PER_LOGIT)
+        # while decoding: the caches, the working set and the mask recorded so far; at the end (caches freed):
+        # the mask's copies
+        return max(kv_cache_bytes(spec, p.tp, st.num_blocks, n_rank, P + N, d) + working + mask, end_mask)
+
+    act = max(stage_bytes(st) for st in sts)
     return CallMemory(w + act, act, 0.0, w)

@@ -1,9 +1,9 @@
 """Cost profiles: measured (or analytic) layer times and collective rates, as versioned JSON.
 
-Schema (``"format": "reallm.profile"``, version 1)::
+Schema (``"format": "reallm.profile"``, version 2)::
 
     {
-      "format": "reallm.profile", "version": 1,
+      "format": "reallm.profile", "version": 2,
       "source": "analytic" | "measured",       # analytic: from datasheet rates (analytic_profile.py)
       "device": "NVIDIA H100 80GB HBM3",      # Cluster.gpu_name, or "cpu"
       "dtype": "bf16",                        # bf16 | fp32 (the CPU profile of the tiny models)
@@ -15,10 +15,14 @@ Schema (``"format": "reallm.profile"``, version 1)::
           "shape": {"hidden_size": 4096, "intermediate_size": 11008, "num_heads": 32,
                     "num_kv_heads": 32, "head_dim": 128, "vocab_size": 32000, "qkv_bias": false},
           "layers": {
-            "embedding":  {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK}},
-            "block":      {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK, "decode": DEC}},
-            "head":       {"<tp>": {... same four ...}},      # final norm + LM head (+ log-softmax)
-            "score_head": {"<tp>": {... same four ...}}       # final norm + critic score head
+            "embedding":   {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK}},
+            "block":       {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK,
+                                     "decode": DEC, "decode_host": DEC, "decode_capture": DEC,
+                                     "forward_ckpt": TOK, "backward_ckpt": TOK}},   # the last two optional
+            "head":        {"<tp>": {... the same six ...}},   # final norm + LM head (+ log-softmax)
+            "score_head":  {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK, "decode": DEC}},
+            "decode_step": {"<tp>": {"launch": DEC, "launch_host": DEC, "capture": DEC,
+                                     "greedy": DEC, "greedy_host": DEC, "sample": DEC, "sample_host": DEC}}
           }
         }
       },
@@ -41,11 +45,35 @@ seqlen]}`` (one seqlen row makes it a function of tokens alone). ``DEC`` is one 
 ``batch`` sequences whose KV cache holds ``kv_len`` tokens: ``{"batch": [b..], "kv_len": [k..],
 "time_s": [[..] per batch]}``. Both are piecewise linear (bilinear between grid points); beyond the
 last grid point a table extrapolates along its last segment, below the first it holds the first value
-(a kernel-launch floor). Layer times exclude the tp collectives unless ``includes_tp_comm``, exclude
-the recomputation of gradient checkpointing (the cost model adds a forward) and exclude pipeline
-send/receive. Collective bandwidth is the per-device "bus bandwidth" of a ring (cost formulas in
+(a kernel-launch floor). Layer times exclude the tp collectives unless ``includes_tp_comm`` and exclude
+pipeline send/receive; ``forward`` and ``backward`` exclude the recomputation of gradient checkpointing
+(``backward_ckpt`` includes it, below). Collective bandwidth is the per-device "bus bandwidth" of a ring (cost formulas in
 ``collectives.py``); a group size missing from the table uses the nearest smaller one's bandwidth and
 scales latency with log2 of the size.
+
+Gradient checkpointing (``Transformer._blocks`` runs each block under ``torch.utils.checkpoint``): a
+block's ``forward_ckpt`` is its forward so wrapped, ``backward_ckpt`` its backward, which recomputes the
+forward first. Both are optional; without them the cost model counts a checkpointed block as a forward
+and, in backward, a forward + a backward.
+
+Decode steps, as generation runs them (``reallm.parallel.generate``: the host launches a step and the
+sampling without waiting for the device, so host and device work overlap; ``call_time.py`` combines
+them). For each layer: ``decode`` is its *device* time per step, ``decode_host`` the *host* time the
+step loop spends on it (eager: the launches of its kernels; where the step is one replayed CUDA graph:
+the graph launch's increment per layer, ≈ 0), ``decode_capture`` the one-off cost per generation call and
+micro-batch of the eager warm-up step and the graph capture, per layer (0 where nothing is captured).
+``head.decode`` is norm + LM head only. ``decode_step`` holds what is not a layer, per step of the last
+stage: ``launch`` / ``launch_host`` the device / host time of the step outside its layers (inputs
+copied into the graph, embedding, positions, the replay launch, the ring's bookkeeping), ``capture`` its
+share of the one-off warm-up and capture, and the sampling of the next token from the logits (tp
+gather, ``reallm.parallel.generate._sample``): device and host time, greedy (``greedy``, ``greedy_host``)
+and sampling (``sample``, ``sample_host``: the measuring run's ``sampling`` settings, PPO's top-k/top-p
+with the logits mask by default). ``decode_step`` tables have one ``kv_len`` column. On a CPU the host
+does the work: device tables hold the wall time and the host and capture tables are 0.
+
+Version 1 (no ``decode_host``, ``decode_capture``, ``decode_step``; the head's decode included the
+sampling, timed back to back) still loads: the missing tables are 0, which reproduces version 1's
+estimates (a step is the sum of the layers' decode times).
 
 A measured profile (``executor/profiler.py``, ``planner profile``) lists its runs (one per profiler
 invocation; ``--merge`` appends) with the device, date, torch and CUDA versions, git commit, the exact
@@ -62,6 +90,7 @@ cluster's datasheet rates), and the fallback is recorded in ``Profile.fallbacks`
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -72,14 +101,24 @@ from reallm.errors import UserError
 from reallm.spec import ModelSpec
 
 PROFILE_FORMAT = "reallm.profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 PROFILE_DIR = Path(__file__).resolve().parent.parent.parent / "profiles"
 
-LAYER_KINDS = ("embedding", "block", "head", "score_head")
+LAYER_KINDS = ("embedding", "block", "head", "score_head", "decode_step")
 TOKEN_OPS = ("forward", "backward", "prefill")
-#: Ops each layer kind must provide.
-REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + ("decode",), "head": TOKEN_OPS + ("decode",),
-                "score_head": TOKEN_OPS + ("decode",)}
+#: A block under gradient checkpointing (optional, module docstring): its forward, and its backward, which
+#: recomputes the forward.
+CKPT_OPS = ("forward_ckpt", "backward_ckpt")
+#: A layer's decode tables (module docstring): device time, host time, one-off warm-up and capture.
+DECODE_OPS = ("decode", "decode_host", "decode_capture")
+#: How the next token is drawn: ``greedy`` (argmax) or ``sample`` (the profile's sampling settings).
+SAMPLING_MODES = ("greedy", "sample")
+STEP_OPS = ("launch", "launch_host", "capture") + tuple(op for m in SAMPLING_MODES for op in (m, f"{m}_host"))
+#: Ops each layer kind must provide; every op outside ``TOKEN_OPS`` is a decode table (batch × kv_len).
+REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + DECODE_OPS, "head": TOKEN_OPS + DECODE_OPS,
+                "score_head": TOKEN_OPS + ("decode",), "decode_step": STEP_OPS}
+#: Ops a kind may provide (the cost model falls back to others without them).
+OPTIONAL_OPS = {"block": CKPT_OPS}
 LINK_TYPES = ("nvlink", "ib", "host")
 
 
@@ -174,6 +213,42 @@ def decode_table(d: Any, where: str, problems: list[str]) -> Optional[Table2D]:
     return Table2D.from_dict(d, "batch", "kv_len", where, problems)
 
 
+def table_of(op: str, d: Any, where: str, problems: list[str]) -> Optional[Table2D]:
+    """``op``'s table: token ops are ``seqlen × tokens``, every other op ``batch × kv_len``."""
+    return (token_table if op in TOKEN_OPS + CKPT_OPS else decode_table)(d, where, problems)
+
+
+@dataclass(frozen=True)
+class Grids:
+    """Grid axes of a profile's tables: token ops ``seqlens × tokens``, decode ``batches × kv_lens``. The
+    profiler measures on them (``executor.profiler``); ``Grids.of`` reads them back from a profile."""
+
+    tokens: tuple[int, ...]
+    seqlens: tuple[int, ...]
+    batches: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+
+    def __post_init__(self):
+        for name in ("tokens", "seqlens", "batches", "kv_lens"):
+            raw = tuple(getattr(self, name))
+            axis = tuple(int(v) for v in raw)
+            if (not axis or axis != raw or any(v < 1 for v in axis)
+                    or any(a >= b for a, b in zip(axis, axis[1:]))):
+                raise UserError(f"profile grid {name}: must be a non-empty, strictly increasing list of positive "
+                                f"integers, got {list(raw)}")
+            object.__setattr__(self, name, axis)
+
+    def to_dict(self) -> dict:
+        return {k: list(getattr(self, k)) for k in ("tokens", "seqlens", "batches", "kv_lens")}
+
+    @staticmethod
+    def of(profile: Profile, spec: ModelSpec, tp: int = 1) -> Grids:
+        """The axes of ``spec``'s block tables at ``tp`` (an analytic entry is made first if missing)."""
+        block = profile._entry(spec, "block", tp)
+        fwd, dec = block["forward"], block["decode"]
+        return Grids(tokens=fwd.y, seqlens=fwd.x, batches=dec.x, kv_lens=dec.y)
+
+
 @dataclass(frozen=True)
 class LinkRate:
     bandwidth_bytes_per_s: float
@@ -226,12 +301,18 @@ class Profile:
         self.fallbacks.append(f"{key} tp={tp}: analytic ({rates.name})")
 
     def layer_time_s(self, spec: ModelSpec, kind: str, op: str, tp: int, tokens: float, seqlen: float) -> float:
-        """One call of ``op`` (forward/backward/prefill) of one layer on one tp rank."""
+        """One call of ``op`` (forward/backward/prefill, or a ``CKPT_OPS`` op) of one layer on one tp rank."""
         return self._entry(spec, kind, tp)[op](seqlen, tokens)
 
-    def decode_time_s(self, spec: ModelSpec, kind: str, tp: int, batch: float, kv_len: float) -> float:
-        """One decode step of one layer on one tp rank for ``batch`` sequences with ``kv_len`` cached tokens."""
-        return self._entry(spec, kind, tp)["decode"](batch, kv_len)
+    def has_op(self, spec: ModelSpec, kind: str, op: str, tp: int) -> bool:
+        """Whether the entry of ``spec``'s ``kind`` at ``tp`` has the (optional) table ``op``."""
+        return op in self._entry(spec, kind, tp)
+
+    def decode_time_s(self, spec: ModelSpec, kind: str, tp: int, batch: float, kv_len: float,
+                      op: str = "decode") -> float:
+        """Decode table ``op`` of ``kind`` (module docstring; default: the layer's device time per step) on one
+        tp rank for ``batch`` sequences with ``kv_len`` cached tokens."""
+        return self._entry(spec, kind, tp)[op](batch, kv_len)
 
     def link(self, link_type: str, group_size: int) -> LinkRate:
         """Alpha-beta rates of ``link_type`` for a group of ``group_size`` devices (module docstring)."""
@@ -290,8 +371,45 @@ def _check_runs(runs: Any, problems: list[str]) -> list[dict]:
     return runs
 
 
+def _zero_like(td: Any, one_column: bool = False) -> Any:
+    """A decode table of zeros on ``td``'s axes (``td`` itself when it is not a well-formed table dict)."""
+    if not isinstance(td, dict) or not isinstance(td.get("batch"), list) or not isinstance(td.get("kv_len"), list):
+        return td
+    kv = td["kv_len"][:1] if one_column else td["kv_len"]
+    return {"batch": list(td["batch"]), "kv_len": list(kv), "time_s": [[0.0] * len(kv) for _ in td["batch"]]}
+
+
+def upgrade_v1(d: dict) -> dict:
+    """A version-1 profile dict as version 2 (module docstring): the new decode tables are zeros, so a step
+    costs the sum of the layers' decode times as in version 1. Malformed parts are left for validation."""
+    out = copy.deepcopy(d)
+    out["version"] = 2
+    models = out.get("models")
+    for m in (models.values() if isinstance(models, dict) else ()):
+        kinds = m.get("layers") if isinstance(m, dict) else None
+        if not isinstance(kinds, dict):
+            continue
+        for kind in ("block", "head"):
+            per_tp = kinds.get(kind)
+            for ops in (per_tp.values() if isinstance(per_tp, dict) else ()):
+                if isinstance(ops, dict) and "decode" in ops:
+                    for op in ("decode_host", "decode_capture"):
+                        ops.setdefault(op, _zero_like(ops["decode"]))
+        heads = kinds.get("head")
+        if isinstance(heads, dict) and "decode_step" not in kinds:
+            steps = {tp: {op: _zero_like(ops["decode"], one_column=True) for op in STEP_OPS}
+                     for tp, ops in heads.items() if isinstance(ops, dict) and isinstance(ops.get("decode"), dict)}
+            if steps:
+                kinds["decode_step"] = steps
+    note = "Version 1 file read as version 2: host, capture and decode-step tables are 0 (a step is the sum of "
+    note += "the layers' decode times; the head's decode includes the sampling)."
+    out["notes"] = (str(out.get("notes", "")) + " " + note).strip()
+    return out
+
+
 def profile_from_dict(d: Any, where: str = "profile") -> Profile:
-    """Validate and load; raises ``UserError`` listing every problem at once."""
+    """Validate and load; raises ``UserError`` listing every problem at once. Version 1 is upgraded
+    (``upgrade_v1``)."""
     if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
         raise UserError(f"{where}: not a reallm profile (expected \"format\": \"{PROFILE_FORMAT}\")")
     v = d.get("version")
@@ -299,6 +417,8 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
         raise UserError(f"{where}: version must be a positive integer, got {v!r}")
     if v > PROFILE_VERSION:
         raise UserError(f"{where}: version {v} is newer than this reallm understands (≤ {PROFILE_VERSION})")
+    if v == 1:
+        d = upgrade_v1(d)
     problems: list[str] = []
     known = {"format", "version", "source", "device", "dtype", "includes_tp_comm", "notes", "rates", "models",
              "optimizer", "collectives", "runs"}
@@ -347,15 +467,15 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
                     problems.append(f"{wt}: expected an object keyed by op")
                     continue
                 missing = [op for op in REQUIRED_OPS[kind] if op not in ops]
-                extra = sorted(set(ops) - set(REQUIRED_OPS[kind]))
+                extra = sorted(set(ops) - set(REQUIRED_OPS[kind]) - set(OPTIONAL_OPS.get(kind, ())))
                 if missing or extra:
                     problems.append(f"{wt}: " + "; ".join(([f"missing op(s) {missing}"] if missing else [])
                                                           + ([f"unknown op(s) {extra}"] if extra else [])))
                 out = {}
                 for op, td in ops.items():
-                    if op not in REQUIRED_OPS[kind]:
+                    if op not in REQUIRED_OPS[kind] and op not in OPTIONAL_OPS.get(kind, ()):
                         continue
-                    t = (decode_table if op == "decode" else token_table)(td, f"{wt}.{op}", problems)
+                    t = table_of(op, td, f"{wt}.{op}", problems)
                     if t is not None:
                         out[op] = t
                 layers.setdefault(key, {}).setdefault(kind, {})[int(tp_s)] = out

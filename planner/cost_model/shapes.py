@@ -6,6 +6,12 @@ pace when the split is uneven) and each micro-batch ⌈that/m⌉ sequences. Trai
 every sequence at its full ``max_seqlen`` tokens (RLHF batches run at the maximum length: min_new_tokens
 = max_new_tokens in the settings we plan for); generation prefills ``max_seqlen − max_new_tokens``
 prompt tokens and decodes ``max_new_tokens``.
+
+Generation's bounded working set (the executor's rules, from the torch-free ``reallm.working_set``): with pp = 1 the prefill runs over groups of whole
+prompts of at most C tokens (``reallm.working_set.prefill_chunk_tokens``),
+C = clamp(32 MiB / (d·(3·I/tp + 4·h)), 512, 8192), so b prompts of P tokens take ⌊b/g⌋ groups of g·P
+tokens and one of (b mod g)·P, g = max(1, ⌊C/P⌋) (``prefill_groups``); sampling processes all b rows at
+once, or under the lean memory policy chunks of max(1, ⌊2^20/V'⌋) rows (``working_set.sampling_chunk_rows``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+from reallm import working_set
 from reallm.dataflow import Call
 from reallm.layout.params import tp_slice
 from reallm.layout.shards import held_params
@@ -37,6 +44,14 @@ class ModelOptions:
     #: ``memory.offload_train_state``: during a generation / inference call on the training placement
     #: itself, gradients and Adam states wait in host memory (only the weights stay).
     offload_train_state: bool = True
+    #: Generation draws greedily (argmax) rather than sampling (the PPO / gen config's ``greedy``): which
+    #: ``decode_step`` sampling tables a generate call reads.
+    greedy: bool = False
+    #: The model config's ``compile``: on a GPU with tp = 1 the executor runs the blocks as torch.compile'd
+    #: regions and each chunk of the vocab-parallel log-softmax as one fused kernel (``blocks_compiled``).
+    compile_blocks: bool = True
+    #: ``memory.offload_idle_train_states`` (the lean policy): generation samples in bounded row chunks.
+    lean_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,12 @@ def stages_of(spec: ModelSpec, tp: int, pp: int) -> tuple[Stage, ...]:
     return tuple(out)
 
 
+def blocks_compiled(opts: ModelOptions, tp: int) -> bool:
+    """Does the executor compile this placement's blocks? ``compile_blocks`` on a GPU (bf16 elements) with
+    tp = 1 (``ParallelModel.build``; the fused log-softmax follows, ``reallm.parallel.vocab``)."""
+    return opts.compile_blocks and tp == 1 and opts.dtype_bytes == 2
+
+
 def max_params_per_device(spec: ModelSpec, tp: int, pp: int) -> int:
     return max(st.params_per_device for st in stages_of(spec, tp, pp))
 
@@ -80,6 +101,25 @@ def seqs_per_micro_batch(call: Call, p: Placement) -> int:
 
 def prompt_len(call: Call) -> int:
     return max(call.max_seqlen - call.max_new_tokens, 1)
+
+
+def prefill_chunk_tokens(spec: ModelSpec, tp: int, dtype_bytes: int = DTYPE_BYTES) -> int:
+    """Tokens per prefill group C (``reallm.working_set``) for one tp rank's shard."""
+    return working_set.prefill_chunk_tokens(spec.hidden_size, spec.intermediate_size // tp, dtype_bytes)
+
+
+def prefill_groups(num_prompts: int, prompt_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """(tokens of a group, number of such groups) for ``num_prompts`` prompts of ``prompt_tokens`` each run in
+    groups of whole prompts of at most ``chunk_tokens`` tokens (one prompt at least)."""
+    per_group = max(1, chunk_tokens // max(prompt_tokens, 1))
+    full, rest = divmod(num_prompts, per_group)
+    out = [(per_group * prompt_tokens, full)] if full else []
+    return out + ([(rest * prompt_tokens, 1)] if rest else [])
+
+
+def sampling_chunk_rows(vocab: int, opts: ModelOptions, batch: int) -> int:
+    """Rows of logits sampled at once (``reallm.working_set``); ``vocab``: the gathered (padded) width."""
+    return working_set.sampling_chunk_rows(vocab, working_set.sampling_chunk_logits(opts.lean_memory), batch)
 
 
 def groups_span_nodes(cluster, groups) -> bool:

@@ -63,8 +63,11 @@ class Candidate:
 
 def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOptions:
     """Gradient checkpointing and ZeRO stage of a role from the experiment config (defaults if absent);
-    the element size from the profile's dtype (fp32 on CPU)."""
+    the element size from the profile's dtype (fp32 on CPU); greedy generation from the PPO or gen
+    settings (``ppo.greedy``, ``gen.greedy``)."""
     dtype_bytes = 4 if profile is not None and profile.dtype == "fp32" else 2
+    gen = getattr(getattr(exp, "config", None), "ppo", None) or getattr(getattr(exp, "config", None), "gen", None)
+    greedy = bool(getattr(gen, "greedy", False))
     try:
         from reallm.config.resolve import model_config_of
 
@@ -72,9 +75,11 @@ def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOpt
         memory = getattr(exp.config, "memory", None)
         return ModelOptions(gradient_checkpointing=bool(m.gradient_checkpointing),
                             zero_stage=int(getattr(m.optimizer, "zero_stage", 0)), dtype_bytes=dtype_bytes,
-                            offload_train_state=bool(getattr(memory, "offload_train_state", True)))
+                            offload_train_state=bool(getattr(memory, "offload_train_state", True)), greedy=greedy,
+                            compile_blocks=bool(getattr(m, "compile", True)),
+                            lean_memory=bool(getattr(memory, "offload_idle_train_states", False)))
     except (AttributeError, KeyError, TypeError):
-        return ModelOptions(dtype_bytes=dtype_bytes)
+        return ModelOptions(dtype_bytes=dtype_bytes, greedy=greedy)
 
 
 def _pow2_upto(n: int) -> list[int]:

@@ -37,6 +37,7 @@ import torch
 
 from reallm.errors import UserError
 from reallm.model.transformer import KVCache, Transformer, pack_sequences
+from reallm.working_set import sampling_chunk_rows
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class GenerationConfig:
     #: Keep the minimal nucleus of mass >= top_p; 1.0 disables.
     top_p: float = 1.0
     return_logits_mask: bool = False
+    #: Sample the rows in chunks of about this many logits, bounding the full-vocabulary fp32/fp64
+    #: temporaries (~20 bytes per logit); 0: all rows at once (fewest launches: the host issues each
+    #: chunk's dozen kernels every step); ``reallm.working_set`` has the policy's value.
+    sampling_chunk_logits: int = 0
 
     def __post_init__(self):
         problems = []
@@ -147,22 +152,13 @@ def draw(z_BV: torch.Tensor, u_B: Optional[torch.Tensor]) -> torch.Tensor:
     return tok.clamp_(max=z_BV.shape[-1] - 1)
 
 
-#: Logits per sampling chunk: rows are processed in groups of ``max(1, SAMPLING_CHUNK_LOGITS // V)``, so the
-#: fp32 / fp64 full-vocabulary temporaries of a step stay within ~8 MiB each, whatever the batch.
-SAMPLING_CHUNK_LOGITS = 1 << 20
-
-
-def sampling_chunk_rows(vocab: int) -> int:
-    return max(1, SAMPLING_CHUNK_LOGITS // max(vocab, 1))
-
-
 def sampling_step(logits_BV: torch.Tensor, cfg: GenerationConfig, t: int, eos_token_ids: Sequence[int],
                   u_B: Optional[torch.Tensor], vocab_size: Optional[int] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(token [B], its log-prob under the processed distribution [B], removed-token mask [B, V] or None).
     Rows are independent; they are processed in chunks of ``sampling_chunk_rows`` (bounded memory)."""
     B = logits_BV.shape[0]
-    rows = sampling_chunk_rows(logits_BV.shape[-1])
+    rows = sampling_chunk_rows(logits_BV.shape[-1], cfg.sampling_chunk_logits, B)
     toks, logps, masks = [], [], []
     for a in range(0, max(B, 1), rows):
         z = process_logits(logits_BV[a:a + rows], cfg, t, eos_token_ids, vocab_size)

@@ -40,18 +40,7 @@ from reallm.kernels.decode_attention import decode_attention_append
 from reallm.model.arch import ArchConfig, arch_from_spec
 from reallm.model.attention import AttnBackend, PackedSeqs, decode_attention, packed_causal_attention
 from reallm.spec import ModelSpec
-
-#: Activation bytes one prefill forward may use inside a block (``Transformer.prefill``): prompts go through
-#: in groups of ``prefill_chunk_tokens`` tokens, so generation's working set stays small next to its KV cache.
-PREFILL_CHUNK_BYTES = 32 << 20
-PREFILL_CHUNK_TOKENS_MIN, PREFILL_CHUNK_TOKENS_MAX = 512, 8192
-
-
-def prefill_chunk_tokens(hidden: int, intermediate: int, dtype_bytes: int = 2) -> int:
-    """Tokens per prefill group: the block's no-grad peak is about 3 intermediate-wide rows (fused gate-up
-    output, SiLU, product) and 4 hidden-wide ones per token (``intermediate``: this rank's shard)."""
-    per_token = dtype_bytes * (3 * intermediate + 4 * hidden)
-    return int(min(max(PREFILL_CHUNK_BYTES // per_token, PREFILL_CHUNK_TOKENS_MIN), PREFILL_CHUNK_TOKENS_MAX))
+from reallm.working_set import PREFILL_CHUNK_TOKENS_MAX, prefill_chunk_tokens
 
 
 @dataclass(frozen=True)
