@@ -1051,7 +1051,7 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
            "decode_graph_copies": DECODE_GRAPH_COPIES,
            # the executor's chunking that the decode-step and prefill tables depend on (``reallm.working_set``;
            # sampling is timed with all rows at once, the default policy)
-           "sampling_chunk_logits": settings.sampling.sampling_chunk_logits,
+           "sampling_chunk_logits": working_set.sampling_chunk_logits(settings.sampling.lean_memory),
            "prefill_chunk_bytes": working_set.PREFILL_CHUNK_BYTES,
            "timing": "cuda events" if settings.device == "cuda" else "perf_counter"}
     if base is not None:

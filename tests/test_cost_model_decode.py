@@ -121,8 +121,10 @@ def test_prefill_runs_in_the_executors_groups():
     for size in (1.1, 7, 70):
         spec = preset_spec("llama", size)
         for tp in (1, 2, 8):
-            assert prefill_chunk_tokens(spec, tp) == torch_transformer.prefill_chunk_tokens(
-                spec.hidden_size, spec.intermediate_size // tp, 2)
+            for lean in (False, True):
+                assert prefill_chunk_tokens(spec, tp, 2, lean) == torch_transformer.prefill_chunk_tokens(
+                    spec.hidden_size, spec.intermediate_size // tp, 2, lean)
+    assert prefill_chunk_tokens(preset_spec("llama", 7), 1, 2, True) < prefill_chunk_tokens(preset_spec("llama", 7), 1)
     for vocab in (256, 32000, 128256):
         assert sampling_chunk_rows(vocab, ModelOptions(), 64) == 64  # all rows at once
         assert sampling_chunk_rows(vocab, ModelOptions(lean_memory=True), 64) == max(1, (1 << 20) // vocab)

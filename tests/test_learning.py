@@ -2,13 +2,13 @@
 
 * PPO with the rule-based reward (``reallm.assets.addition:reward``, in [0, 1]) raises the mean reward of
   sampled answers to the 500 held-out prompts by >= 0.2, averaged over 3 PPO seeds.
-* Slow (runs only with ``REALLM_SLOW=1``; about 4 minutes): a reward model initialised from the SFT'd actor
-  (fresh score head) reaches >= 0.9 pairwise accuracy on the held-out near-miss pairs of ``rw_valid`` (the
-  rejected answer is the sum ±1, ±2 or ±10).
+* A reward model initialised from the SFT'd actor (fresh score head) reaches >= 0.9 pairwise accuracy on
+  the held-out near-miss pairs of ``rw_valid`` (the rejected answer is the sum ±1, ±2 or ±10).
 
 Both start from one session-scoped SFT run of the tiny llama, trained with transformers on padded batches
-(the recipe of test_rw_dpo's ``sft_start``: about 3× faster on CPU than the executor's packed per-sequence
-attention; SFT is not what is judged here). RW and PPO run through the quickstart.
+(the recipe of test_rw_dpo's ``sft_start``, a reference independent of the executor; SFT is not what is
+judged here). RW and PPO run through the quickstart, whose CPU attention is the PADDED backend
+(``reallm.model.attention``: one SDPA call per layer for the whole micro-batch instead of one per sequence).
 
 PPO start. The tiny model learns addition abruptly, after 500 to 800 SFT steps depending on the data order,
 and PPO gains most on a model that has just started to add. So the start is not a fixed step but the
@@ -19,12 +19,13 @@ Reward model. Scoring a near miss needs the sum. The SFT'd actor knows it (its o
 97% of the held-out pairs right) but forms each digit at its last layer, one position before the digit, and
 nothing in its hidden states at the final tokens says whether the answer matched (linear probes on every
 layer there: chance). So even from the actor the critic re-learns addition from pairs: ~1200 steps of 128
-pairs (``rw_full_train``, every train prompt with all its near misses) to pass 0.9, hence the opt-in.
+pairs (``rw_full_train``, every train prompt with all its near misses) to pass 0.9, the file's longest test.
 
 Measured on 2 CPU cores (2026-11-24). PPO starts at SFT step 525 (held-out sampled reward 0.518); gains
-+0.273, +0.263, +0.294 (mean +0.277; PPO seeds 4-6: +0.246, +0.236, +0.263); the file takes ~75 s, the
-slow test ~4 min more (accuracy 0.839 after 745 RW steps, 0.967 after 1490). The margin belongs to this
-SFT run: with SFT seeds 1, 2, 3 the same rule gives mean gains +0.208, +0.157, +0.160
++0.259, +0.244, +0.284 (mean +0.262; PPO seeds 4-6: +0.275, +0.227, +0.268); the reward model's held-out
+accuracy is 0.864 after 745 RW steps and 0.970 after 1490 (RW seeds 2 and 3: 0.949 and 0.986). The file takes
+~3 min: the RW test 110-140 s (245 s with the per-sequence attention loop), the PPO test ~50 s (67 s). The
+margin belongs to this SFT run: with SFT seeds 1, 2, 3 the same rule gives mean gains +0.200, +0.165, +0.182
 (``bench/bench_ppo_learning.py``), PPO plateauing lower on models that learn addition later.
 """
 
@@ -42,7 +43,6 @@ from reallm.apps.quickstart import run
 from reallm.assets.addition import reward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLOW = os.environ.get("REALLM_SLOW") == "1"
 
 # SFT (transformers): the recipe of test_rw_dpo's sft_start.
 SFT_SEED = 0
@@ -245,8 +245,7 @@ def test_ppo_raises_held_out_reward(addition_sft, tiny_assets, tmp_path):
     assert all(g > 0.1 for g in gains.values()), report
 
 
-# -- reward model (slow) --------------------------------------------------------------------------------------
-@pytest.mark.skipif(not SLOW, reason="about 4 minutes on 2 CPU cores; set REALLM_SLOW=1 to run")
+# -- reward model ---------------------------------------------------------------------------------------------
 def test_rw_from_sft_actor_separates_held_out_near_misses(addition_sft, tiny_assets, tmp_path):
     start = addition_sft.at(max(RW_SFT_STEPS, addition_sft.step))
     rc = run("rw", [f"model.path={start}", f"dataset.train_path={tiny_assets['rw_full_train']}",

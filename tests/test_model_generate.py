@@ -245,7 +245,7 @@ def test_cuda_graph_decode_equals_eager(tiny):
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_sampling_in_row_chunks_equals_one_pass(greedy):
+def test_sampling_in_row_chunks_equals_one_pass(monkeypatch, greedy):
     """Rows are sampled in bounded chunks (memory); the result is the one-pass result, row for row."""
     import reallm.model.generate as gen
 
@@ -255,8 +255,9 @@ def test_sampling_in_row_chunks_equals_one_pass(greedy):
                            return_logits_mask=True)
     u = torch.from_numpy(keyed_uniforms(5, 1, range(11), 1)[:, 0])
     one = sampling_step(z, cfg, 0, [3], u, vocab_size=48)
+    monkeypatch.setattr(gen, "sampling_chunk_logits", lambda lean: 3 * 50 if lean else 0)
     assert gen.sampling_chunk_rows(50, 3 * 50, 11) == 3  # 3 rows a chunk, a ragged last chunk
-    chunked = sampling_step(z, dataclasses.replace(cfg, sampling_chunk_logits=3 * 50), 0, [3], u, vocab_size=48)
+    chunked = sampling_step(z, dataclasses.replace(cfg, lean_memory=True), 0, [3], u, vocab_size=48)
     for a, b in zip(one, chunked):
         assert torch.equal(a, b)
     assert one[2][:, 3].all() and one[2][:, 48:].all()  # EOS banned (t < min_new_tokens), tp padding removed

@@ -304,7 +304,7 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
         mode = sampling_mode(opts)
         tok = b * P
         p2p = pipeline_p2p_s(tok, spec, p, links.pp)
-        groups = prefill_groups(b, P, prefill_chunk_tokens(spec, p.tp, opts.dtype_bytes)) if p.pp == 1 else [(tok, 1)]
+        groups = prefill_groups(b, P, prefill_chunk_tokens(spec, p.tp, opts.dtype_bytes, opts.lean_memory)) if p.pp == 1 else [(tok, 1)]
         fwd = max(sum(n * stage_forward_s(st, spec, p, profile, "prefill", t, P, links.tp) for t, n in groups)
                   for st in sts)
         prefill = slots * (fwd + p2p) + p.num_micro_batches * draw_s(spec, p, profile, b, mode)

@@ -276,7 +276,7 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
     # generate
     P, N = prompt_len(call), call.max_new_tokens
     n_rank = seqs_per_rank(call, p.dp)
-    groups = prefill_groups(b, P, prefill_chunk_tokens(spec, p.tp, d)) if p.pp == 1 else [(b * P, 1)]
+    groups = prefill_groups(b, P, prefill_chunk_tokens(spec, p.tp, d, opts.lean_memory)) if p.pp == 1 else [(b * P, 1)]
     prefill_tokens = max(t for t, _ in groups)
     rows = min(b, sampling_chunk_rows(vocab_rows(spec, p.tp) * p.tp, opts, b))
     end_mask = GENERATED_MASK_COPIES * mask + (mask / n_rank * b if mask else 0.0)

@@ -9,7 +9,7 @@ prompt tokens and decodes ``max_new_tokens``.
 
 Generation's bounded working set (the executor's rules, from the torch-free ``reallm.working_set``): with pp = 1 the prefill runs over groups of whole
 prompts of at most C tokens (``reallm.working_set.prefill_chunk_tokens``),
-C = clamp(32 MiB / (d·(3·I/tp + 4·h)), 512, 8192), so b prompts of P tokens take ⌊b/g⌋ groups of g·P
+C = clamp(512 MiB (lean: 32 MiB) / (d·(3·I/tp + 4·h)), 512, 8192), so b prompts of P tokens take ⌊b/g⌋ groups of g·P
 tokens and one of (b mod g)·P, g = max(1, ⌊C/P⌋) (``prefill_groups``); sampling processes all b rows at
 once, or under the lean memory policy chunks of max(1, ⌊2^20/V'⌋) rows (``working_set.sampling_chunk_rows``).
 """
@@ -103,9 +103,9 @@ def prompt_len(call: Call) -> int:
     return max(call.max_seqlen - call.max_new_tokens, 1)
 
 
-def prefill_chunk_tokens(spec: ModelSpec, tp: int, dtype_bytes: int = DTYPE_BYTES) -> int:
+def prefill_chunk_tokens(spec: ModelSpec, tp: int, dtype_bytes: int = DTYPE_BYTES, lean_memory: bool = False) -> int:
     """Tokens per prefill group C (``reallm.working_set``) for one tp rank's shard."""
-    return working_set.prefill_chunk_tokens(spec.hidden_size, spec.intermediate_size // tp, dtype_bytes)
+    return working_set.prefill_chunk_tokens(spec.hidden_size, spec.intermediate_size // tp, dtype_bytes, lean_memory)
 
 
 def prefill_groups(num_prompts: int, prompt_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:

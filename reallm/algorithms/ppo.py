@@ -41,7 +41,6 @@ from reallm.datasets import read_records
 from reallm.errors import UserError
 from reallm.parallel.optim import release_library_workspaces
 from reallm.plan import Plan
-from reallm.working_set import sampling_chunk_logits
 
 ROLE_FIELD = {"actor": "actor", "critic": "critic", "ref": "ref", "rew": "rew"}
 
@@ -194,7 +193,7 @@ class PPORuntime(ExperimentRuntime):
         eos, pad = special_token_ids(self.tok)
         prompts = [batch.seq("packed_prompts", i).tolist() for i in range(len(batch))]
         gcfg = dataclasses.replace(GenerationConfig.from_config(self.hp), return_logits_mask=with_mask,
-                                   sampling_chunk_logits=sampling_chunk_logits(self.cfg.memory.offload_idle_train_states))
+                                   lean_memory=self.cfg.memory.offload_idle_train_states)
         out = model.pm.generate(prompts, gcfg, eos_token_id=eos, pad_token_id=pad, seed=self.cfg.seed,
                                 step=ctx.step, seq_ids=batch.ids)
         if out is None:  # not the last pipeline stage

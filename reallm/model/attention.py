@@ -11,15 +11,40 @@ they are read off the tensors, so a tensor-parallel shard holding ``num_heads / 
 
 Backends (``AttnBackend``):
   SDPA_LOOP  exact reference on any device: one ``scaled_dot_product_attention(is_causal=True)`` per
-             sequence (no T x T mask, no padding compute). The CPU path, and the CUDA fallback.
+             sequence (no T x T mask, no padding compute). CPU where PADDED does not pay off; the CUDA fallback.
   VARLEN     CUDA, half precision: ``torch.nn.attention.varlen.varlen_attn`` (flash-attention varlen,
              torch >= 2.10), one kernel for the whole packed batch. Its signature changed between
              releases, so the keyword arguments are chosen by inspecting it.
   BATCHED    CUDA, half precision, every sequence of the pack equally long (fixed-length training
              batches): the pack viewed as [B, S, heads, D] and one causal SDPA call restricted to the
              cuDNN and flash kernels (cuDNN's fused attention is the fastest on Hopper).
+  PADDED     exact up to rounding, any device (AUTO picks it on CPU only): the pack scattered into
+             [B, heads, S, D] (S the longest sequence, zeros after each sequence's end), one SDPA call for
+             the whole batch, the real rows gathered back. Row b of the padded batch holds sequence b alone,
+             so the mask is the causal band only (``is_causal`` without a window): a real query i < L_b
+             reads keys j <= i < L_b, all of its own sequence; a padding query reads padding keys (at least
+             itself, so no row is empty and nothing is NaN), and its output and gradient are discarded.
+             Cost: B * S query rows instead of T. Deterministic, but not batch-invariant to the last bit:
+             the CPU kernel's blocking follows S, so with long sequences one sequence's output can move by
+             an ulp with the longest sequence of its micro-batch (the loop's cannot).
   AUTO       BATCHED when the lengths are equal and ``REALLM_ATTN`` is not ``varlen``; else VARLEN when
-             usable (CUDA, fp16/bf16, importable); else SDPA_LOOP.
+             usable (CUDA, fp16/bf16, importable); else PADDED on CPU when ``padded_pays_off``; else
+             SDPA_LOOP.
+
+CPU choice between SDPA_LOOP and PADDED (``padded_pays_off``). The loop pays a fixed cost per sequence and
+layer (an SDPA call forward and one backward: tens to hundreds of microseconds on CPU, above the arithmetic of
+a 32-token sequence); PADDED pays one call, plus the attention of the padding::
+
+    extra_macs = (B * S**2 - sum_b L_b**2) * heads * D          (padded_extra_pairs * heads * head dim)
+    PADDED  iff  B >= 2  and  extra_macs <= PADDED_CALL_MACS * (B - 1)
+
+``PADDED_CALL_MACS`` (the cost of one saved call, in padded multiply-adds) was fitted on one thread of a
+2-core CPU, torch 2.13, fp32, forward + backward (2026-11-24), over 4 query / 2 kv heads of D 16 (the tiny
+models) and 8 / 2 heads of D 64, B in {4, 16, 64}, S_max in {16, ..., 256}, lengths equal or uniform in
+[S/2, S]. PADDED took 0.13-0.91 of the loop's time for S_max <= 32 and 0.13-0.95 with equal lengths up
+to S = 256; with ragged lengths it lost (1.07-1.44x) once extra_macs / (B - 1) passed ~0.6M, and won below
+~0.45M. The rule picks none of the losing cases and leaves to the loop two that PADDED wins (0.75x, 0.67x,
+both B = 64 with 8 heads of 64).
 """
 
 from __future__ import annotations
@@ -43,6 +68,7 @@ class AttnBackend(Enum):
     SDPA_LOOP = "sdpa_loop"
     VARLEN = "varlen"
     BATCHED = "batched"
+    PADDED = "padded"
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,30 @@ class PackedSeqs:
     @property
     def num_tokens(self) -> int:
         return self.bounds[-1]
+
+    @functools.cached_property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+
+    @functools.cached_property
+    def padded_extra_pairs(self) -> int:
+        """Query-key pairs the padded layout computes beyond the loop's: ``B * S**2 - sum_b L_b**2``."""
+        S = max(self.lengths, default=0)
+        return self.num_seqs * S * S - sum(n * n for n in self.lengths)
+
+    @functools.cached_property
+    def padded_slots(self) -> tuple[int, torch.Tensor]:
+        """(S, int64 [T]): the padded length (the longest sequence; ``max_seqlen`` may be larger) and every
+        packed token's row ``b * S + position`` in the padded [B * S] layout. Computed once per forward, every
+        layer reusing it, on ``cu_seqlens``' device."""
+        S = max(self.lengths, default=0)
+        device = self.cu_seqlens.device
+        T = self.num_tokens
+        lens = torch.tensor(self.lengths, dtype=torch.int64, device=device)
+        starts = torch.tensor(self.bounds[:-1], dtype=torch.int64, device=device)
+        seq_idx = torch.repeat_interleave(torch.arange(self.num_seqs, device=device), lens, output_size=T)
+        # b * S + (t - start_b) for token t of sequence b
+        return S, torch.arange(T, device=device) + (seq_idx * S - starts[seq_idx])
 
 
 def _sdpa_one(q_LnD: torch.Tensor, k_LkD: torch.Tensor, v_LkD: torch.Tensor, scale: float,
@@ -169,6 +219,48 @@ def batched_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Ten
     return o.transpose(1, 2).reshape(q_TnD.shape)
 
 
+#: One sequence's SDPA calls (forward and backward) on CPU cost about this many multiply-adds of padded
+#: attention (module docstring). Halving or doubling it only moves cases within ~20% of break-even.
+PADDED_CALL_MACS = 500_000
+
+
+def padded_pays_off(q: torch.Tensor, seqs: PackedSeqs) -> bool:
+    """AUTO's choice of PADDED over SDPA_LOOP on CPU (module docstring)."""
+    if q.device.type != "cpu" or seqs.num_seqs < 2:
+        return False
+    extra_macs = seqs.padded_extra_pairs * q.shape[1] * q.shape[2]
+    return extra_macs <= PADDED_CALL_MACS * (seqs.num_seqs - 1)
+
+
+def padded_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Tensor, seqs: PackedSeqs,
+                     scale: float, window: Optional[int] = None) -> torch.Tensor:
+    """Packed causal attention as one SDPA call on the zero-padded [B, heads, S, D] batch (module docstring).
+    Differentiable: ``index_copy`` / ``index_select`` route the gradients of the real rows only."""
+    B = seqs.num_seqs
+    S, slot_T = seqs.padded_slots
+    T = q_TnD.shape[0]
+    if T == 0:
+        return q_TnD.new_empty(q_TnD.shape)
+    if B * S == T:  # equal lengths: the pack already is the padded batch
+        def to_padded(x_TnD: torch.Tensor) -> torch.Tensor:
+            return x_TnD.reshape(B, S, *x_TnD.shape[1:]).transpose(1, 2)
+    else:
+        def to_padded(x_TnD: torch.Tensor) -> torch.Tensor:
+            x_pad = x_TnD.new_zeros(B * S, *x_TnD.shape[1:]).index_copy(0, slot_T, x_TnD)
+            return x_pad.view(B, S, *x_TnD.shape[1:]).transpose(1, 2)
+    q, k, v = to_padded(q_TnD), to_padded(k_TkD), to_padded(v_TkD)  # [B, heads, S, D]
+    gqa = q.shape[1] != k.shape[1]
+    if window is None or S <= window:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        i = torch.arange(S, device=q.device)
+        diff = i[:, None] - i[None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=(diff >= 0) & (diff < window), scale=scale,
+                                           enable_gqa=gqa)
+    o_TnD = o.transpose(1, 2).reshape(B * S, *q_TnD.shape[1:])
+    return o_TnD if B * S == T else o_TnD.index_select(0, slot_T)
+
+
 def packed_causal_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Tensor, seqs: PackedSeqs,
                             scale: float, window: Optional[int] = None,
                             backend: AttnBackend = AttnBackend.AUTO) -> torch.Tensor:
@@ -177,6 +269,8 @@ def packed_causal_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: tor
         return batched_attention(q_TnD, k_TkD, v_TkD, seqs, scale)
     if backend is AttnBackend.VARLEN or (backend is AttnBackend.AUTO and varlen_usable(q_TnD, window)):
         return varlen_attention(q_TnD, k_TkD, v_TkD, seqs, scale, window)
+    if backend is AttnBackend.PADDED or (backend is AttnBackend.AUTO and padded_pays_off(q_TnD, seqs)):
+        return padded_attention(q_TnD, k_TkD, v_TkD, seqs, scale, window)
     return sdpa_loop_attention(q_TnD, k_TkD, v_TkD, seqs, scale, window)
 
 

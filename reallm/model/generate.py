@@ -37,7 +37,7 @@ import torch
 
 from reallm.errors import UserError
 from reallm.model.transformer import KVCache, Transformer, pack_sequences
-from reallm.working_set import sampling_chunk_rows
+from reallm.working_set import sampling_chunk_logits, sampling_chunk_rows
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,9 @@ class GenerationConfig:
     #: Keep the minimal nucleus of mass >= top_p; 1.0 disables.
     top_p: float = 1.0
     return_logits_mask: bool = False
-    #: Sample the rows in chunks of about this many logits, bounding the full-vocabulary fp32/fp64
-    #: temporaries (~20 bytes per logit); 0: all rows at once (fewest launches: the host issues each
-    #: chunk's dozen kernels every step); ``reallm.working_set`` has the policy's value.
-    sampling_chunk_logits: int = 0
+    #: Bound generation's working set (``reallm.working_set``: small prefill groups, sampling in row chunks)
+    #: at the cost of more kernel launches; the lean memory policy sets it.
+    lean_memory: bool = False
 
     def __post_init__(self):
         problems = []
@@ -158,7 +157,7 @@ def sampling_step(logits_BV: torch.Tensor, cfg: GenerationConfig, t: int, eos_to
     """(token [B], its log-prob under the processed distribution [B], removed-token mask [B, V] or None).
     Rows are independent; they are processed in chunks of ``sampling_chunk_rows`` (bounded memory)."""
     B = logits_BV.shape[0]
-    rows = sampling_chunk_rows(logits_BV.shape[-1], cfg.sampling_chunk_logits, B)
+    rows = sampling_chunk_rows(logits_BV.shape[-1], sampling_chunk_logits(cfg.lean_memory), B)
     toks, logps, masks = [], [], []
     for a in range(0, max(B, 1), rows):
         z = process_logits(logits_BV[a:a + rows], cfg, t, eos_token_ids, vocab_size)
@@ -347,7 +346,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
     N = cfg.max_new_tokens
     cache = model.new_kv_cache(B, max(len(p) for p in prompts) + N)
     tokens, cu = pack_sequences(prompts, device=device)
-    logits = model.prefill(tokens, cu, cache)  # [B, V]
+    logits = model.prefill(tokens, cu, cache, model.prefill_chunk_tokens(cfg.lean_memory))  # [B, V]
     u_BN = None if cfg.greedy else torch.from_numpy(keyed_uniforms(seed, step, seq_ids, N)).to(device)
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)

@@ -468,11 +468,11 @@ class Transformer(nn.Module):
             first = last
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def prefill_chunk_tokens(self) -> int:
-        """``prefill_chunk_tokens`` of the blocks held here (their tp shard of the MLP)."""
+    def prefill_chunk_tokens(self, lean_memory: bool = False) -> int:
+        """``reallm.working_set.prefill_chunk_tokens`` of the blocks held here (their tp shard of the MLP)."""
         for layer in self.model.layers.values():
             w = layer.mlp.gate_proj.weight
-            return prefill_chunk_tokens(w.shape[1], w.shape[0], w.element_size())
+            return prefill_chunk_tokens(w.shape[1], w.shape[0], w.element_size(), lean_memory)
         return PREFILL_CHUNK_TOKENS_MAX
 
     def decode(self, x: torch.Tensor, positions_B: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:

@@ -274,7 +274,7 @@ def _run_ring(pm, mbs, cfg, eos, eos_t, pad_token_id, P, s, G, N, dev, h) -> Non
                 outbox[k] = [torch.zeros(m.B, h, dtype=pm.dtype, device=dev), torch.tensor([DONE], device=dev)]
             return
         if t == -1 and P == 1:
-            y = model.prefill(x, m.cu, m.cache)  # in bounded groups of prompts
+            y = model.prefill(x, m.cu, m.cache, model.prefill_chunk_tokens(cfg.lean_memory))  # bounded groups
         elif t == -1:
             y = model(x, m.cu, kv_cache=m.cache, select_rows=(m.cu[1:] - 1).long() if last else None)
         else:
