@@ -59,7 +59,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sft-seeds", default="0,1,2")
     ap.add_argument("--ppo-seeds", default="1,2,3")
-    ap.add_argument("--rw-seeds", default="", help="also train reward models (about 4 min each)")
+    ap.add_argument("--rw-seeds", default="", help="also train reward models (about 2 min each on 2 CPU cores)")
     ap.add_argument("--out", default="/tmp/ppo_learning")
     args = ap.parse_args()
     assets = make_tiny_assets(os.path.join(args.out, "assets"))

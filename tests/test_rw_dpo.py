@@ -63,7 +63,7 @@ def pair_texts(tok, rows):
 def sft_start(tiny_assets, tmp_path_factory):
     """The tiny llama fine-tuned on the addition SFT data until it adds (~95% held-out pairwise accuracy of
     its own log-probs): the start DPO needs to improve on held-out pairs. Trained with transformers on padded
-    batches (about 4× faster on CPU than packed per-sequence attention), so it is an independent reference."""
+    batches, so it is an independent reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     threads = torch.get_num_threads()
