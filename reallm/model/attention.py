@@ -124,20 +124,24 @@ class PackedSeqs:
 def _sdpa_one(q_LnD: torch.Tensor, k_LkD: torch.Tensor, v_LkD: torch.Tensor, scale: float,
               window: Optional[int]) -> torch.Tensor:
     """Causal attention of one sequence; [L, heads, D] in and out."""
-    L = q_LnD.shape[0]
     q = q_LnD.transpose(0, 1).unsqueeze(0)  # [1, nh, L, D]
     k = k_LkD.transpose(0, 1).unsqueeze(0)  # [1, nkv, L, D]
     v = v_LkD.transpose(0, 1).unsqueeze(0)
+    return _causal_sdpa(q, k, v, scale, window).squeeze(0).transpose(0, 1)
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 window: Optional[int]) -> torch.Tensor:
+    """Causal (optionally sliding-window) SDPA on ``[B, heads, L, D]``; GQA by head counts."""
+    L = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if window is None or L <= window:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        # A band of width `window` under the diagonal; L x L for this sequence only.
-        i = torch.arange(L, device=q.device)
-        diff = i[:, None] - i[None, :]
-        mask_LL = (diff >= 0) & (diff < window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL, scale=scale, enable_gqa=gqa)
-    return o.squeeze(0).transpose(0, 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # A band of width `window` under the diagonal, L x L.
+    i = torch.arange(L, device=q.device)
+    diff = i[:, None] - i[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(diff >= 0) & (diff < window), scale=scale,
+                                          enable_gqa=gqa)
 
 
 def sdpa_loop_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Tensor, seqs: PackedSeqs,
@@ -249,14 +253,7 @@ def padded_attention(q_TnD: torch.Tensor, k_TkD: torch.Tensor, v_TkD: torch.Tens
             x_pad = x_TnD.new_zeros(B * S, *x_TnD.shape[1:]).index_copy(0, slot_T, x_TnD)
             return x_pad.view(B, S, *x_TnD.shape[1:]).transpose(1, 2)
     q, k, v = to_padded(q_TnD), to_padded(k_TkD), to_padded(v_TkD)  # [B, heads, S, D]
-    gqa = q.shape[1] != k.shape[1]
-    if window is None or S <= window:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        i = torch.arange(S, device=q.device)
-        diff = i[:, None] - i[None, :]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=(diff >= 0) & (diff < window), scale=scale,
-                                           enable_gqa=gqa)
+    o = _causal_sdpa(q, k, v, scale, window)
     o_TnD = o.transpose(1, 2).reshape(B * S, *q_TnD.shape[1:])
     return o_TnD if B * S == T else o_TnD.index_select(0, slot_T)
 
