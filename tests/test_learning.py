@@ -24,7 +24,7 @@ pairs (``rw_full_train``, every train prompt with all its near misses) to pass 0
 Measured on 2 CPU cores (2026-11-24). PPO starts at SFT step 525 (held-out sampled reward 0.518); gains
 +0.259, +0.244, +0.284 (mean +0.262; PPO seeds 4-6: +0.275, +0.227, +0.268); the reward model's held-out
 accuracy is 0.864 after 745 RW steps and 0.970 after 1490 (RW seeds 2 and 3: 0.949 and 0.986). The file takes
-~3 min: the RW test 110-140 s (245 s with the per-sequence attention loop), the PPO test ~50 s (67 s). The
+~2.5 min: the RW test ~95 s (245 s with the per-sequence attention loop and per-epoch re-tokenising), the PPO test ~50 s. The
 margin belongs to this SFT run: with SFT seeds 1, 2, 3 the same rule gives mean gains +0.200, +0.165, +0.182
 (``bench/bench_ppo_learning.py``), PPO plateauing lower on models that learn addition later.
 """

@@ -60,9 +60,12 @@ def tokenize_prompt_answer(records, tok, max_seqlen: int) -> list[Sample]:
     return out
 
 
-def tokenize_pairs(records, tok, max_seqlen: int, max_pairs: int, seed: int, epoch: int) -> list[list[Sample]]:
+def tokenize_pairs(records, tok, max_seqlen: int, max_pairs: int, seed: int, epoch: int,
+                   memo: Optional[dict] = None) -> list[list[Sample]]:
     """Per entry, up to ``max_pairs`` (pos, neg) pairs sampled with (seed, epoch, entry); a list of
-    2·pairs samples ordered pos0, neg0, pos1, neg1, ..."""
+    2·pairs samples ordered pos0, neg0, pos1, neg1, ... ``memo`` keeps each (entry, answer)'s tokens
+    across calls: later epochs only resample the pairs."""
+    memo = {} if memo is None else memo
     out = []
     for i, r in enumerate(records):
         pairs = list(zip(r.data["pos_answers"], r.data["neg_answers"]))
@@ -71,7 +74,10 @@ def tokenize_pairs(records, tok, max_seqlen: int, max_pairs: int, seed: int, epo
         seqs = []
         for j, (pos, neg) in enumerate(pairs):
             for positive, ans in ((True, pos), (False, neg)):
-                ids, plen = _prompt_answer(tok, r.data["prompt"], ans, max_seqlen)
+                key = (i, ans)
+                if key not in memo:
+                    memo[key] = _prompt_answer(tok, r.data["prompt"], ans, max_seqlen)
+                ids, plen = memo[key]
                 seqs.append(Sample(ids, plen, i, j, positive))
         out.append(seqs)
     return out

@@ -93,6 +93,8 @@ class PairedData:
         # Entries with more pairs than max_pairs are re-sampled every epoch; otherwise tokenise once.
         self.resampled = any(len(r.data["pos_answers"]) > self.max_pairs for r in self.records)
         self._cache: tuple[int, list[list[Sample]]] = (-1, [])
+        #: (entry, answer) -> (token ids, prompt length): each string is tokenised once, epochs only resample.
+        self._tokens: dict = {}
         self.valid: dict[int, Sample] = {}
         if d.valid_path:
             recs = read_records(d.valid_path, "paired", "dataset.valid_path")
@@ -107,7 +109,7 @@ class PairedData:
         key = epoch if self.resampled else 0
         if self._cache[0] != key:
             self._cache = (key, tokenize_pairs(self.records, self.tok, self.max_seqlen, self.max_pairs,
-                                               self.seed, key))
+                                               self.seed, key, self._tokens))
         return self._cache[1]
 
     def num_steps(self) -> int:
