@@ -127,7 +127,7 @@ def apply_top_k_top_p(z_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 def process_logits(logits_BV: torch.Tensor, cfg: GenerationConfig, t: int, eos_token_ids: Sequence[int],
                    vocab_size: Optional[int] = None) -> torch.Tensor:
     """The logits the token is drawn from (steps 1-4 of the module docstring), fp32, removed = -inf."""
-    z = logits_BV.float().clone()
+    z = logits_BV.to(torch.float32, copy=True)  # one kernel for bf16 (float() then clone() was two)
     if vocab_size is not None and z.shape[-1] > vocab_size:
         z[:, vocab_size:] = float("-inf")  # tp vocabulary padding is never a real token
     if t < cfg.min_new_tokens and eos_token_ids:
