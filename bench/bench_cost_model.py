@@ -677,7 +677,8 @@ def pick_profile(path: Optional[str], cluster, measure: bool, spec: ModelSpec, d
             from planner.cost_model.profile import profile_from_dict
 
             fast = {"point_target_s": 0.002, "min_repeats": 1, "max_repeats": 2} if quick and device == "cpu" else {}
-            settings = ProfileSettings(device=device, grids=default_grids(device, quick), show_progress=False, **fast)
+            settings = ProfileSettings.for_device(device, grids=default_grids(device, quick), show_progress=False,
+                                                **fast)
             t0 = time.perf_counter()
             d = profile_models([spec], [1], settings, command="bench/bench_cost_model.py --measure-profile")
             log(f"measured a profile of {shape_key(spec)} in {time.perf_counter() - t0:.1f} s")

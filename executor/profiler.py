@@ -37,7 +37,11 @@ with ``K`` cached tokens)::
 
 Timing (``Timer``): CUDA events on CUDA, ``perf_counter`` on CPU. Token ops (``time_s``): a warm-up call,
 one call to size the groups, then the median of 3-10 groups of back-to-back calls, each group ≥ 1.5 ms
-and the whole point ≈ 30 ms. On CUDA the groups follow each other without synchronisation (an event pair
+and the whole point ≈ 30 ms. A block's token ops are timed on CUDA as a chain of k calls, each on the
+previous call's output (``ProfileSettings.chain_tokens``: k = 8 up to 4096 tokens, fewer above, 1 from
+32768), divided by k: where a block is launch-bound, what counts is its host time inside a stack of
+blocks, and a lone call measured ~2× that (1.1B, T = 1024, no grad: 1.25 ms alone, 0.59 ms per block in a
+chain of 4, 0.61 ms per block in the 22-block model; H100 host, session 4). On CUDA the groups follow each other without synchronisation (an event pair
 around each): the steady state of a stream of layers, where a launch-bound call costs its host time and a
 device-bound one its device time. Decode ops (``device_host_s``): generation's step loop never waits for
 the device, so a step's device and host times are measured apart and combined by the cost model: a sleep
@@ -135,6 +139,10 @@ PPO_SAMPLING = GenerationConfig(max_new_tokens=2, min_new_tokens=0, greedy=False
                                 top_p=0.9, return_logits_mask=True)
 #: Greedy generation (no logits mask): the ``decode_step`` tables ``greedy`` and ``greedy_host``.
 GREEDY_SAMPLING = GenerationConfig(max_new_tokens=2, greedy=True)
+#: Block token ops on CUDA: chains of up to ``CHAIN_MAX`` calls of up to this many tokens in all
+#: (``ProfileSettings.chain_tokens``): 8 calls up to 4096 tokens, 1 from 32768.
+CUDA_CHAIN_TOKENS = 32768
+CHAIN_MAX = 8
 #: Graphed decode layers are timed as graphs of this many copies (and of one): the device time per copy and
 #: the host time each extra copy adds to a replay (``LayerBench._decode_point``).
 DECODE_GRAPH_COPIES = 4
@@ -150,6 +158,10 @@ class ProfileSettings:
     #: runs that build their models so.
     compile_blocks: bool = False
     sampling: GenerationConfig = PPO_SAMPLING
+    #: Block token ops are timed over a chain of k calls (each on the previous one's output, as the blocks of
+    #: a stage run), k = min(``CHAIN_MAX``, this // tokens) ≥ 1; 0: single calls. On CUDA (``for_device``):
+    #: where a block is launch-bound, its host time in a stack of blocks differs from a lone call's.
+    chain_tokens: int = 0
     #: Skip decode points whose one-layer KV cache is larger (they are filled by extrapolation).
     decode_cache_bytes_max: int = 8 * GiB
     #: Wall time to spend per grid point (repeats are sized from it) and per group of calls.
@@ -158,6 +170,16 @@ class ProfileSettings:
     min_repeats: int = 3
     max_repeats: int = 10
     show_progress: bool = True
+
+    @classmethod
+    def for_device(cls, device: str, **kw) -> ProfileSettings:
+        """Settings as ``planner profile`` uses them on ``device`` (block chains on CUDA)."""
+        kw.setdefault("chain_tokens", CUDA_CHAIN_TOKENS if device == "cuda" else 0)
+        return cls(device=device, **kw)
+
+    def chain_length(self, tokens: int) -> int:
+        """Calls per chained timing of a block token op of ``tokens`` tokens (``chain_tokens``)."""
+        return max(1, min(CHAIN_MAX, self.chain_tokens // max(tokens, 1)))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -706,23 +728,28 @@ class LayerBench:
             with torch.set_grad_enabled(grad):
                 return blocks_input(model, lambda: model(ids, cu))[1]
 
+        def chain(x, ctx, k, call=layer):  # k calls, each on the previous output, as a stage's blocks run
+            for _ in range(k):
+                x = call(x, ctx)
+            return x
+
         def blk_fwd(s, T):
-            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
-            return self._time(lambda: layer(x, ctx))
+            ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
+            return self._time(lambda: chain(x, ctx, k)) / k
 
         def blk_bwd(s, T):
-            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
-            y = layer(x, ctx)
+            ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
+            y = chain(x, ctx, k)
             gy = torch.randn_like(y)
-            return self._time(lambda: torch.autograd.backward(y, gy, retain_graph=True))
+            return self._time(lambda: torch.autograd.backward(y, gy, retain_graph=True)) / k
 
         def blk_prefill(s, T):
             ids, cu = packed_batch(T, s, V, self.dev)
             cache = model.new_kv_cache(cu.numel() - 1, min(s, T))
             with torch.no_grad():
                 ctx = blocks_input(model, lambda: model(ids, cu, kv_cache=cache))[1]
-            x = self._hidden(T, False)
-            return self._time(lambda: layer(x, ctx), grad=False)
+            x, k = self._hidden(T, False), self.s.chain_length(T)
+            return self._time(lambda: chain(x, ctx, k), grad=False) / k
 
         def blk_decode(b, K):
             self._check_cache(pm, b, K + 1)
@@ -739,17 +766,17 @@ class LayerBench:
             return torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
 
         def blk_fwd_ckpt(s, T):
-            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
-            return self._time(lambda: ckpt(x, ctx))
+            ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
+            return self._time(lambda: chain(x, ctx, k, ckpt)) / k
 
         def blk_bwd_ckpt(s, T):  # a fresh checkpointed forward before each timed backward (it recomputes)
-            ctx, x = blk_ctx(s, T, True), self._hidden(T, True)
+            ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
             gy, box = torch.randn_like(x), {}
 
             def setup():
-                box["y"] = ckpt(x, ctx)
+                box["y"] = chain(x, ctx, k, ckpt)
 
-            return self._time(lambda: torch.autograd.backward(box.pop("y"), gy), setup)
+            return self._time(lambda: torch.autograd.backward(box.pop("y"), gy), setup) / k
 
         for op, fn in (("forward", blk_fwd), ("backward", blk_bwd), ("prefill", blk_prefill),
                        ("forward_ckpt", blk_fwd_ckpt), ("backward_ckpt", blk_bwd_ckpt)):

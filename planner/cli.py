@@ -160,7 +160,7 @@ def cmd_profile(args) -> int:
                   seqlens=_int_list(args.seqlens, "--seqlens") if args.seqlens else g.seqlens,
                   batches=_int_list(args.batches, "--batches") if args.batches else g.batches,
                   kv_lens=_int_list(args.kv_lens, "--kv-lens") if args.kv_lens else g.kv_lens)
-    settings = ProfileSettings(device=device, grids=grids, decode_cuda_graph=args.decode == "graph",
+    settings = ProfileSettings.for_device(device, grids=grids, decode_cuda_graph=args.decode == "graph",
                                compile_blocks=args.compile_blocks, show_progress=not args.no_progress)
     command = "planner " + shlex.join(args.argv)
     d = run_profile(specs, tps, settings, args.out, command=command, merge=args.merge)

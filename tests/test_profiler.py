@@ -135,6 +135,34 @@ def test_points_that_do_not_fit_are_skipped_and_filled():
     _assert_covers(profile_from_dict(d), TINY, (1,))
 
 
+def test_block_token_ops_are_timed_as_chains(monkeypatch):
+    """With ``chain_tokens``, a block's token ops run as chains of k calls, each on the previous output."""
+    import dataclasses
+
+    from executor import profiler
+    from reallm.model.transformer import DecoderLayer
+
+    settings = dataclasses.replace(FAST, grids=Grids(tokens=(16, 64), seqlens=(16,), batches=(1,), kv_lens=(16,)),
+                                   chain_tokens=64)
+    assert [settings.chain_length(t) for t in (1, 16, 64, 100)] == [8, 4, 1, 1]
+    assert ProfileSettings.for_device("cuda").chain_length(4096) == profiler.CHAIN_MAX
+    assert ProfileSettings.for_device("cpu").chain_length(16) == 1
+    calls = []  # (tokens, input id, output id) of every block call under grad (forward, forward_ckpt)
+    real = DecoderLayer.forward
+
+    def spy(self, x, ctx):
+        y = real(self, x, ctx)
+        if torch.is_grad_enabled() and not ctx.decode:
+            calls.append((x.shape[0], id(x), id(y)))
+        return y
+
+    monkeypatch.setattr(DecoderLayer, "forward", spy)
+    profile_models([TINY], [1], settings, command="test")
+    chained = {T: sum(1 for a, b in zip(calls, calls[1:]) if a[0] == b[0] == T and b[1] == a[2]) for T in (16, 64)}
+    assert chained[16] > 0  # k = 4 at 16 tokens: calls fed by the previous call's output
+    assert chained[64] == 0  # k = 1 at 64 tokens
+
+
 def test_monotone_averages_violations_and_keeps_the_skipped_tail():
     assert isotonic([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
     assert isotonic([2.0, 1.0, 1.0]) == pytest.approx([4 / 3] * 3)
