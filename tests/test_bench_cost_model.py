@@ -64,7 +64,9 @@ def one_thread():
 def test_cpu_quick_run_structure(bench, tmp_path, one_thread):
     res = bench.run_bench("cpu", quick=True, num_ranked=4, repeats=1, warmup=0)
     groups = {r.group for r in res.rows}
-    assert groups == {"table", "rank_train", "rank_generate"}
+    assert groups == {"table", "rank_call", "rank_train", "rank_generate"}
+    call = [r.setting for r in res.rows if r.group == "rank_call"]
+    assert len(call) == 4 and len({(c.n_seqs, c.seqlen) for c in call}) == 1  # one call's candidates
     assert {r.setting.kind for r in res.rows if r.group == "table"} == {"generate", "inference", "train"}
     assert sum(r.group == "rank_train" for r in res.rows) == 4
     for r in res.rows:
@@ -79,12 +81,12 @@ def test_cpu_quick_run_structure(bench, tmp_path, one_thread):
             assert set(r.estimate.terms) == {"prefill_s", "capture_s", "decode_s"}
     s = res.summary
     assert s["time_error"]["all"]["n"] == sum(r.group == "table" for r in res.rows)
-    for kind in ("train", "generate"):
+    for kind in ("call", "train", "generate"):
         assert s["kendall_tau"][kind]["n"] == 4 and -1.0 <= s["kendall_tau"][kind]["tau"] <= 1.0
     assert set(s["targets_met"]) == {"time_median", "time_max", "memory", "kendall_tau"}
     text = bench.report(res, markdown=True)
     assert "| call | settings | est s | meas s | err % | est GiB | meas GiB | err % |" in text
-    assert "Kendall tau (train, 4 settings)" in text
+    assert "Kendall tau (one train call's candidates, 4 settings)" in text
     out = tmp_path / "bench.json"
     out.write_text(json.dumps(res.to_dict()))
     back = json.loads(out.read_text())
