@@ -91,6 +91,9 @@ TARGET_TAU = 0.9
 NUM_RANKED = 20
 #: The train call whose candidates are ranked (``call_settings``): (sequences, tokens per sequence).
 CALL_RANKED = {"cuda": (48, 640), "cpu": (12, 96)}
+#: The groups of settings (``--sets``): the off-grid table, one call's candidates, train and generate calls
+#: of varying sizes.
+SETS = ("table", "call", "train", "generate")
 #: Fraction of device memory a setting's estimate may take before it is skipped (not run).
 MEMORY_GUARD = 0.85
 
@@ -717,10 +720,14 @@ class BenchResult:
 def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bool = False,
               spec: Optional[ModelSpec] = None, repeats: Optional[int] = None, warmup: int = 1,
               num_ranked: int = NUM_RANKED, time_budget_s: Optional[float] = None, compile_blocks: bool = False,
-              measure_profile: Optional[bool] = None, log: Callable[[str], None] = lambda s: None) -> BenchResult:
-    """Every setting: estimated, then measured (module docstring). Settings not started within
-    ``time_budget_s`` are reported as not run. ``measure_profile`` None: measure one on CPU when no
-    ``profile_path`` is given."""
+              measure_profile: Optional[bool] = None, log: Callable[[str], None] = lambda s: None,
+              sets: Sequence[str] = SETS) -> BenchResult:
+    """Every setting of the groups in ``sets`` (``SETS``): estimated, then measured (module docstring).
+    Settings not started within ``time_budget_s`` are reported as not run. ``measure_profile`` None: measure
+    one on CPU when no ``profile_path`` is given."""
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown:
+        raise SystemExit(f"error: --sets: unknown set(s) {unknown}; choose from {', '.join(SETS)}")
     import torch
 
     start = time.perf_counter()
@@ -735,10 +742,10 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
     dtype_bytes = 2 if device == "cuda" else 4
     grids = Grids.of(profile, spec)
     step = 32 if device == "cuda" else 8
-    groups = [("table", s) for s in table_settings(device, quick)]
-    groups += [("rank_call", s) for s in call_settings(device, num_ranked)]
-    groups += [("rank_train", s) for s in ranked_settings("train", device, num_ranked)]
-    groups += [("rank_generate", s) for s in ranked_settings("generate", device, num_ranked)]
+    groups = [("table", s) for s in table_settings(device, quick) if "table" in sets]
+    groups += [("rank_call", s) for s in call_settings(device, num_ranked) if "call" in sets]
+    groups += [("rank_train", s) for s in ranked_settings("train", device, num_ranked) if "train" in sets]
+    groups += [("rank_generate", s) for s in ranked_settings("generate", device, num_ranked) if "generate" in sets]
     planned: list[Row] = []
     seen: set = set()
     for group, s in groups:
@@ -833,6 +840,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per setting (default 3; 1 with --quick)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (--device cpu)")
     ap.add_argument("--time-budget-s", type=float, default=None, help="start no setting after this many seconds")
+    ap.add_argument("--sets", default=",".join(SETS),
+                    help=f"comma-separated groups of settings to run (default: all of {', '.join(SETS)})")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="build with ParallelModel.build(compile_blocks=True) (CUDA; the profile must match)")
     args = ap.parse_args(argv)
@@ -843,7 +852,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     res = run_bench(device, args.profile, args.quick, repeats=args.repeats, time_budget_s=args.time_budget_s,
                     compile_blocks=args.compile_blocks, measure_profile=args.measure_profile,
-                    log=lambda s: print(s, file=sys.stderr, flush=True))
+                    log=lambda s: print(s, file=sys.stderr, flush=True),
+                    sets=[g.strip() for g in args.sets.split(",") if g.strip()])
     print(report(res, args.markdown))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res.to_dict(), indent=1) + "\n")
