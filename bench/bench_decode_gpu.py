@@ -13,6 +13,8 @@ Variants (all capture the decode step in a CUDA graph):
   kernel          the Triton append-and-attend kernel (``reallm.kernels.decode_attention``), eager blocks
   kernel-compiled the kernel, blocks as torch.compile'd regions (``Transformer.compile``)
   executor        ``ParallelModel.generate`` (the executor's ring, one rank) with compiled blocks
+  executor-fused  the same with each block of a decode step as 5 fused Triton kernels
+                  (``Transformer.use_fused_decode``; slower than ``executor`` so far, BENCHMARKS.md)
   hf              ``transformers`` ``generate`` (static cache off: defaults), for reference
 """
 
@@ -105,6 +107,7 @@ def main(argv=None) -> int:
                 os.environ["REALLM_INFERENCE_AUTOTUNE"] = "1" if v == "executor-autotune" else "0"
                 run = executor_runner(spec, prompts, args)
                 run_one = executor_runner(spec, prompts, args, new=1)
+                _PM.model.use_fused_decode = v == "executor-fused"
             else:
                 model.use_decode_kernel = v.startswith("kernel")
                 model.compile(v.endswith("compiled"))
@@ -121,8 +124,8 @@ def main(argv=None) -> int:
                 total = time_generate(run, args.reps)
                 prefill = time_generate(run_one, args.reps)
             step = (total - prefill) / (args.new - 1)
-            if args.profile and not v.startswith("executor"):
-                print(replay_breakdown(model, prompts, args), flush=True)
+            if args.profile:
+                print(replay_breakdown(_PM.model if v.startswith("executor") else model, prompts, args), flush=True)
             if toks is not None:
                 agree = None if ref_tokens is None else float((toks == ref_tokens).float().mean())
                 ref_tokens = toks if ref_tokens is None else ref_tokens

@@ -62,3 +62,27 @@ def test_matches_reference(B, H, Hkv, D, S, window, dtype):
     # The append wrote exactly the new rows; everything else is untouched.
     torch.testing.assert_close(kc.float(), want_k, atol=0, rtol=0)
     torch.testing.assert_close(vc.float(), want_v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_in_the_kernel_matches_apply_rope(dtype):
+    """``rope=(cos, sin)``: q and the new key are rotated in the kernel, as ``apply_rope`` rotates them."""
+    from reallm.model.transformer import apply_rope
+
+    B, H, Hkv, D, S = 3, 8, 2, 32, 50
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g).to(DEVICE, dtype)  # one fused product's output
+    q, kn, vn = (t.view(B, -1, D) for t in qkv.split((H * D, Hkv * D, Hkv * D), dim=-1))
+    kc = torch.randn(B, Hkv, S, D, generator=g).to(DEVICE, dtype)
+    vc = torch.randn(B, Hkv, S, D, generator=g).to(DEVICE, dtype)
+    pos = torch.tensor([0, 17, S - 1], device=DEVICE)
+    freqs = pos.float()[:, None] * (1e4 ** (-torch.arange(0, D, 2, device=DEVICE).float() / D))[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    qr, kr = apply_rope(q.float(), cos.float(), sin.float()), apply_rope(kn.float(), cos.float(), sin.float())
+    want, want_k, want_v = reference(qr, kr, vn.float(), kc.float(), vc.float(), pos, D ** -0.5, None)
+    got = decode_attention_append(q, kn, vn, kc, vc, pos, D ** -0.5, rope=(cos, sin))
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(kc.float(), want_k, atol=tol, rtol=tol)
+    torch.testing.assert_close(vc.float(), want_v, atol=0, rtol=0)

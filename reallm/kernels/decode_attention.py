@@ -40,10 +40,10 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _decode_attn_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, scale, window, max_len,
-                            sq_b, sq_h, sn_b, sn_h, sv_b, sv_h, sc_b, sc_h, sc_s, so_b, so_h,
+    def _decode_attn_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, cos_ptr, sin_ptr, scale, window,
+                            max_len, sq_b, sq_h, sn_b, sn_h, sv_b, sv_h, sc_b, sc_h, sc_s, so_b, so_h, sr_b,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr):
         b = tl.program_id(0)
         g = tl.program_id(1)
         pos = tl.load(pos_ptr + b).to(tl.int32)
@@ -54,6 +54,17 @@ if triton is not None:
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
         kn = tl.load(kn_ptr + b * sn_b + g * sn_h + dims)
         vn = tl.load(vn_ptr + b * sv_b + g * sv_h + dims)
+        if HAS_ROPE:
+            # x·cos + rotate_half(x)·sin, rotate_half(x)[d] = −x[d + D/2] (d < D/2), x[d − D/2] (d ≥ D/2);
+            # in fp32, rounded once to the input dtype, as apply_rope's product of rounded factors is close to.
+            half = (dims + D // 2) % D
+            sign = tl.where(dims < D // 2, -1.0, 1.0)
+            cos = tl.load(cos_ptr + b * sr_b + dims).to(tl.float32)
+            sin = tl.load(sin_ptr + b * sr_b + dims).to(tl.float32)
+            q2 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + half[None, :], mask=row_ok[:, None], other=0.0)
+            q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q2.to(tl.float32) * sin[None, :]).to(q.dtype)
+            kn2 = tl.load(kn_ptr + b * sn_b + g * sn_h + half)
+            kn = (kn.to(tl.float32) * cos + sign * kn2.to(tl.float32) * sin).to(kn.dtype)
         cache_off = b * sc_b + g * sc_h
         tl.store(kc_ptr + cache_off + pos * sc_s + dims, kn)
         tl.store(vc_ptr + cache_off + pos * sc_s + dims, vn)
@@ -97,25 +108,32 @@ if triton is not None:
 
 def decode_attention_append(q_BhD: torch.Tensor, k_new_BkD: torch.Tensor, v_new_BkD: torch.Tensor,
                             k_cache_BkSD: torch.Tensor, v_cache_BkSD: torch.Tensor, pos_B: torch.Tensor,
-                            scale: float, window: Optional[int] = None) -> torch.Tensor:
-    """Append (k_new, v_new) at ``pos_B`` and attend (module docstring). Returns ``[B, H, D]``."""
+                            scale: float, window: Optional[int] = None,
+                            rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Append (k_new, v_new) at ``pos_B`` and attend (module docstring). Returns ``[B, H, D]``. ``rope``:
+    (cos, sin) ``[B, D]``: q and k_new are rotated first (``apply_rope``), in the kernel."""
     if triton is None:
         raise RuntimeError("decode_attention_append needs Triton")
     B, H, D = q_BhD.shape
     Hkv = k_cache_BkSD.shape[1]
     if H % Hkv or D & (D - 1) or D < 16:
         raise ValueError(f"unsupported shape: {H} query heads, {Hkv} kv heads, head_dim {D}")
-    q = q_BhD.contiguous()
-    kn, vn = k_new_BkD.contiguous(), v_new_BkD.contiguous()
+    q = q_BhD if q_BhD.stride(2) == 1 else q_BhD.contiguous()
+    kn = k_new_BkD if k_new_BkD.stride(2) == 1 else k_new_BkD.contiguous()
+    vn = v_new_BkD if v_new_BkD.stride(2) == 1 else v_new_BkD.contiguous()
+    cos, sin = rope if rope is not None else (q, q)
+    if rope is not None and (cos.stride() != sin.stride() or cos.stride(1) != 1):
+        raise ValueError("rope cos and sin must share one layout with a contiguous last dim")
     if k_cache_BkSD.stride() != v_cache_BkSD.stride() or k_cache_BkSD.stride(3) != 1:
         raise ValueError("the k and v caches must share one contiguous-last-dim layout")
     group = H // Hkv
-    o = torch.empty_like(q)
+    o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     extra = {"BLOCK_N": 64} if _INTERPRETED else {}
     _tuned_kernel[(B, Hkv)](
-        q, kn, vn, k_cache_BkSD, v_cache_BkSD, pos_B, o, float(scale), int(window or 0), k_cache_BkSD.shape[2],
-        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        q, kn, vn, k_cache_BkSD, v_cache_BkSD, pos_B, o, cos, sin, float(scale), int(window or 0),
+        k_cache_BkSD.shape[2], q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         k_cache_BkSD.stride(0), k_cache_BkSD.stride(1), k_cache_BkSD.stride(2), o.stride(0), o.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
-        HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **extra)
+        cos.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
+        HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_ROPE=rope is not None, **extra)
     return o

@@ -36,6 +36,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from reallm.kernels import decode_attention as decode_kernel
+from reallm.kernels import decode_gemm
 from reallm.kernels.decode_attention import decode_attention_append
 from reallm.model.arch import ArchConfig, arch_from_spec
 from reallm.model.attention import AttnBackend, PackedSeqs, decode_attention, packed_causal_attention
@@ -141,6 +142,8 @@ class _Ctx:
     decode_kernel: bool = False
     #: Run each block as compiled regions around the attention (``Transformer.compile``).
     compiled: bool = False
+    #: Decode only: each block as 5 kernels (``_fused_decode_block``; ``Transformer.fused_decode_usable``).
+    fused_decode: bool = False
 
 
 class Attention(nn.Module):
@@ -251,6 +254,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
 
     def forward(self, x_TH: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        if ctx.fused_decode:
+            return _fused_decode_block(self, x_TH, ctx)
         if ctx.compiled:
             # Same arithmetic in three regions: two compiled (norms, projections, rope, residuals, SwiGLU
             # fused by Inductor) around the eager attention kernel. Only without tp hooks (tp = 1).
@@ -270,6 +275,23 @@ def _post_attention(layer: DecoderLayer, x_TH: torch.Tensor, o_TnD: torch.Tensor
                     w_gate_up: Optional[torch.Tensor]) -> torch.Tensor:
     h = x_TH + layer.self_attn.o_proj(o_TnD.reshape(x_TH.shape[0], -1))
     return h + layer.mlp(layer.post_attention_layernorm(h), w_gate_up)
+
+
+def _fused_decode_block(layer: DecoderLayer, x_BH: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """One decode step of a block in 5 kernels, the same arithmetic as ``DecoderLayer.forward``: input norm +
+    q/k/v product; rope + append + attention; o-product + residual; post-attention norm + gate/up product +
+    SwiGLU; down product + residual (``reallm.kernels.decode_gemm``, ``decode_attention``)."""
+    att, mlp, B = layer.self_attn, layer.mlp, x_BH.shape[0]
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    nq, nk = att.q_proj.weight.shape[0], att.k_proj.weight.shape[0]
+    qkv = decode_gemm.decode_linear(x_BH, att.fused_qkv(), norm_weight=n1.weight, eps=n1.eps)
+    q, k, v = (t.view(B, -1, att.head_dim) for t in qkv.split((nq, nk, nk), dim=-1))
+    assert ctx.kv_cache is not None
+    o = decode_kernel.decode_attention_append(q, k, v, ctx.kv_cache.k[layer.index], ctx.kv_cache.v[layer.index],
+                                              ctx.cache_cols, att.scale, att.sliding_window, rope=(ctx.cos, ctx.sin))
+    h = decode_gemm.decode_linear(o.view(B, -1), att.o_proj.weight, residual=x_BH)
+    a = decode_gemm.decode_linear(h, mlp.fused_gate_up(), norm_weight=n2.weight, eps=n2.eps, glu=True)
+    return decode_gemm.decode_linear(a, mlp.down_proj.weight, residual=h)
 
 
 _COMPILED: dict = {}
@@ -337,6 +359,10 @@ class Transformer(nn.Module):
         self.compiled = False
         #: Decode steps append + attend with the Triton kernel (CUDA; ``decode_kernel_usable``).
         self.use_decode_kernel = True
+        #: Decode steps run each block as 5 fused kernels where they can (``fused_decode_usable``). Off by
+        #: default: on an H100 its split-K products are slower than cuBLAS's for the short inner sizes
+        #: (BENCHMARKS.md, decode), so the step is slower as a whole.
+        self.use_fused_decode = False
         self._inv_freq: Optional[torch.Tensor] = None
 
     def tie_weights(self) -> None:
@@ -386,6 +412,23 @@ class Transformer(nn.Module):
         w = next(iter(self.model.layers.values())).self_attn.q_proj.weight if self.model.layers else None
         return (self.use_decode_kernel and decode_kernel.available() and x.is_cuda and w is not None
                 and w.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+    def fused_decode_usable(self, h: torch.Tensor) -> bool:
+        """Can this decode step run its blocks (and head) as fused kernels (``_fused_decode_block``)? With Triton on
+        CUDA (or its interpreter), ≤ ``decode_gemm.MAX_ROWS`` sequences, no tp hooks (tp = 1), and q/k/v and
+        gate/up stored back to back without biases (the executor's flat buffer), outside autograd."""
+        if not (self.use_fused_decode and decode_gemm.available() and decode_kernel.available() and self.model.layers):
+            return False
+        if not (h.is_cuda or decode_gemm._INTERPRETED) or h.shape[0] > decode_gemm.MAX_ROWS:
+            return False
+        if h.is_cuda and h.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if torch.is_grad_enabled() or self.score is not None:
+            return False
+        return all(not (layer.self_attn._forward_pre_hooks or layer.self_attn.o_proj._forward_hooks
+                        or layer.mlp._forward_pre_hooks)
+                   and layer.self_attn.fused_qkv() is not None and layer.mlp.fused_gate_up() is not None
+                   for layer in self.model.layers.values())
 
     # -- rope ------------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,6 +524,14 @@ class Transformer(nn.Module):
         Static shapes throughout, so the call can be captured in a CUDA graph."""
         h = self._embed(x)
         cos, sin = self._rope(positions_B, h.dtype)
+        if self.fused_decode_usable(h):
+            ctx = _Ctx(cos, sin, kv_cache=kv_cache, cache_cols=positions_B, decode=True, fused_decode=True)
+            h = self._blocks(h, ctx)
+            if self.model.norm is None:
+                return h
+            assert self.lm_head is not None
+            return decode_gemm.decode_linear(h, self.lm_head.weight, norm_weight=self.model.norm.weight,
+                                             eps=self.model.norm.eps)
         kernel = self.decode_kernel_usable(h)
         valid, rows = {}, None
         if not kernel:
