@@ -187,13 +187,13 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: Optional[tor
     cnt = _counters(x.device, triton.cdiv(n_out, 16))
     dummy = y  # pointer arguments a configuration does not read
 
-    def workspace(bn: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def workspace(split: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 partial tiles and row sums for ``split`` slices, for any BN ≥ 16 dividing 128."""
         if split == 1:
             return dummy, dummy
-        tiles = triton.cdiv(n_out, bn)
-        part = torch.empty(tiles * split * BM * bn * (2 if glu else 1), dtype=torch.float32, device=x.device)
-        ss = torch.empty(tiles * split * BM, dtype=torch.float32, device=x.device)
-        return part, ss
+        part = torch.empty(triton.cdiv(n_out, 128) * 128 * split * BM * (2 if glu else 1), dtype=torch.float32,
+                           device=x.device)
+        return part, torch.empty(triton.cdiv(n_out, 16) * split * BM, dtype=torch.float32, device=x.device)
 
     args = dict(M=M, N_OUT=n_out, K=K, eps=float(eps), sx_m=x.stride(0), sw_n=w.stride(0),
                 sr_m=residual.stride(0) if residual is not None else 0, sy_m=y.stride(0), BM=BM,
@@ -203,13 +203,10 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: Optional[tor
     if _INTERPRETED or config is not None:
         cfg = dict(config or {"BN": 32, "BK": 32, "SPLIT": 2})
         launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        part, ss = workspace(cfg["BN"], cfg["SPLIT"])
+        part, ss = workspace(cfg["SPLIT"])
         _decode_gemm_kernel[(triton.cdiv(n_out, cfg["BN"]), cfg["SPLIT"])](*ptrs, part, ss, cnt, **args, **cfg,
                                                                             **launch)
         return y
-    # One workspace for every configuration the tuner tries: BN divides 128, SPLIT ≤ 8, BN ≥ 16.
-    part = torch.empty(triton.cdiv(n_out, 128) * 128 * 8 * BM * (2 if glu else 1), dtype=torch.float32,
-                       device=x.device)
-    ss = torch.empty(triton.cdiv(n_out, 16) * 8 * BM, dtype=torch.float32, device=x.device)
+    part, ss = workspace(max(c.kwargs["SPLIT"] for c in _configs()))  # every configuration the tuner tries
     _tuned_kernel[lambda meta: (triton.cdiv(n_out, meta["BN"]), meta["SPLIT"])](*ptrs, part, ss, cnt, **args)
     return y
