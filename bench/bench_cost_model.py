@@ -14,7 +14,9 @@ LLaMA in fp32 on CPU):
   label ``greedy``).
   Measured phase ``prefill_s``: the same call with N = 1.
 - inference: ``ParallelModel.logprobs`` (a reference model's call) on n sequences of s tokens in m
-  micro-batches; label ``mask``: under a logits mask, as PPO's reference model.
+  micro-batches; label ``mask``: under a logits mask, as PPO's reference model. On CUDA the replica replays
+  its forward from CUDA graphs, as a frozen model kept on its device does (``reallm.model.graphs``; the
+  warm-up run captures); ``REALLM_INFERENCE_GRAPHS=0``: eager, estimates too.
 - train: ``ParallelModel.train_step``'s steps in its order — ``zero_grad`` + ``forward_backward`` (SFT loss
   on vocab-parallel log-probs; phase ``fwd_bwd_s``), then ``reduce_gradients`` + ``optimizer_step`` +
   ``gather_stats`` (phase ``optimizer_s``) — gradient checkpointing on or off; label ``mask``: the loss
@@ -56,6 +58,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -236,7 +239,10 @@ def estimate(s: Setting, spec: ModelSpec, profile: Profile, cluster, dtype_bytes
     opts = ModelOptions(gradient_checkpointing=s.checkpointing, zero_stage=0, dtype_bytes=dtype_bytes,
                         greedy=s.kind == "generate" and not s.logits_mask, compile_blocks=compile_blocks)
     call, p = s.call(), s.placement()
-    ct = t_call(call, p, spec, profile, cluster, opts)
+    # The inference replica here is a frozen model that stays on the device: it replays CUDA graphs where
+    # the executor does (``REALLM_INFERENCE_GRAPHS=0`` turns them off in both).
+    graphed = s.kind == "inference" and os.environ.get("REALLM_INFERENCE_GRAPHS", "1") != "0"
+    ct = t_call(call, p, spec, profile, cluster, opts, graphed=graphed)
     mem = call_memory(call, p, spec, opts)
     terms = {"transient_bytes": mem.transient_bytes, "state_bytes": mem.state_bytes, "weights_bytes": mem.weights_bytes,
              # inference/train: the input masks, built on the device before the call (resident when it starts)

@@ -18,6 +18,8 @@ with ``K`` cached tokens)::
              forward_ckpt / backward_ckpt   the same under torch.utils.checkpoint, as gradient
                        checkpointing runs it (its backward recomputes the forward); optional tables
              prefill   DecoderLayer(x, ctx) without grad, writing the KV cache (ctx of a prefill call)
+             prefill_graphed   the same without the KV cache, as an inference replica replays it from a
+                       CUDA graph (``reallm.model.graphs``; where ``inference_graphed``): device time
              decode    one step of b sequences at position K (ctx of Transformer.decode): device time,
                        host time and one-off capture cost as generation runs it (``decode_graphed``: a
                        replayed CUDA graph on CUDA with tp = 1, else eager; ``_decode_point``)
@@ -96,6 +98,7 @@ from planner.cost_model.analytic_profile import AnalyticRates, collective_rates
 from planner.cost_model.profile import (
     CKPT_OPS,
     DECODE_OPS,
+    GRAPHED_OPS,
     PROFILE_FORMAT,
     PROFILE_VERSION,
     SAMPLING_MODES,
@@ -394,6 +397,14 @@ def decode_graphed(model, settings: ProfileSettings) -> bool:
     return settings.decode_cuda_graph and settings.device == "cuda" and not _has_tp_hooks(model)
 
 
+def inference_graphed(pm) -> bool:
+    """Does an inference replica of this rank's model replay its forward from CUDA graphs? The executor's
+    rule (``reallm.parallel.model.inference_graphs_usable``)."""
+    from reallm.parallel.model import inference_graphs_usable
+
+    return inference_graphs_usable(pm.model, pm.placement, pm.device, pm.dtype)
+
+
 class _Captured(Exception):
     pass
 
@@ -636,7 +647,7 @@ class LayerBench:
         for op in ops:
             # Host times are left as measured: launching does not get dearer with the sizes, and a call the
             # host cannot get ahead of records 0 (``Timer.device_host_s``).
-            along_x = op not in TOKEN_OPS + CKPT_OPS
+            along_x = op not in TOKEN_OPS + CKPT_OPS + GRAPHED_OPS
             smooth = values[op] if op.endswith("_host") else monotone(values[op], along_x=along_x)
             self.log.adjusted += [f"{where} {op} {x_name}={x} {y_name}={y}: {v:.4g} -> {w:.4g} s"
                                   for x, rv, rw in zip(xs, values[op], smooth) for y, v, w in zip(ys, rv, rw)
@@ -778,9 +789,19 @@ class LayerBench:
 
             return self._time(lambda: torch.autograd.backward(box.pop("y"), gy), setup) / k
 
+        def blk_prefill_graphed(s, T):  # an inference forward's blocks replayed from one graph (chain of k)
+            ids, cu = packed_batch(T, s, V, self.dev)
+            with torch.no_grad():
+                ctx = blocks_input(model, lambda: model(ids, cu))[1]
+                ctx = dataclasses.replace(ctx, seqs=dataclasses.replace(ctx.seqs, graph_static=True))
+                x, k = self._hidden(T, False), self.s.chain_length(T)
+                replay, _ = graphed(lambda: chain(x, ctx, k))
+            return self._time(replay, grad=False) / k
+
+        graphed_ops = (("prefill_graphed", blk_prefill_graphed),) if inference_graphed(pm) else ()
         for op, fn in (("forward", blk_fwd), ("backward", blk_bwd), ("prefill", blk_prefill),
-                       ("forward_ckpt", blk_fwd_ckpt), ("backward_ckpt", blk_bwd_ckpt)):
-            if op in CKPT_OPS:
+                       ("forward_ckpt", blk_fwd_ckpt), ("backward_ckpt", blk_bwd_ckpt)) + graphed_ops:
+            if op in CKPT_OPS + GRAPHED_OPS:
                 try:  # optional tables (the cost model has a fallback): a failure costs only them
                     table = self.table("block", op, "seqlen", g.seqlens, "tokens", g.tokens, fn)
                 except Exception as e:  # noqa: BLE001

@@ -32,6 +32,12 @@ Calls (``t_call``):
                all-gather of the updated weights in the compute dtype (d bytes, ``ModelOptions``);
                optimizer = params/device · profile.optimizer.time_s_per_param (/dp with ZeRO-1)
   inference  = (pp + m − 1)·(F + p2p)
+               graphed (``graphed=True``: a frozen model kept on its devices replays its embedding and
+               blocks from CUDA graphs, ``reallm.model.graphs``; where ``inference_graphed``): the blocks
+               take the profile's ``prefill_graphed`` device time at the padded token count bucket(T)
+               (``reallm.working_set.bucket``: ≤ 1/8 more rows); embedding and head as above. The
+               planner charges the difference to the eager time as the model's host load
+               (``tables.cost_candidate``): a model offloaded between calls runs eager.
   generate   = prefill + capture + Σ_{k=0}^{N−2} decode_round(P + k)
                prefill = (pp + m − 1)·(F_prefill(b, P) + p2p) + m·draw(b), b = sequences per micro-batch;
                F_prefill(b, P) = Σ_groups F_prefill(T = group tokens): with pp = 1 the prompts go through
@@ -89,6 +95,7 @@ from planner.cost_model.shapes import (
 from reallm.dataflow import Call
 from reallm.placement import Placement
 from reallm.spec import ModelSpec
+from reallm.working_set import bucket
 
 DECODE_INTEGRATION_POINTS = 9
 #: ``FlatAdamW`` accumulates and reduces gradients in fp32.
@@ -166,11 +173,12 @@ def ckpt_block_ops(spec: ModelSpec, p: Placement, profile: Profile, checkpointin
 
 def stage_forward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, op: str, tokens: float,
                     seqlen: float, rate: LinkRate, head_op: Optional[str] = None,
-                    block_op: Optional[str] = None) -> float:
+                    block_op: Optional[str] = None, block_tokens: Optional[float] = None) -> float:
     """Forward (op = forward) or prefill of one micro-batch on one stage, tp collectives included; the head
-    takes ``head_op`` and the blocks ``block_op`` (default ``op``)."""
+    takes ``head_op`` and the blocks ``block_op`` (default ``op``) at ``block_tokens`` (default ``tokens``)."""
     comm = not profile.includes_tp_comm
-    t = st.num_blocks * (profile.layer_time_s(spec, "block", block_op or op, p.tp, tokens, seqlen)
+    bt = tokens if block_tokens is None else block_tokens
+    t = st.num_blocks * (profile.layer_time_s(spec, "block", block_op or op, p.tp, bt, seqlen)
                          + (tp_block_comm_s(tokens, spec, p, rate) if comm else 0.0))
     if st.has_embedding:
         t += profile.layer_time_s(spec, "embedding", op, p.tp, tokens, seqlen)
@@ -291,9 +299,17 @@ def sum_over_steps_s(f, k0: float, n: int, points: int = DECODE_INTEGRATION_POIN
 
 
 # -- calls ----------------------------------------------------------------------------------------
+def inference_graphed(spec: ModelSpec, p: Placement, profile: Profile, opts: ModelOptions) -> bool:
+    """Can an inference call of a frozen model replay its blocks from CUDA graphs? The executor's rule
+    (``reallm.parallel.model.inference_graphs_usable``: tp = 1, compiled blocks, on CUDA), read off the
+    profile: only a CUDA profile has the ``prefill_graphed`` table."""
+    return p.tp == 1 and opts.compile_blocks and profile.has_op(spec, "block", "prefill_graphed", 1)
+
+
 def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, cluster,
-           opts: ModelOptions = ModelOptions()) -> CallTime:
-    """Estimated wall time of ``call`` on ``placement`` (module docstring has the formulas)."""
+           opts: ModelOptions = ModelOptions(), *, graphed: bool = False) -> CallTime:
+    """Estimated wall time of ``call`` on ``placement`` (module docstring has the formulas). ``graphed``: an
+    inference call replayed from CUDA graphs (where ``inference_graphed``; ignored elsewhere)."""
     p = placement
     links = _links(p, profile, cluster)
     sts = stages_of(spec, p.tp, p.pp)
@@ -323,7 +339,11 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
     tok, s = b * call.max_seqlen, call.max_seqlen
     p2p = pipeline_p2p_s(tok, spec, p, links.pp)
     if call.kind == "inference":
-        fwd = max(stage_forward_s(st, spec, p, profile, "prefill", tok, s, links.tp, head_op="forward") for st in sts)
+        blocks = {}
+        if graphed and inference_graphed(spec, p, profile, opts):
+            blocks = {"block_op": "prefill_graphed", "block_tokens": bucket(int(math.ceil(tok)))}
+        fwd = max(stage_forward_s(st, spec, p, profile, "prefill", tok, s, links.tp, head_op="forward", **blocks)
+                  for st in sts)
         return CallTime(slots * (fwd + p2p), {"compute_s": slots * fwd, "pp_comm_s": slots * p2p})
     blk_op = "forward_ckpt" if ckpt_block_ops(spec, p, profile, opts.gradient_checkpointing) else "forward"
     fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp, block_op=blk_op) for st in sts)

@@ -66,6 +66,10 @@ The executor's memory policy (DESIGN §4), which the simulator applies per devic
   the training weights (no copy).
 - A frozen model (no train call) is held in host memory between its calls when its devices are shared
   with other calls (and pays a host→device load before each call); its weights count only during them.
+  One kept on its own devices replays its inference forward from CUDA graphs (``reallm.model.graphs``):
+  the graphs' memory pool keeps one forward's working set (block_working at the padded token count)
+  reserved between its calls, on devices where nothing else runs; ``max_memory_allocated`` sees it only
+  while a graph is captured, the replays allocate nothing.
 - Usable memory is ``USABLE_MEMORY_FRACTION`` of the device (CUDA context, NCCL buffers, fragmentation).
 """
 

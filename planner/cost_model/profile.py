@@ -18,7 +18,8 @@ Schema (``"format": "reallm.profile"``, version 2)::
             "embedding":   {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK}},
             "block":       {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK,
                                      "decode": DEC, "decode_host": DEC, "decode_capture": DEC,
-                                     "forward_ckpt": TOK, "backward_ckpt": TOK}},   # the last two optional
+                                     "forward_ckpt": TOK, "backward_ckpt": TOK,    # optional
+                                     "prefill_graphed": TOK}},                     # optional
             "head":        {"<tp>": {... the same six ...}},   # final norm + LM head (+ log-softmax)
             "score_head":  {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK, "decode": DEC}},
             "decode_step": {"<tp>": {"launch": DEC, "launch_host": DEC, "capture": DEC,
@@ -55,6 +56,11 @@ Gradient checkpointing (``Transformer._blocks`` runs each block under ``torch.ut
 block's ``forward_ckpt`` is its forward so wrapped, ``backward_ckpt`` its backward, which recomputes the
 forward first. Both are optional; without them the cost model counts a checkpointed block as a forward
 and, in backward, a forward + a backward.
+
+Graphed inference (``reallm.model.graphs``: an inference replica on CUDA with tp = 1 replays its embedding
+and blocks from a CUDA graph per token bucket): a block's ``prefill_graphed`` is the device time of
+``prefill``'s work (no KV cache) replayed from a graph, at the padded token count. Optional; without it
+the cost model takes ``prefill`` (the eager call).
 
 Decode steps, as generation runs them (``reallm.parallel.generate``: the host launches a step and the
 sampling without waiting for the device, so host and device work overlap; ``call_time.py`` combines
@@ -118,7 +124,9 @@ STEP_OPS = ("launch", "launch_host", "capture") + tuple(op for m in SAMPLING_MOD
 REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + DECODE_OPS, "head": TOKEN_OPS + DECODE_OPS,
                 "score_head": TOKEN_OPS + ("decode",), "decode_step": STEP_OPS}
 #: Ops a kind may provide (the cost model falls back to others without them).
-OPTIONAL_OPS = {"block": CKPT_OPS}
+#: A block's no-grad forward replayed from a CUDA graph (optional, module docstring).
+GRAPHED_OPS = ("prefill_graphed",)
+OPTIONAL_OPS = {"block": CKPT_OPS + GRAPHED_OPS}
 LINK_TYPES = ("nvlink", "ib", "host")
 
 
@@ -215,7 +223,7 @@ def decode_table(d: Any, where: str, problems: list[str]) -> Optional[Table2D]:
 
 def table_of(op: str, d: Any, where: str, problems: list[str]) -> Optional[Table2D]:
     """``op``'s table: token ops are ``seqlen × tokens``, every other op ``batch × kv_len``."""
-    return (token_table if op in TOKEN_OPS + CKPT_OPS else decode_table)(d, where, problems)
+    return (token_table if op in TOKEN_OPS + CKPT_OPS + GRAPHED_OPS else decode_table)(d, where, problems)
 
 
 @dataclass(frozen=True)
@@ -301,7 +309,8 @@ class Profile:
         self.fallbacks.append(f"{key} tp={tp}: analytic ({rates.name})")
 
     def layer_time_s(self, spec: ModelSpec, kind: str, op: str, tp: int, tokens: float, seqlen: float) -> float:
-        """One call of ``op`` (forward/backward/prefill, or a ``CKPT_OPS`` op) of one layer on one tp rank."""
+        """One call of ``op`` (forward/backward/prefill, or a ``CKPT_OPS`` / ``GRAPHED_OPS`` op) of one layer on
+        one tp rank."""
         return self._entry(spec, kind, tp)[op](seqlen, tokens)
 
     def has_op(self, spec: ModelSpec, kind: str, op: str, tp: int) -> bool:

@@ -208,7 +208,10 @@ class ModelHandle:
 
     @classmethod
     def build(cls, ctx: CallContext, model_cfg, seed: int, *, trainable: bool, total_steps: int = 1,
-              load_weights: bool = True) -> ModelHandle:
+              load_weights: bool = True, inference_graphs: bool = False) -> ModelHandle:
+        """``inference_graphs``: a frozen model that stays on its devices between calls replays its inference
+        forward from CUDA graphs (``ParallelModel.use_inference_graphs``, where usable); not for a replica
+        that lives for one call, nor a model offloaded between calls (each call would capture anew)."""
         from reallm.model.optim import OptimizerSettings
 
         opt_cfg = model_cfg.optimizer
@@ -216,11 +219,13 @@ class ModelHandle:
         dtype = torch.bfloat16 if (model_cfg.bf16 and ctx.device.type == "cuda") else torch.float32
         # Building never draws from the global generators: a resumed run builds its models at another step.
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
-            pm = cls._build_pm(ctx, model_cfg, seed, optimizer, dtype, total_steps, load_weights)
+            pm = cls._build_pm(ctx, model_cfg, seed, optimizer, dtype, total_steps, load_weights,
+                               inference_graphs and optimizer is None)
         return cls(pm, model_cfg.path)
 
     @staticmethod
-    def _build_pm(ctx: CallContext, model_cfg, seed: int, optimizer, dtype, total_steps: int, load_weights: bool):
+    def _build_pm(ctx: CallContext, model_cfg, seed: int, optimizer, dtype, total_steps: int, load_weights: bool,
+                  inference_graphs: bool):
         from reallm.parallel import ParallelGroups, ParallelModel
 
         opt_cfg = model_cfg.optimizer
@@ -230,7 +235,8 @@ class ModelHandle:
                                    offload_optimizer=opt_cfg.offload,
                                    gradient_checkpointing=model_cfg.gradient_checkpointing and optimizer is not None,
                                    critic_init_seed=seed, load_weights=load_weights,
-                                   compile_blocks=getattr(model_cfg, "compile", False))
+                                   compile_blocks=getattr(model_cfg, "compile", False),
+                                   inference_graphs=inference_graphs)
 
     @property
     def is_last_stage(self) -> bool:
@@ -390,6 +396,12 @@ class ExperimentRuntime(Runtime):
     def _save_recovery_state(self, next_step: int) -> None:
         self.recovery.save(next_step, {"rng": recovery.rng_state(self.device), "runtime": self.runtime_state(),
                                        "models": {k: h.training_state() for k, h in self._tracked.items()}})
+
+    def keeps_frozen_resident(self, role: str) -> bool:
+        """Does a frozen model of ``role`` stay on this rank's devices between its calls (so its inference
+        forward may replay CUDA graphs)? Not when it waits in host memory (``offload_frozen_models`` and the
+        devices serve another model)."""
+        return not (self.cfg.memory.offload_frozen_models and self.shares_devices(role))
 
     def shares_devices(self, role: str) -> bool:
         """Does this rank also serve a call of another model? (Then frozen models wait in host memory.)"""

@@ -88,7 +88,8 @@ class DPORuntime(PairedRuntime):
                 self.models[role] = self.track(role, ModelHandle.build(ctx, self.cfg.actor, self.cfg.seed,
                                                                        trainable=True, total_steps=self.num_steps()))
             else:  # the reference is never trained, whatever its optimizer says
-                self.models[role] = ModelHandle.build(ctx, self.cfg.ref, self.cfg.seed, trainable=False)
+                self.models[role] = ModelHandle.build(ctx, self.cfg.ref, self.cfg.seed, trainable=False,
+                                                      inference_graphs=self.keeps_frozen_resident(role))
         handle = self.models[role]
         if handle.pm.offloaded:
             handle.pm.reload()

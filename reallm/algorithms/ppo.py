@@ -111,8 +111,11 @@ class PPORuntime(ExperimentRuntime):
             name = record
         if name not in self.models:
             trainable = name == record and self.plan.call(record).is_train
+            # A frozen model's weights of record stay put between calls unless offloaded: graphs pay off there.
+            graphs = name == record and not trainable and self.keeps_frozen_resident(role)
             handle = ModelHandle.build(ctx, getattr(self.cfg, ROLE_FIELD[role]), self.cfg.seed, trainable=trainable,
-                                       total_steps=self.num_steps() * self.hp.ppo_n_minibatches)
+                                       total_steps=self.num_steps() * self.hp.ppo_n_minibatches,
+                                       inference_graphs=graphs)
             self.models[name] = self.track(role, handle) if trainable else handle
         handle = self.models[name]
         train = ctx.call.kind == "train"

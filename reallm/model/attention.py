@@ -80,6 +80,9 @@ class PackedSeqs:
     #: The same boundaries as Python ints (one host sync per forward, not per layer).
     bounds: tuple[int, ...]
     max_seqlen: int
+    #: Inside a CUDA graph (``reallm.model.graphs``): ``bounds`` describe the capture's micro-batch only, so
+    #: the kernel must read the boundaries from ``cu_seqlens`` on the device (VARLEN), never choose by them.
+    graph_static: bool = False
 
     @staticmethod
     def from_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None) -> PackedSeqs:
@@ -205,7 +208,7 @@ def equal_lengths(seqs: PackedSeqs) -> bool:
 
 
 def batched_usable(q: torch.Tensor, seqs: PackedSeqs, window: Optional[int]) -> bool:
-    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and window is None
+    return (not seqs.graph_static and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and window is None
             and equal_lengths(seqs) and os.environ.get("REALLM_ATTN", "") != "varlen")
 
 

@@ -489,6 +489,13 @@ class Transformer(nn.Module):
                    compiled=self.compiled)
         return self._head(self._blocks(h, ctx), select_rows)
 
+    def trunk(self, x: torch.Tensor, seqs: PackedSeqs, position_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding (first stage) and blocks of a packed micro-batch, no head and no KV cache: the part of an
+        inference forward that ``reallm.model.graphs`` replays from a CUDA graph (no host syncs)."""
+        h = self._embed(x)
+        cos, sin = self._rope(position_ids, h.dtype)
+        return self._blocks(h, _Ctx(cos, sin, seqs=seqs, compiled=self.compiled))
+
     def prefill(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, kv_cache: KVCache,
                 max_tokens: Optional[int] = None) -> torch.Tensor:
         """Fill ``kv_cache`` with the packed prompts and return the head's output at each prompt's last

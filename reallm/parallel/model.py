@@ -27,6 +27,7 @@ summed over dp.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from reallm.layout.shards import DeviceShards, resolve_partition, shards_of
 from reallm.layout.stages import StagePartition
 from reallm.model.arch import ArchConfig, arch_from_spec
 from reallm.model.attention import AttnBackend, PackedSeqs
+from reallm.model.graphs import InferenceGraphs
 from reallm.model.hf_io import load_hf_weights, read_hf_model, save_hf_checkpoint
 from reallm.model.optim import OptimizerSettings
 from reallm.model.transformer import StageSpec, Transformer, _Ctx, packed_positions
@@ -61,8 +63,19 @@ class _Prepared:
 
     tokens: Optional[torch.Tensor]
     cu_seqlens: torch.Tensor
+    #: ``cu_seqlens`` as host ints (before sequence-parallel padding).
+    bounds: tuple[int, ...]
     num_tokens: int  # before sequence-parallel padding
     act_rows: int  # rows of the hidden states passed between stages
+
+
+def inference_graphs_usable(model: Transformer, placement, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an inference replica replays its forward from CUDA graphs: on CUDA, half precision (the
+    varlen attention kernel reads the boundaries on the device), compiled blocks (what the profile's
+    ``prefill_graphed`` table times), tp = 1 (no collectives inside the graph), and
+    ``REALLM_INFERENCE_GRAPHS`` not ``0``."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and model.compiled
+            and placement.tp == 1 and os.environ.get("REALLM_INFERENCE_GRAPHS", "1") != "0")
 
 
 class ParallelModel:
@@ -76,6 +89,8 @@ class ParallelModel:
         self.partition, self.shards, self.flat = partition, shards, flat
         self.tp_state, self.dtype, self.device = tp_state, dtype, device
         self.optimizer: Optional[FlatAdamW] = None
+        #: CUDA-graphed inference forward (``use_inference_graphs``); None: eager.
+        self.graphs: Optional[InferenceGraphs] = None
         self._hooks: list = []
         #: part ("params" / "state") -> name -> (device tensor, host copy), while offloaded.
         self._offloaded: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -89,14 +104,17 @@ class ParallelModel:
               gradient_checkpointing: bool = False, partition: Optional[StagePartition] = None,
               critic_init_seed: int = 1, attn_backend: AttnBackend = AttnBackend.AUTO,
               load_weights: bool = True, spec: Optional[ModelSpec] = None,
-              init_seed: Optional[int] = None, compile_blocks: bool = False) -> ParallelModel:
+              init_seed: Optional[int] = None, compile_blocks: bool = False,
+              inference_graphs: bool = True) -> ParallelModel:
         """This rank's part of the HF checkpoint at ``ckpt_path`` under ``groups.placement``.
 
         ``optimizer`` None builds an inference-only replica (no gradients, no optimizer state).
         ``load_weights=False`` leaves the flat buffer zero (a reallocation destination). Without a checkpoint
         (``ckpt_path`` None) the shapes come from ``spec``, and the weights are zero, or with ``init_seed``
         drawn per local shard (profiling only: such draws depend on the layout). ``compile_blocks``: run the
-        blocks as torch.compile'd regions (``Transformer.compile``); honoured on CUDA with tp = 1 only."""
+        blocks as torch.compile'd regions (``Transformer.compile``); honoured on CUDA with tp = 1 only.
+        ``inference_graphs``: an inference-only replica replays its forward from CUDA graphs where
+        ``inference_graphs_usable`` (``use_inference_graphs``)."""
         device = torch.device(device)
         placement, c = groups.placement, groups.coord
         if ckpt_path is not None:
@@ -132,11 +150,21 @@ class ParallelModel:
         self = cls(model, ckpt_path, arch, groups, part, shards, flat, tp_state, dtype, device)
         if optimizer is None:
             model.requires_grad_(False)
+            if inference_graphs and inference_graphs_usable(model, placement, device, dtype):
+                self.use_inference_graphs()
         else:
             self.optimizer = FlatAdamW(flat, shards, optimizer, total_steps, groups.dp, zero1=zero1,
                                        offload=offload_optimizer, bucket_numel=bucket_numel)
             self._register_grad_hooks()
         return self
+
+    def use_inference_graphs(self, capture: Optional[bool] = None) -> None:
+        """Run inference micro-batches' embedding and blocks as replayed CUDA graphs, one per token bucket
+        (``reallm.model.graphs``); the head stays eager. ``capture=False`` runs the same padded buffers
+        eagerly (CPU tests). Dropped for good when the parameters are offloaded (``offload``): a model that
+        moves between host and device would capture anew every call, which costs more than it saves."""
+        m = self.model
+        self.graphs = InferenceGraphs(m.trunk, self.device, capture=capture)
 
     def _register_grad_hooks(self) -> None:
         assert self.optimizer is not None
@@ -183,18 +211,24 @@ class ParallelModel:
 
     def _prepare(self, mb: Mapping[str, torch.Tensor]) -> _Prepared:
         tokens = mb["tokens"].to(self.device)
+        bounds = tuple(int(v) for v in mb["cu_seqlens"].tolist())
         cu = mb["cu_seqlens"].to(self.device, torch.int32)
         T = tokens.shape[0]
         if self._sp_active():
             tp = self.placement.tp
             tokens, cu, Tp = pad_for_sp(tokens, cu, T, tp)
-            return _Prepared(tokens if self.is_first_stage else None, cu, T, Tp // tp)
-        return _Prepared(tokens if self.is_first_stage else None, cu, T, T)
+            return _Prepared(tokens if self.is_first_stage else None, cu, bounds, T, Tp // tp)
+        return _Prepared(tokens if self.is_first_stage else None, cu, bounds, T, T)
 
     def _stage_forward(self, x: torch.Tensor, prep: _Prepared) -> torch.Tensor:
         """This stage on one micro-batch: tokens (first stage) or hidden states in, hidden states or the head's
         output out (padding rows stripped on the last stage)."""
         m = self.model
+        if self.graphs is not None and not torch.is_grad_enabled() and x.shape[0] == prep.bounds[-1]:
+            h = self.graphs(x, prep.bounds, self.flat.untyped_storage().data_ptr())
+            # The graph's static output is overwritten by the next replay: the head reads it now; hidden
+            # states for the next stage leave as a copy.
+            return m._head(h, None) if self.is_last_stage else h.clone()
         if x.shape[0] == int(prep.cu_seqlens[-1]):
             y = m(x, prep.cu_seqlens)
         else:
@@ -473,6 +507,9 @@ class ParallelModel:
         """Move parameters, gradients and optimizer states (only the latter two with ``state_only``: a
         generation or inference call on the weights of record) to host memory, pinned on GPU, and free the
         device copies; tensors keep their identity (their storage is resized), so hooks and views survive."""
+        if not state_only and self.graphs is not None:
+            self.graphs.clear()
+            self.graphs = None
         for part, tensors in self._offload_parts().items():
             if part in self._offloaded or (state_only and part == "params"):
                 continue

@@ -1,0 +1,185 @@
+"""CUDA-graphed inference forward: a stage's embedding and blocks replayed from a graph per token bucket.
+
+Why: at the token counts of inference micro-batches (a few thousand) a compiled block is host-bound on
+the H100 machines here — its Python, guards and ~10 launches take 0.6-1.2 ms of CPU while the GPU needs
+0.1-0.6 ms — so an eager call costs its host time, which moves by up to 2x between machines and ±25 %
+between repeats (BENCHMARKS.md, issue 11). A replayed graph costs its device time: faster, and steady.
+
+Shapes must be static inside a graph, so a micro-batch of T tokens in B sequences (longest S) runs padded
+to a *bucket* (``graph_bucket``): T_pad = ``bucket(T)``, S_pad = ``bucket(S)``, and B_pad ≥ B + the
+padding sequences, a power of two ≥ 8. The ``T_pad − T`` padding tokens (token id 0, or zero hidden
+rows) form extra sequences of at most S_pad tokens each after the real ones (``padded_bounds``), the
+remaining slots are empty sequences. Attention never crosses a sequence boundary and every other op is
+row-wise, so the real rows compute what they compute unpadded (up to the GEMM's blocking, which may
+change with the row count: rounding only); positions restart in each padding sequence, so rope and the
+attention kernel see ordinary sequences.
+
+``bucket(n)`` (``reallm.working_set``, torch-free: the planner uses it too) rounds n up to a multiple of max(``min_step``, 2^(⌊log2 n⌋ − 3)): at most 1/8 more rows,
+8 buckets per octave, so a run of varying batch sizes meets few distinct shapes.
+
+``InferenceGraphs`` keeps one graph per bucket (least recently used evicted beyond ``max_graphs``), all
+captured into one memory pool: a graph's intermediates live only while it runs, so the pool holds one
+forward's working set plus every graph's static input and output. The graphs read the parameters where
+they lie at capture: the owner drops them (``clear``) when parameters move (offload), and every call
+checks the parameter storage's address. Off CUDA (``capture=False``, the CPU tests) the same padded
+static buffers run eagerly, so everything but the capture is exercised.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from reallm.model.attention import PackedSeqs
+from reallm.working_set import MIN_SEQLEN_STEP, bucket
+
+#: Fewest sequence slots of a graph (``graph_bucket``'s B_pad is a power of two from here).
+MIN_SEQ_SLOTS = 8
+#: Graphs kept per model (least recently used evicted).
+MAX_GRAPHS = 8
+
+
+@dataclass(frozen=True)
+class GraphBucket:
+    """Static shape of one graph: padded tokens, sequence slots and longest sequence."""
+
+    tokens: int
+    seq_slots: int
+    max_seqlen: int
+
+
+def graph_bucket(lengths: Sequence[int]) -> GraphBucket:
+    """The bucket a micro-batch of sequences of ``lengths`` runs in (module docstring)."""
+    T = sum(lengths)
+    T_pad = bucket(T)
+    S_pad = bucket(max(lengths, default=1), MIN_SEQLEN_STEP)
+    pieces = -(-(T_pad - T) // S_pad)
+    slots = max(MIN_SEQ_SLOTS, 1 << max(len(lengths) + pieces - 1, 0).bit_length())
+    return GraphBucket(T_pad, slots, S_pad)
+
+
+def padded_bounds(bounds: Sequence[int], b: GraphBucket) -> tuple[int, ...]:
+    """``cu_seqlens`` of the padded micro-batch: the real boundaries, padding sequences of ≤ max_seqlen
+    tokens up to ``b.tokens``, then empty sequences up to ``b.seq_slots``."""
+    out = list(bounds)
+    if out[-1] > b.tokens or any(y - x > b.max_seqlen for x, y in zip(out, out[1:], strict=False)):
+        raise ValueError(f"micro-batch of {out[-1]} tokens does not fit {b}")
+    while out[-1] < b.tokens:
+        out.append(min(out[-1] + b.max_seqlen, b.tokens))
+    if len(out) - 1 > b.seq_slots:
+        raise ValueError(f"{len(out) - 1} sequences do not fit {b}")
+    out += [b.tokens] * (b.seq_slots + 1 - len(out))
+    return tuple(out)
+
+
+def padded_positions(bounds: Sequence[int]) -> torch.Tensor:
+    """Position of every token within its sequence, int64 [bounds[-1]] (host)."""
+    pos = torch.empty(bounds[-1], dtype=torch.int64)
+    for a, z in zip(bounds, bounds[1:], strict=False):
+        if z > a:
+            torch.arange(z - a, out=pos[a:z])
+    return pos
+
+
+#: ``fn(x, seqs, positions) -> [T_pad, ...]``: the stage's embedding and blocks on a padded micro-batch.
+TrunkFn = Callable[[torch.Tensor, PackedSeqs, torch.Tensor], torch.Tensor]
+
+
+class _Entry:
+    def __init__(self, x: torch.Tensor, cu: torch.Tensor, pos: torch.Tensor):
+        self.x, self.cu, self.pos = x, cu, pos
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.out: Optional[torch.Tensor] = None
+
+
+class InferenceGraphs:
+    """One model stage's graphs, by bucket (module docstring)."""
+
+    def __init__(self, fn: TrunkFn, device: torch.device, *, capture: Optional[bool] = None,
+                 max_graphs: int = MAX_GRAPHS):
+        self.fn, self.device = fn, torch.device(device)
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.max_graphs = max_graphs
+        self._entries: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()
+        self._pool = None
+        self._params_at: Optional[int] = None
+        #: Counters for tests and logs.
+        self.captures = 0
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every graph and its memory (the parameters are about to move)."""
+        self._entries.clear()
+        self._pool = None
+        self._params_at = None
+
+    def __call__(self, x: torch.Tensor, cu_seqlens_bounds: Sequence[int], params_at: int) -> torch.Tensor:
+        """``fn`` on the micro-batch ``x`` (token ids [T] or hidden [T, h]) with sequence boundaries
+        ``cu_seqlens_bounds`` (host ints), replayed from its bucket's graph; returns rows [:T] (a view of
+        the graph's static output: read it before the next call). ``params_at``: the parameter storage's
+        address; a change drops every graph."""
+        if params_at != self._params_at:
+            self.clear()
+            self._params_at = params_at
+        bounds = tuple(int(v) for v in cu_seqlens_bounds)
+        T = bounds[-1]
+        b = graph_bucket([z - a for a, z in zip(bounds, bounds[1:], strict=False)])
+        key = (b, x.dtype, tuple(x.shape[1:]))
+        e = self._entries.get(key)
+        if e is None:
+            e = self._new_entry(b, x)
+            self._entries[key] = e
+            while len(self._entries) > self.max_graphs:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        pb = padded_bounds(bounds, b)
+        e.x[:T].copy_(x, non_blocking=True)
+        e.cu.copy_(torch.tensor(pb, dtype=torch.int32), non_blocking=True)
+        e.pos.copy_(padded_positions(pb), non_blocking=True)
+        if e.out is None:
+            self._record(e, b, pb)
+        elif self.capture:
+            assert e.graph is not None
+            e.graph.replay()
+            self.replays += 1
+        else:
+            e.out = self.fn(e.x, PackedSeqs(e.cu, pb, b.max_seqlen, graph_static=True), e.pos)
+        assert e.out is not None
+        return e.out[:T]
+
+    def _new_entry(self, b: GraphBucket, x: torch.Tensor) -> _Entry:
+        kw = dict(device=self.device)
+        xs = torch.zeros((b.tokens, *x.shape[1:]), dtype=x.dtype, **kw)
+        return _Entry(xs, torch.zeros(b.seq_slots + 1, dtype=torch.int32, **kw),
+                      torch.zeros(b.tokens, dtype=torch.int64, **kw))
+
+    def _record(self, e: _Entry, b: GraphBucket, pb: tuple[int, ...]) -> None:
+        """First call of a bucket: an eager run (it also warms up compilation for the shape and the
+        libraries' lazy state, which must not happen inside a capture), then the capture."""
+        seqs = PackedSeqs(e.cu, pb, b.max_seqlen, graph_static=True)
+        if not self.capture:
+            e.out = self.fn(e.x, seqs, e.pos)
+            return
+        from reallm.model.generate import _capture_stream
+
+        stream = _capture_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.fn(e.x, seqs, e.pos)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        e.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(e.graph, pool=self._pool, stream=stream):
+            e.out = self.fn(e.x, seqs, e.pos)
+        self.captures += 1
+        e.graph.replay()
+        self.replays += 1

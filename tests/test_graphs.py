@@ -1,0 +1,104 @@
+"""Graphed inference forward (``reallm.model.graphs``): buckets, padding, and the padded static-buffer path
+against the eager forward. On CPU the graphs run uncaptured (``capture=False``): everything but the
+capture itself; on CUDA the same tests capture and replay."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from reallm.model.graphs import MIN_SEQ_SLOTS, graph_bucket, padded_bounds, padded_positions
+from reallm.working_set import bucket
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_bucket_rounds_up_by_at_most_an_eighth():
+    prev = 0
+    for n in list(range(1, 3000)) + [4480, 9216, 12345, 65537, 10 ** 6]:
+        b = bucket(n)
+        assert b >= n and b >= prev
+        prev = b
+        step = max(128, 1 << max(n.bit_length() - 4, 0))
+        assert b % step == 0
+        if n >= 1024:
+            assert b <= n * 1.125 + 1e-9, (n, b)
+    assert bucket(4480) == 4608 and bucket(9216) == 9216 and bucket(1) == 128
+    assert bucket(100, 64) == 128 and bucket(768, 64) == 768
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_padded_bounds_keep_the_real_sequences(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 700) for _ in range(rng.randint(1, 40))]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    b = graph_bucket(lengths)
+    pb = padded_bounds(bounds, b)
+    assert pb[:len(bounds)] == tuple(bounds)
+    assert pb[-1] == b.tokens and len(pb) == b.seq_slots + 1
+    assert b.seq_slots >= MIN_SEQ_SLOTS and b.seq_slots & (b.seq_slots - 1) == 0
+    assert all(0 <= z - a <= b.max_seqlen for a, z in zip(pb, pb[1:]))
+    pos = padded_positions(pb)
+    for a, z in zip(pb, pb[1:]):
+        assert pos[a:z].tolist() == list(range(z - a))
+    with pytest.raises(ValueError, match="does not fit"):
+        padded_bounds(bounds + [bounds[-1] + b.max_seqlen + 1], b)
+
+
+def _model(seed: int = 3, is_critic: bool = False, graphs: bool = True):
+    from executor.comm import Group
+    from reallm.parallel import ParallelModel
+    from reallm.parallel.groups import ParallelGroups
+    from reallm.placement import Placement
+    from reallm.spec import ModelSpec
+
+    spec = ModelSpec(family="llama", num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4,
+                     num_kv_heads=2, head_dim=16, vocab_size=101, source="tiny")
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    groups = ParallelGroups.build(Placement((0,)), 0, lambda ranks: Group(tuple(ranks), None))
+    pm = ParallelModel.build(None, groups, spec=spec, dtype=dtype, device=DEVICE, init_seed=seed,
+                             is_critic=is_critic, compile_blocks=DEVICE == "cuda", inference_graphs=False)
+    if graphs:
+        pm.use_inference_graphs(capture=DEVICE == "cuda")
+    return pm
+
+
+def _micro_batch(lengths, vocab, gen):
+    tokens = torch.randint(1, vocab, (sum(lengths),), generator=gen)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    return {"tokens": tokens, "cu_seqlens": cu}
+
+
+@pytest.mark.parametrize("is_critic", [False, True])
+def test_graphed_forward_matches_eager(is_critic):
+    """Micro-batches of several shapes, some in the same bucket (replayed), against the eager model with the
+    same weights: log-probs / values of every real row agree; one graph per bucket; moving the parameters
+    drops the graphs, offloading turns them off."""
+    eager, graphed = _model(is_critic=is_critic, graphs=False), _model(is_critic=is_critic)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [[5, 9, 3], [7, 7, 6], [40, 1], [17] * 8, [3] * 20, [5, 9, 2]]
+    mbs = [_micro_batch(s, 101, gen) for s in shapes]
+    tol = dict(rtol=1e-5, atol=1e-5) if DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    if is_critic:
+        want, got = eager.forward(mbs), graphed.forward(mbs)
+    else:
+        want, got = eager.logprobs(mbs), graphed.logprobs(mbs)
+    for w, g_ in zip(want, got):
+        assert w.shape == g_.shape
+        torch.testing.assert_close(g_.float(), w.float(), **tol)
+    buckets = {graph_bucket([int(b) - int(a) for a, b in zip(mb["cu_seqlens"], mb["cu_seqlens"][1:])])
+               for mb in mbs}
+    assert len(graphed.graphs) == len(buckets) < len(shapes)
+    assert graphed.graphs.captures == (len(buckets) if DEVICE == "cuda" else 0)
+    graphed.graphs(mbs[0]["tokens"].to(graphed.device), mbs[0]["cu_seqlens"].tolist(), params_at=-1)
+    assert len(graphed.graphs) == 1  # another parameter address: the others are gone
+    graphed.offload()
+    graphed.reload()
+    assert graphed.graphs is None
+    again = graphed.forward(mbs) if is_critic else graphed.logprobs(mbs)
+    for w, g_ in zip(want, again):
+        torch.testing.assert_close(g_.float(), w.float(), **tol)
