@@ -792,8 +792,7 @@ class LayerBench:
         def blk_prefill_graphed(s, T):  # an inference forward's blocks replayed from one graph (chain of k)
             ids, cu = packed_batch(T, s, V, self.dev)
             with torch.no_grad():
-                ctx = blocks_input(model, lambda: model(ids, cu))[1]
-                ctx = dataclasses.replace(ctx, seqs=dataclasses.replace(ctx.seqs, graph_static=True))
+                ctx = blocks_input(model, lambda: model(ids, cu))[1]  # replayed on the same boundaries
                 x, k = self._hidden(T, False), self.s.chain_length(T)
                 replay, _ = graphed(lambda: chain(x, ctx, k))
             return self._time(replay, grad=False) / k

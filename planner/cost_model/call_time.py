@@ -34,8 +34,9 @@ Calls (``t_call``):
   inference  = (pp + m − 1)·(F + p2p)
                graphed (``graphed=True``: a frozen model kept on its devices replays its embedding and
                blocks from CUDA graphs, ``reallm.model.graphs``; where ``inference_graphed``): the blocks
-               take the profile's ``prefill_graphed`` device time at the padded token count bucket(T)
-               (``reallm.working_set.bucket``: ≤ 1/8 more rows); embedding and head as above. The
+               take the profile's ``prefill_graphed`` device time at T (the calls here are b sequences of
+               s tokens: equal lengths, which graphs run unpadded; ragged ones pad to ≤ 1/8 more
+               rows, within the b·s this assumes of them); embedding and head as above. The
                planner charges the difference to the eager time as the model's host load
                (``tables.cost_candidate``): a model offloaded between calls runs eager.
   generate   = prefill + capture + Σ_{k=0}^{N−2} decode_round(P + k)
@@ -95,7 +96,6 @@ from planner.cost_model.shapes import (
 from reallm.dataflow import Call
 from reallm.placement import Placement
 from reallm.spec import ModelSpec
-from reallm.working_set import bucket
 
 DECODE_INTEGRATION_POINTS = 9
 #: ``FlatAdamW`` accumulates and reduces gradients in fp32.
@@ -173,12 +173,11 @@ def ckpt_block_ops(spec: ModelSpec, p: Placement, profile: Profile, checkpointin
 
 def stage_forward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, op: str, tokens: float,
                     seqlen: float, rate: LinkRate, head_op: Optional[str] = None,
-                    block_op: Optional[str] = None, block_tokens: Optional[float] = None) -> float:
+                    block_op: Optional[str] = None) -> float:
     """Forward (op = forward) or prefill of one micro-batch on one stage, tp collectives included; the head
-    takes ``head_op`` and the blocks ``block_op`` (default ``op``) at ``block_tokens`` (default ``tokens``)."""
+    takes ``head_op`` and the blocks ``block_op`` (default ``op``)."""
     comm = not profile.includes_tp_comm
-    bt = tokens if block_tokens is None else block_tokens
-    t = st.num_blocks * (profile.layer_time_s(spec, "block", block_op or op, p.tp, bt, seqlen)
+    t = st.num_blocks * (profile.layer_time_s(spec, "block", block_op or op, p.tp, tokens, seqlen)
                          + (tp_block_comm_s(tokens, spec, p, rate) if comm else 0.0))
     if st.has_embedding:
         t += profile.layer_time_s(spec, "embedding", op, p.tp, tokens, seqlen)
@@ -341,7 +340,7 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
     if call.kind == "inference":
         blocks = {}
         if graphed and inference_graphed(spec, p, profile, opts):
-            blocks = {"block_op": "prefill_graphed", "block_tokens": bucket(int(math.ceil(tok)))}
+            blocks = {"block_op": "prefill_graphed"}
         fwd = max(stage_forward_s(st, spec, p, profile, "prefill", tok, s, links.tp, head_op="forward", **blocks)
                   for st in sts)
         return CallTime(slots * (fwd + p2p), {"compute_s": slots * fwd, "pp_comm_s": slots * p2p})

@@ -9,7 +9,8 @@ Shapes must be static inside a graph, so a micro-batch of T tokens in B sequence
 to a *bucket* (``graph_bucket``): T_pad = ``bucket(T)``, S_pad = ``bucket(S)``, and B_pad ≥ B + the
 padding sequences, a power of two ≥ 8. The ``T_pad − T`` padding tokens (token id 0, or zero hidden
 rows) form extra sequences of at most S_pad tokens each after the real ones (``padded_bounds``), the
-remaining slots are empty sequences. Attention never crosses a sequence boundary and every other op is
+remaining slots are empty sequences. A micro-batch of equal lengths runs unpadded in a graph of its exact
+shape (``uniform``), on the batched attention path the eager forward takes for it. Attention never crosses a sequence boundary and every other op is
 row-wise, so the real rows compute what they compute unpadded (up to the GEMM's blocking, which may
 change with the row count: rounding only); positions restart in each padding sequence, so rope and the
 attention kernel see ordinary sequences.
@@ -50,11 +51,17 @@ class GraphBucket:
     tokens: int
     seq_slots: int
     max_seqlen: int
+    #: Every sequence exactly ``max_seqlen`` long, no padding: the graph may take the batched attention
+    #: path, which chooses by those lengths (``reallm.model.attention.batched_usable``).
+    uniform: bool = False
 
 
 def graph_bucket(lengths: Sequence[int]) -> GraphBucket:
-    """The bucket a micro-batch of sequences of ``lengths`` runs in (module docstring)."""
+    """The bucket a micro-batch of sequences of ``lengths`` runs in (module docstring); equal lengths get
+    their own exact shape (``uniform``)."""
     T = sum(lengths)
+    if lengths and min(lengths) == max(lengths):
+        return GraphBucket(T, len(lengths), lengths[0], uniform=True)
     T_pad = bucket(T)
     S_pad = bucket(max(lengths, default=1), MIN_SEQLEN_STEP)
     pieces = -(-(T_pad - T) // S_pad)
@@ -151,7 +158,7 @@ class InferenceGraphs:
             e.graph.replay()
             self.replays += 1
         else:
-            e.out = self.fn(e.x, PackedSeqs(e.cu, pb, b.max_seqlen, graph_static=True), e.pos)
+            e.out = self.fn(e.x, PackedSeqs(e.cu, pb, b.max_seqlen, graph_static=not b.uniform), e.pos)
         assert e.out is not None
         return e.out[:T]
 
@@ -164,7 +171,7 @@ class InferenceGraphs:
     def _record(self, e: _Entry, b: GraphBucket, pb: tuple[int, ...]) -> None:
         """First call of a bucket: an eager run (it also warms up compilation for the shape and the
         libraries' lazy state, which must not happen inside a capture), then the capture."""
-        seqs = PackedSeqs(e.cu, pb, b.max_seqlen, graph_static=True)
+        seqs = PackedSeqs(e.cu, pb, b.max_seqlen, graph_static=not b.uniform)
         if not self.capture:
             e.out = self.fn(e.x, seqs, e.pos)
             return
