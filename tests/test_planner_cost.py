@@ -208,3 +208,43 @@ def test_generation_memory_peaks_while_decoding_or_when_the_mask_is_assembled():
     m = call_memory(gen(96, 144, 176, False), p, s)
     assert m.transient_bytes - m.weights_bytes > kv_cache_bytes(s, 1, s.num_layers, 96, 144 + 176)
     assert m.transient_bytes - m.weights_bytes < big
+
+
+def test_graphed_inference_of_a_kept_frozen_model_takes_the_graphed_blocks():
+    """A frozen model's inference candidate costs the profile's ``prefill_graphed`` blocks (tp = 1, compiled),
+    and carries the difference to the eager time in its host load, which the simulator adds exactly when the
+    model shares its devices (offloaded between calls: eager)."""
+    import json
+
+    from planner.cost_model.analytic_profile import AnalyticRates, analytic_profile_dict
+    from planner.cost_model.profile import profile_from_dict, shape_key
+    from planner.cost_model.realloc import host_load_time_s
+    from planner.cost_model.tables import cost_candidate
+    from reallm.dataflow import Call
+    from reallm.spec import ModelSpec
+
+    spec = ModelSpec("llama", 4, 64, 128, 4, 2, 16, 256, source="tiny")
+    d = analytic_profile_dict(AnalyticRates.h100(), [spec], device="test")
+    blk = d["models"][shape_key(spec)]["layers"]["block"]
+    t = blk["1"]["prefill"]
+    blk["1"]["prefill_graphed"] = dict(t, time_s=[[v / 2 for v in row] for row in t["time_s"]])  # half of eager
+    prof = profile_from_dict(json.loads(json.dumps(d)))
+    call = Call("ref_inf", "ref", "inference", ("ids",), ("ref_logp",), 8, 64)
+    opts = ModelOptions()
+    p = Placement((0,), num_micro_batches=2)
+    eager = t_call(call, p, spec, prof, NODE, opts).time_s
+    graphed = t_call(call, p, spec, prof, NODE, opts, graphed=True)
+    blocks_eager = spec.num_layers * prof.layer_time_s(spec, "block", "prefill", 1, 4 * 64, 64)
+    assert eager - graphed.time_s == pytest.approx(2 * blocks_eager / 2)
+    frozen = cost_candidate(call, p, spec, prof, NODE, opts, frozen=True)
+    trained = cost_candidate(call, p, spec, prof, NODE, opts, frozen=False)
+    assert frozen.time_s == pytest.approx(graphed.time_s) and trained.time_s == pytest.approx(eager)
+    load = host_load_time_s(frozen.memory.weights_bytes, prof, NODE)
+    assert frozen.time_s + frozen.host_load_s == pytest.approx(eager + load)
+    # no graphs with tp > 1, without compiled blocks, or without the table
+    for other in (dict(p=Placement((0, 1), tp=2, num_micro_batches=2), opts=opts),
+                  dict(p=p, opts=ModelOptions(compile_blocks=False))):
+        c = cost_candidate(call, other["p"], spec, prof, NODE, other["opts"], frozen=True)
+        assert c.time_s == pytest.approx(t_call(call, other["p"], spec, prof, NODE, other["opts"]).time_s)
+    assert t_call(call, p, spec, PROF, NODE, opts, graphed=True).time_s == pytest.approx(
+        t_call(call, p, spec, PROF, NODE, opts).time_s)
