@@ -1140,6 +1140,8 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
                         torch.cuda.empty_cache()
                     continue
                 _store(d, spec, tp, layers)
+                # What this run replaced, in order: an interrupted run's file says how far it got.
+                run.setdefault("measured", []).append(f"{key} tp={tp}")
                 progress.write(f"{key} tp={tp}: {time.time() - t0:.1f} s")
                 _finish_run(d, run, log, t_start)
                 if checkpoint is not None:
