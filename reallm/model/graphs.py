@@ -10,7 +10,8 @@ to a *bucket* (``graph_bucket``): T_pad = ``bucket(T)``, S_pad = ``bucket(S)``, 
 padding sequences, a power of two ≥ 8. The ``T_pad − T`` padding tokens (token id 0, or zero hidden
 rows) form extra sequences of at most S_pad tokens each after the real ones (``padded_bounds``), the
 remaining slots are empty sequences. A micro-batch of equal lengths runs unpadded in a graph of its exact
-shape (``uniform``), on the batched attention path the eager forward takes for it. Attention never crosses a sequence boundary and every other op is
+shape (``uniform``, two sequences or more), on the batched attention path the eager forward takes for
+it. Padding rows hold whatever the static buffer held (zeros, then earlier inputs). Attention never crosses a sequence boundary and every other op is
 row-wise, so the real rows compute what they compute unpadded (up to the GEMM's blocking, which may
 change with the row count: rounding only); positions restart in each padding sequence, so rope and the
 attention kernel see ordinary sequences.
@@ -18,7 +19,9 @@ attention kernel see ordinary sequences.
 ``bucket(n)`` (``reallm.working_set``, torch-free: the planner uses it too) rounds n up to a multiple of max(``min_step``, 2^(⌊log2 n⌋ − 3)): at most 1/8 more rows,
 8 buckets per octave, so a run of varying batch sizes meets few distinct shapes.
 
-``InferenceGraphs`` keeps one graph per bucket (least recently used evicted beyond ``max_graphs``), all
+``InferenceGraphs`` captures a bucket the second time it meets it (the first runs eager: a shape seen once
+would pay a warm-up and a capture, about two eager forwards of host time, for nothing), keeps one graph
+per bucket (least recently used evicted beyond ``max_graphs``), all
 captured into one memory pool: a graph's intermediates live only while it runs, so the pool holds one
 forward's working set plus every graph's static input and output. The graphs read the parameters where
 they lie at capture: the owner drops them (``clear``) when parameters move (offload), and every call
@@ -60,7 +63,7 @@ def graph_bucket(lengths: Sequence[int]) -> GraphBucket:
     """The bucket a micro-batch of sequences of ``lengths`` runs in (module docstring); equal lengths get
     their own exact shape (``uniform``)."""
     T = sum(lengths)
-    if lengths and min(lengths) == max(lengths):
+    if len(lengths) >= 2 and min(lengths) == max(lengths):
         return GraphBucket(T, len(lengths), lengths[0], uniform=True)
     T_pad = bucket(T)
     S_pad = bucket(max(lengths, default=1), MIN_SEQLEN_STEP)
@@ -114,6 +117,7 @@ class InferenceGraphs:
         self._entries: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()
         self._pool = None
         self._params_at: Optional[int] = None
+        self._seen: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         #: Counters for tests and logs.
         self.captures = 0
         self.replays = 0
@@ -127,11 +131,12 @@ class InferenceGraphs:
         self._pool = None
         self._params_at = None
 
-    def __call__(self, x: torch.Tensor, cu_seqlens_bounds: Sequence[int], params_at: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cu_seqlens_bounds: Sequence[int], params_at: int) -> Optional[torch.Tensor]:
         """``fn`` on the micro-batch ``x`` (token ids [T] or hidden [T, h]) with sequence boundaries
         ``cu_seqlens_bounds`` (host ints), replayed from its bucket's graph; returns rows [:T] (a view of
-        the graph's static output: read it before the next call). ``params_at``: the parameter storage's
-        address; a change drops every graph."""
+        the graph's static output: read it before the next call), or None the first time a bucket is met
+        (the caller runs its eager forward). ``params_at``: the parameter storage's address; a change drops
+        every graph."""
         if params_at != self._params_at:
             self.clear()
             self._params_at = params_at
@@ -141,6 +146,12 @@ class InferenceGraphs:
         key = (b, x.dtype, tuple(x.shape[1:]))
         e = self._entries.get(key)
         if e is None:
+            seen = self._seen.pop(key, 0) + 1
+            self._seen[key] = seen
+            while len(self._seen) > 8 * self.max_graphs:
+                self._seen.popitem(last=False)
+            if seen < 2:
+                return None
             e = self._new_entry(b, x)
             self._entries[key] = e
             while len(self._entries) > self.max_graphs:

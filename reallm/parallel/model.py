@@ -224,8 +224,10 @@ class ParallelModel:
         """This stage on one micro-batch: tokens (first stage) or hidden states in, hidden states or the head's
         output out (padding rows stripped on the last stage)."""
         m = self.model
+        h = None
         if self.graphs is not None and not torch.is_grad_enabled() and x.shape[0] == prep.bounds[-1]:
             h = self.graphs(x, prep.bounds, self.flat.untyped_storage().data_ptr())
+        if h is not None:
             # The graph's static output is overwritten by the next replay: the head reads it now; hidden
             # states for the next stage leave as a copy.
             return m._head(h, None) if self.is_last_stage else h.clone()
