@@ -36,7 +36,8 @@ Schema (``"format": "reallm.profile"``, version 2)::
       "runs": [                                              # optional: how a measured profile was made
         {"command": "planner profile --model llama-7b ...", "date_utc": "2025-01-01T00:00:00+00:00",
          "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cuda": "13.0", "git_commit": "...",
-         "models": ["<shape key>", ...], "tp": [1, 2, 4, 8], "grids": {...}, "skipped": [...], "...": "..."}
+         "models": ["<shape key>", ...], "tp": [1, 2, 4, 8], "grids": {...}, "skipped": [...],
+         "measured": ["<shape key> tp=1", ...], "...": "..."}     # measured: the entries this run wrote
       ]
     }
 
