@@ -121,6 +121,19 @@ def test_sft_gradient_does_not_depend_on_the_micro_batch_split(tiny):
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=0)
 
 
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_backward(tiny):
+    seqs, plens = _seqs(6, seed=2)
+    mb = sft_micro_batch(seqs, plens)
+    grads = []
+    for ckpt in (False, True):
+        model = load_hf_model(tiny["llama"])
+        model.gradient_checkpointing = ckpt
+        forward_backward(model, [mb], sft_loss)
+        grads.append({k: p.grad.clone() for k, p in model.hf_named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
+
+
 # -- optimizer --------------------------------------------------------------------------------------------
 
 

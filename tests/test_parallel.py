@@ -9,7 +9,8 @@ with references the parent computed before forking:
 * one SFT (or value-loss) step: loss, gradients (after the tp / tied / dp reductions) and the updated
   parameters equal the single-process ``MixedPrecisionAdamW`` step (1e-5);
 * greedy generation equals transformers' greedy; sampling equals single-process ``generate`` (same keys);
-* save under one layout, load under another (exactly the file's tensors) and in transformers.
+* save under one layout, load under another (exactly the file's tensors) and in transformers;
+* the graphed inference path (``reallm.model.graphs``, uncaptured on CPU) on a pipeline and a critic.
 
 Layouts: (dp, tp, pp) in {1,2}^3, (1,4,1) (tp > kv heads), (1,1,4) (tied, with and without a {first, last}
 group), tp = 3 on the 9-head model, sequence parallel with token and vocabulary padding, ZeRO-1, optimizer
@@ -70,7 +71,7 @@ CASES = (
     Case("llama", checks=("logits", "logprobs", "greedy", "eos", "sample", "train")),
     Case("qwen2", dp=2, checks=("logits", "greedy", "train")),
     Case("llama", tp=2, checks=("logits", "logprobs", "greedy", "sample", "train")),
-    Case("mistral", pp=2, mbs=3, checks=("logits", "greedy", "eos", "sample", "train")),
+    Case("mistral", pp=2, mbs=3, checks=("logits", "graphed", "greedy", "eos", "sample", "train")),
     Case("qwen2", dp=2, tp=2, checks=("logits", "greedy", "train")),
     Case("llama_tied", dp=2, pp=2, mbs=3, checks=("logits", "greedy", "train")),
     Case("v383", tp=2, pp=2, mbs=3, checks=("logits", "logprobs", "greedy", "sample", "train")),
@@ -88,7 +89,7 @@ CASES = (
     Case("llama", dp=2, tp=2, sp=True, zero1=True, devices=(3, 2, 1, 0), checks=("train",)),
     Case("mistral", dp=2, pp=2, zero1=True, offload=True, checks=("offload", "train")),
     Case("critic", tp=2, pp=2, sp=True, mbs=3, checks=("logits", "train"), save="critic_p2m2"),
-    Case("critic", dp=2, checks=("loaded", "logits"), load="critic_p2m2"),
+    Case("critic", dp=2, checks=("loaded", "logits", "graphed"), load="critic_p2m2"),
 )
 
 
@@ -306,22 +307,33 @@ def _run_case(case: Case, rank: int, cache, refs: dict, tmp: str) -> list[tuple[
     def record(check: str, err: float) -> None:
         out.append((case.name, check, err))
 
+    def logits_error(res) -> float:
+        err = 0.0
+        for r, got in zip(rows, res):
+            want = want_logits[r]
+            if ref.critic:
+                err = max(err, _close(got, want, 1e-4, f"{case.name} values"))
+                continue
+            a, W = got.vocab_start, got.logits.shape[1]
+            real = max(0, min(W, ref.vocab_size - a))
+            err = max(err, _close(got.logits[:, :real], want[:, a:a + real], 1e-4, f"{case.name} logits"))
+            assert not got.logits[:, real:].any(), "padded vocabulary columns must give zero logits"
+        return err
+
     for check in case.checks:
         if check == "logits":
             res = pm.forward(mbs)
-            if res is None:
-                continue
-            err = 0.0
-            for r, got in zip(rows, res):
-                want = want_logits[r]
-                if ref.critic:
-                    err = max(err, _close(got, want, 1e-4, f"{case.name} values"))
-                    continue
-                a, W = got.vocab_start, got.logits.shape[1]
-                real = max(0, min(W, ref.vocab_size - a))
-                err = max(err, _close(got.logits[:, :real], want[:, a:a + real], 1e-4, f"{case.name} logits"))
-                assert not got.logits[:, real:].any(), "padded vocabulary columns must give zero logits"
-            record(check, err)
+            if res is not None:
+                record(check, logits_error(res))
+        elif check == "graphed":
+            # The graphed inference path's padded static buffers (uncaptured on CPU), stage inputs included:
+            # the first pass meets each bucket once (eager), the second replays.
+            pm.use_inference_graphs(capture=False)
+            for _ in range(2):
+                res = pm.forward(mbs)
+            if res is not None:
+                record(check, logits_error(res))
+            pm.graphs = None
         elif check == "logprobs":
             res = pm.logprobs(mbs, temperature=0.7, logits_mask_key="logits_mask")
             if res is None:
