@@ -42,7 +42,7 @@ from reallm.layout.shards import DeviceShards, resolve_partition, shards_of
 from reallm.layout.stages import StagePartition
 from reallm.model.arch import ArchConfig, arch_from_spec
 from reallm.model.attention import AttnBackend, PackedSeqs
-from reallm.model.graphs import InferenceGraphs
+from reallm.model.graphs import InferenceGraphs, TrainGraphs
 from reallm.model.hf_io import load_hf_weights, read_hf_model, save_hf_checkpoint
 from reallm.model.optim import OptimizerSettings
 from reallm.model.transformer import StageSpec, Transformer, _Ctx, packed_positions
@@ -91,6 +91,8 @@ class ParallelModel:
         self.optimizer: Optional[FlatAdamW] = None
         #: CUDA-graphed inference forward (``use_inference_graphs``); None: eager.
         self.graphs: Optional[InferenceGraphs] = None
+        #: CUDA-graphed train micro-batches (``use_train_graphs``); None: eager.
+        self.train_graphs: Optional[TrainGraphs] = None
         self._hooks: list = []
         #: part ("params" / "state") -> name -> (device tensor, host copy), while offloaded.
         self._offloaded: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -166,6 +168,17 @@ class ParallelModel:
         m = self.model
         self.graphs = InferenceGraphs(m.trunk, self.device, capture=capture)
 
+    def use_train_graphs(self, capture: Optional[bool] = None) -> None:
+        """Run train micro-batches' embedding and blocks, forward and backward, from CUDA graphs per token
+        bucket (``reallm.model.graphs.TrainGraphs``; the head and loss eager). ``capture=False`` runs the same
+        padded buffers eagerly (CPU tests). Dropped when anything is offloaded (their pools hold gradients
+        and activations). Experimental: not yet chosen by the executor nor priced by the planner."""
+        if self.optimizer is None:
+            raise ValueError("train graphs need a model built with an optimizer")
+        if self.tp_state.sp_active or self.placement.tp > 1 or self.placement.pp > 1:
+            raise ValueError("train graphs need tp = 1 (no collectives inside a graph) and, for now, pp = 1")
+        self.train_graphs = TrainGraphs(self.model.trunk, self.model, self.device, capture=capture)
+
     def _register_grad_hooks(self) -> None:
         assert self.optimizer is not None
         params = dict(self.model.hf_named_parameters())
@@ -225,9 +238,13 @@ class ParallelModel:
         output out (padding rows stripped on the last stage)."""
         m = self.model
         h = None
-        if self.graphs is not None and not torch.is_grad_enabled() and x.shape[0] == prep.bounds[-1]:
-            h = self.graphs(x, prep.bounds, self.flat.untyped_storage().data_ptr())
+        if x.shape[0] == prep.bounds[-1]:
+            graphs = self.train_graphs if torch.is_grad_enabled() else self.graphs
+            if graphs is not None:
+                h = graphs(x, prep.bounds, self.flat.untyped_storage().data_ptr())
         if h is not None:
+            if torch.is_grad_enabled():  # the graphed autograd Function's output: the head reads it, or it goes on
+                return m._head(h, None) if self.is_last_stage else h
             # The graph's static output is overwritten by the next replay: the head reads it now; hidden
             # states for the next stage leave as a copy.
             return m._head(h, None) if self.is_last_stage else h.clone()
@@ -512,6 +529,8 @@ class ParallelModel:
         if not state_only and self.graphs is not None:
             self.graphs.clear()
             self.graphs = None
+        if self.train_graphs is not None:
+            self.train_graphs.clear()
         for part, tensors in self._offload_parts().items():
             if part in self._offloaded or (state_only and part == "params"):
                 continue
