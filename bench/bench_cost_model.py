@@ -235,8 +235,9 @@ class Estimate:
 
 
 def estimate(s: Setting, spec: ModelSpec, profile: Profile, cluster, dtype_bytes: int,
-             compile_blocks: bool = False) -> Estimate:
+             compile_blocks: bool = False, train_graphs: bool = False) -> Estimate:
     opts = ModelOptions(gradient_checkpointing=s.checkpointing, zero_stage=0, dtype_bytes=dtype_bytes,
+                        train_graphs=train_graphs,
                         greedy=s.kind == "generate" and not s.logits_mask, compile_blocks=compile_blocks)
     call, p = s.call(), s.placement()
     # The inference replica here is a frozen model that stays on the device: it replays CUDA graphs where
@@ -309,12 +310,12 @@ class Runner:
     """Builds the model replicas (inference, then training) and runs settings on them."""
 
     def __init__(self, spec: ModelSpec, device: str, repeats: int, warmup: int, seed: int = 0,
-                 compile_blocks: bool = False):
+                 compile_blocks: bool = False, train_graphs: bool = False):
         import torch
 
         self.torch = torch
         self.spec, self.repeats, self.warmup, self.seed = spec, repeats, warmup, seed
-        self.compile_blocks = compile_blocks
+        self.compile_blocks, self.train_graphs = compile_blocks, train_graphs
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if self.cuda and self.device.index is None:
@@ -342,6 +343,11 @@ class Runner:
             self._pm_train = train
             self.model_bytes = _model_bytes(self._pm)
         self._pm.model.gradient_checkpointing = checkpointing
+        if train and self.train_graphs and self._pm.train_graphs is None:
+            from reallm.parallel.model import train_graphs_usable
+
+            if train_graphs_usable(self._pm):
+                self._pm.use_train_graphs()
         return self._pm
 
     def _free(self) -> None:
@@ -727,7 +733,7 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
               spec: Optional[ModelSpec] = None, repeats: Optional[int] = None, warmup: int = 1,
               num_ranked: int = NUM_RANKED, time_budget_s: Optional[float] = None, compile_blocks: bool = False,
               measure_profile: Optional[bool] = None, log: Callable[[str], None] = lambda s: None,
-              sets: Sequence[str] = SETS) -> BenchResult:
+              sets: Sequence[str] = SETS, train_graphs: bool = False) -> BenchResult:
     """Every setting of the groups in ``sets`` (``SETS``): estimated, then measured (module docstring).
     Settings not started within ``time_budget_s`` are reported as not run. ``measure_profile`` None: measure
     one on CPU when no ``profile_path`` is given."""
@@ -760,12 +766,12 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
         if (group, s2) in seen:
             continue
         seen.add((group, s2))
-        planned.append(Row(group, s2, estimate(s2, spec, profile, cluster, dtype_bytes, compile_blocks), Measured(),
-                           notes))
+        planned.append(Row(group, s2, estimate(s2, spec, profile, cluster, dtype_bytes, compile_blocks, train_graphs),
+                           Measured(), notes))
     # Inference-replica calls first, then the training replica: one model build each.
     planned.sort(key=lambda r: (r.setting.kind == "train",))
     runner = Runner(spec, device, repeats=repeats or (1 if quick else 3), warmup=warmup,
-                    compile_blocks=compile_blocks)
+                    compile_blocks=compile_blocks, train_graphs=train_graphs)
     cap = runner.device_memory_bytes()
     for i, r in enumerate(planned):
         if cap is not None and r.estimate.memory_bytes > MEMORY_GUARD * cap:
@@ -795,7 +801,7 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
                         "source": profile.source, "device": profile.device,
                         "dtype": profile.dtype, "fallbacks": list(profile.fallbacks)},
             "grids": asdict(grids), "repeats": runner.repeats, "warmup": runner.warmup,
-            "attention": _attention_path(device), "compile_blocks": compile_blocks,
+            "attention": _attention_path(device), "compile_blocks": compile_blocks, "train_graphs": train_graphs,
             "date": time.strftime("%Y-%m-%d")}
     return BenchResult(rows, summarize(rows), info)
 
@@ -819,7 +825,8 @@ def report(res: BenchResult, markdown: bool) -> str:
            f"profile {p['path'] or '(made from the cluster rates)'}: source {p['source']}, device {p['device']}, "
            f"dtype {p['dtype']}" + (f"; fallbacks: {', '.join(p['fallbacks'])}" if p["fallbacks"] else ""),
            f"timing: median of {i['repeats']} after {i['warmup']} warm-up"
-           + ("; blocks compiled" if i["compile_blocks"] else ""), ""]
+           + ("; blocks compiled" if i["compile_blocks"] else "")
+           + ("; train micro-batches graphed" if i.get("train_graphs") else ""), ""]
     n_call, s_call = CALL_RANKED["cuda" if i["device"] != "cpu" else "cpu"]
     for group, title in (("table", "Settings off the profile's grids"),
                          ("rank_call", f"Ranking set: the candidates of one train call (n={n_call}, s={s_call}): "
@@ -850,6 +857,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help=f"comma-separated groups of settings to run (default: all of {', '.join(SETS)})")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="build with ParallelModel.build(compile_blocks=True) (CUDA; the profile must match)")
+    ap.add_argument("--train-graphs", action="store_true",
+                    help="train calls replay their micro-batches from CUDA graphs (a model config's "
+                         "train_cuda_graphs; CUDA, with --compile-blocks), estimates too")
     args = ap.parse_args(argv)
     import torch
 
@@ -859,7 +869,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res = run_bench(device, args.profile, args.quick, repeats=args.repeats, time_budget_s=args.time_budget_s,
                     compile_blocks=args.compile_blocks, measure_profile=args.measure_profile,
                     log=lambda s: print(s, file=sys.stderr, flush=True),
-                    sets=[g.strip() for g in args.sets.split(",") if g.strip()])
+                    sets=[g.strip() for g in args.sets.split(",") if g.strip()], train_graphs=args.train_graphs)
     print(report(res, args.markdown))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res.to_dict(), indent=1) + "\n")

@@ -1,5 +1,7 @@
 """Cost model sanity: call times, memory, collectives, reallocation, transfers."""
 
+import dataclasses
+
 import pytest
 
 from planner.cost_model.call_time import sum_over_steps_s, t_call
@@ -248,3 +250,40 @@ def test_graphed_inference_of_a_kept_frozen_model_takes_the_graphed_blocks():
         assert c.time_s == pytest.approx(t_call(call, other["p"], spec, prof, NODE, other["opts"]).time_s)
     assert t_call(call, p, spec, PROF, NODE, opts, graphed=True).time_s == pytest.approx(
         t_call(call, p, spec, PROF, NODE, opts).time_s)
+
+
+def test_graphed_train_calls_take_the_graphed_tables_and_hold_the_gradients():
+    import json
+
+    from planner.cost_model.analytic_profile import AnalyticRates, analytic_profile_dict
+    from planner.cost_model.profile import profile_from_dict, shape_key
+    from reallm.dataflow import Call
+    from reallm.spec import ModelSpec
+
+    spec = ModelSpec("llama", 4, 64, 128, 4, 2, 16, 256, source="tiny")
+    d = analytic_profile_dict(AnalyticRates.h100(), [spec], device="test")
+    layers = d["models"][shape_key(spec)]["layers"]
+    t = layers["block"]["1"]["forward"]
+
+    def const(v):
+        return {"seqlen": t["seqlen"], "tokens": t["tokens"], "time_s": [[v] * len(t["tokens"]) for _ in t["seqlen"]]}
+
+    layers["block"]["1"].update(train_graphed=const(1e-3), train_graphed_ckpt=const(2e-3))
+    prof = profile_from_dict(json.loads(json.dumps(d)))
+    call = Call("actor_train", "actor", "train", ("ids",), (), 8, 64, n_minibatches=1)
+    p = Placement((0,), num_micro_batches=2)
+    T = 4 * 64
+    edges = sum(prof.layer_time_s(spec, k, op, 1, T, 64) for k in ("embedding", "head") for op in ("forward", "backward"))
+    for ckpt, per_block in ((False, 1e-3), (True, 2e-3)):
+        opts = ModelOptions(gradient_checkpointing=ckpt, train_graphs=True)
+        got = t_call(call, p, spec, prof, NODE, opts).terms["compute_s"]
+        assert got == pytest.approx(2 * (spec.num_layers * per_block + edges))
+        eager = ModelOptions(gradient_checkpointing=ckpt)
+        assert t_call(call, p, spec, prof, NODE, eager).terms["compute_s"] != pytest.approx(got)
+        extra = call_memory(call, p, spec, opts).transient_bytes - call_memory(call, p, spec, eager).transient_bytes
+        assert extra == pytest.approx(2 * max_params_per_device(spec, 1, 1))  # d·P static gradients
+    # not graphed with pp > 1 or without compiled blocks: the eager estimate
+    for q, o in ((Placement((0, 1), pp=2, num_micro_batches=2), ModelOptions(train_graphs=True)),
+                 (p, ModelOptions(train_graphs=True, compile_blocks=False))):
+        plain = dataclasses.replace(o, train_graphs=False)
+        assert t_call(call, q, spec, prof, NODE, o).time_s == pytest.approx(t_call(call, q, spec, prof, NODE, plain).time_s)

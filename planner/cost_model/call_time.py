@@ -31,6 +31,10 @@ Calls (``t_call``):
                2^24 elements (+ α per extra bucket); ZeRO-1: reduce-scatter of the fp32 gradients, then
                all-gather of the updated weights in the compute dtype (d bytes, ``ModelOptions``);
                optimizer = params/device · profile.optimizer.time_s_per_param (/dp with ZeRO-1)
+  train, graphed (``train_graphed``: the model config's ``train_cuda_graphs``, tp = pp = 1, compiled
+               blocks, and a profile with the ``train_graphed[_ckpt]`` tables): F + B = L·block
+               train_graphed(T) (device time of forward + backward, replayed) + embedding and head
+               forward and backward (eager tables)
   inference  = (pp + m − 1)·(F + p2p)
                graphed (``graphed=True``: a frozen model kept on its devices replays its embedding and
                blocks from CUDA graphs, ``reallm.model.graphs``; where ``inference_graphed``): the blocks
@@ -92,6 +96,7 @@ from planner.cost_model.shapes import (
     prompt_len,
     seqs_per_micro_batch,
     stages_of,
+    train_graphed,
 )
 from reallm.dataflow import Call
 from reallm.placement import Placement
@@ -344,9 +349,21 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
         fwd = max(stage_forward_s(st, spec, p, profile, "prefill", tok, s, links.tp, head_op="forward", **blocks)
                   for st in sts)
         return CallTime(slots * (fwd + p2p), {"compute_s": slots * fwd, "pp_comm_s": slots * p2p})
-    blk_op = "forward_ckpt" if ckpt_block_ops(spec, p, profile, opts.gradient_checkpointing) else "forward"
-    fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp, block_op=blk_op) for st in sts)
-    bwd = max(stage_backward_s(st, spec, p, profile, tok, s, links.tp, opts.gradient_checkpointing) for st in sts)
+    graph_op = "train_graphed_ckpt" if opts.gradient_checkpointing else "train_graphed"
+    if train_graphed(opts, p.tp, p.pp) and profile.has_op(spec, "block", graph_op, p.tp):
+        # TrainGraphs: the blocks' forward + backward as one replayed pair (device time); embedding and
+        # head as eager (their tables), the embedding's inside the graph too but small.
+        st = sts[0]
+        fwd = (profile.layer_time_s(spec, "embedding", "forward", p.tp, tok, s)
+               + profile.layer_time_s(spec, head_kind(spec), "forward", p.tp, tok, s))
+        bwd = (st.num_blocks * profile.layer_time_s(spec, "block", graph_op, p.tp, tok, s)
+               + profile.layer_time_s(spec, "embedding", "backward", p.tp, tok, s)
+               + profile.layer_time_s(spec, head_kind(spec), "backward", p.tp, tok, s))
+    else:
+        blk_op = "forward_ckpt" if ckpt_block_ops(spec, p, profile, opts.gradient_checkpointing) else "forward"
+        fwd = max(stage_forward_s(st, spec, p, profile, "forward", tok, s, links.tp, block_op=blk_op) for st in sts)
+        bwd = max(stage_backward_s(st, spec, p, profile, tok, s, links.tp, opts.gradient_checkpointing)
+                  for st in sts)
     dp_s = dp_grad_allreduce_s(spec, p, links.dp, opts)
     opt_s = optimizer_s(spec, p, profile, opts)
     M = call.n_minibatches

@@ -32,6 +32,8 @@ bytes, or with compiled blocks (fused chunks) one chunk in the logits' dtype, d�
                           + the log-prob chunk (12·c·V', or d·c·V' fused: the gradient of one chunk)
                           + d·V'·h (the LM head's weight gradient, before its hook adds it to the fp32
                           buffer) + (4 + 2·d)·T·h (the final norm); a critic: the final norm only
+  train graphed         (``shapes.train_graphed``) + d·P: the backward graph hands every parameter's gradient
+                          over at once, as static tensors kept in its pool (eager: one block's at a time)
   train activations     = in_flight·L·d·T·h/(tp if sp) + max(layer_activation + layer_backward,
                           head_train)                                                   (checkpointing)
                         = in_flight·L·layer_activation + max(layer_backward, head_train) (without)
@@ -92,6 +94,7 @@ from planner.cost_model.shapes import (
     seqs_per_micro_batch,
     seqs_per_rank,
     stages_of,
+    train_graphed,
 )
 from reallm.dataflow import Call
 from reallm.placement import Placement
@@ -268,6 +271,8 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
         act = max(train_activation_bytes(spec, p, st, i, tok, opts.gradient_checkpointing, d, compiled)
                   for i, st in enumerate(sts))
         act += mask
+        if train_graphed(opts, p.tp, p.pp):
+            act += d * params  # TrainGraphs: every parameter's gradient at once, as the graph's static output
         return CallMemory(act, act, train_state_bytes(params, p.dp, opts), w)
     if call.kind == "inference":
         tok = b * call.max_seqlen

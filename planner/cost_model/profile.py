@@ -61,7 +61,10 @@ and, in backward, a forward + a backward.
 Graphed inference (``reallm.model.graphs``: an inference replica on CUDA with tp = 1 replays its embedding
 and blocks from a CUDA graph per token bucket): a block's ``prefill_graphed`` is the device time of
 ``prefill``'s work (no KV cache) replayed from a graph, at the padded token count. Optional; without it
-the cost model takes ``prefill`` (the eager call).
+the cost model takes ``prefill`` (the eager call). ``train_graphed`` / ``train_graphed_ckpt``: a block's
+forward + backward (plain / under gradient checkpointing) replayed from a pair of graphs
+(``TrainGraphs``), the gradient accumulation hooks included; optional, used for train calls with
+``train_cuda_graphs``.
 
 Decode steps, as generation runs them (``reallm.parallel.generate``: the host launches a step and the
 sampling without waiting for the device, so host and device work overlap; ``call_time.py`` combines
@@ -126,7 +129,7 @@ REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + DECODE_OPS, "head":
                 "score_head": TOKEN_OPS + ("decode",), "decode_step": STEP_OPS}
 #: Ops a kind may provide (the cost model falls back to others without them).
 #: A block's no-grad forward replayed from a CUDA graph (optional, module docstring).
-GRAPHED_OPS = ("prefill_graphed",)
+GRAPHED_OPS = ("prefill_graphed", "train_graphed", "train_graphed_ckpt")
 OPTIONAL_OPS = {"block": CKPT_OPS + GRAPHED_OPS}
 LINK_TYPES = ("nvlink", "ib", "host")
 

@@ -52,6 +52,9 @@ class ModelOptions:
     compile_blocks: bool = True
     #: ``memory.offload_idle_train_states`` (the lean policy): generation samples in bounded row chunks.
     lean_memory: bool = False
+    #: The model config's ``train_cuda_graphs``: train micro-batches replayed from CUDA graphs where
+    #: ``train_graphed`` (tp = pp = 1, compiled blocks, on a GPU).
+    train_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,12 @@ def blocks_compiled(opts: ModelOptions, tp: int) -> bool:
     """Does the executor compile this placement's blocks? ``compile_blocks`` on a GPU (bf16 elements) with
     tp = 1 (``ParallelModel.build``; the fused log-softmax follows, ``reallm.parallel.vocab``)."""
     return opts.compile_blocks and tp == 1 and opts.dtype_bytes == 2
+
+
+def train_graphed(opts: ModelOptions, tp: int, pp: int) -> bool:
+    """Does the executor replay this placement's train micro-batches from CUDA graphs? ``train_graphs`` with
+    compiled blocks, tp = pp = 1 (``reallm.parallel.model.train_graphs_usable``)."""
+    return opts.train_graphs and pp == 1 and blocks_compiled(opts, tp)
 
 
 def max_params_per_device(spec: ModelSpec, tp: int, pp: int) -> int:

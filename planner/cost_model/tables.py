@@ -77,6 +77,7 @@ def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOpt
                             zero_stage=int(getattr(m.optimizer, "zero_stage", 0)), dtype_bytes=dtype_bytes,
                             offload_train_state=bool(getattr(memory, "offload_train_state", True)), greedy=greedy,
                             compile_blocks=bool(getattr(m, "compile", True)),
+                            train_graphs=bool(getattr(m, "train_cuda_graphs", False)),
                             lean_memory=bool(getattr(memory, "offload_idle_train_states", False)))
     except (AttributeError, KeyError, TypeError):
         return ModelOptions(dtype_bytes=dtype_bytes, greedy=greedy)

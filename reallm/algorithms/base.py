@@ -221,6 +221,11 @@ class ModelHandle:
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
             pm = cls._build_pm(ctx, model_cfg, seed, optimizer, dtype, total_steps, load_weights,
                                inference_graphs and optimizer is None)
+        if optimizer is not None and getattr(model_cfg, "train_cuda_graphs", False):
+            from reallm.parallel.model import train_graphs_usable
+
+            if train_graphs_usable(pm):
+                pm.use_train_graphs()
         return cls(pm, model_cfg.path)
 
     @staticmethod

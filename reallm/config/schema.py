@@ -80,6 +80,12 @@ class ModelConfig:
     compile: bool = True
     """On GPU without tensor parallelism, run the transformer blocks as torch.compile'd regions (fused
     norms, rotary, SwiGLU and residuals; the first call of a new shape pays the compilation)."""
+    train_cuda_graphs: bool = False
+    """On GPU with tp = pp = 1 and compiled blocks, replay train micro-batches' forward and backward from
+    CUDA graphs per token bucket (``reallm.model.graphs.TrainGraphs``): host-bound micro-batches (a few
+    thousand tokens) run at device speed. Holds d·P bytes of static gradients and one micro-batch's
+    activations per graphed bucket between calls; worth it where this model's training state stays on its
+    devices between steps (dropped and recaptured whenever it is offloaded)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     offload: bool = False
     """Keep this (frozen) model's weights in host memory between its calls."""

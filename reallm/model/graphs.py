@@ -134,6 +134,9 @@ class _BucketCache:
         self._pool = None
         self._params_at = None
 
+    def _key_extra(self) -> tuple:
+        return ()
+
     def _entry(self, x: torch.Tensor, cu_seqlens_bounds: Sequence[int], params_at: int):
         """(entry, bucket, padded bounds) for this micro-batch, its static buffers filled except ``x``'s; None
         the first time its bucket is met."""
@@ -142,7 +145,7 @@ class _BucketCache:
             self._params_at = params_at
         bounds = tuple(int(v) for v in cu_seqlens_bounds)
         b = graph_bucket([z - a for a, z in zip(bounds, bounds[1:], strict=False)])
-        key = (b, x.dtype, tuple(x.shape[1:]))
+        key = (b, x.dtype, tuple(x.shape[1:]), self._key_extra())
         e = self._entries.get(key)
         if e is None:
             seen = self._seen.pop(key, 0) + 1
@@ -249,6 +252,9 @@ class TrainGraphs(_BucketCache):
                  capture: Optional[bool] = None, max_graphs: int = 2):
         super().__init__(fn, device, capture, max_graphs)
         self.model = model
+
+    def _key_extra(self) -> tuple:
+        return (bool(getattr(self.model, "gradient_checkpointing", False)),)  # a graph bakes it in
 
     def __call__(self, x: torch.Tensor, cu_seqlens_bounds: Sequence[int], params_at: int) -> Optional[torch.Tensor]:
         """Rows [:T] of ``fn`` on ``x`` with gradients to the parameters (and to ``x`` when it requires them),

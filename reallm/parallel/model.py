@@ -78,6 +78,14 @@ def inference_graphs_usable(model: Transformer, placement, device: torch.device,
             and placement.tp == 1 and os.environ.get("REALLM_INFERENCE_GRAPHS", "1") != "0")
 
 
+def train_graphs_usable(pm: ParallelModel) -> bool:
+    """Whether a trained replica may replay its micro-batches from CUDA graphs (``use_train_graphs``): the
+    inference rule (CUDA, half precision, compiled blocks, tp = 1) and pp = 1. The planner's
+    ``shapes.train_graphed`` is the same rule."""
+    return (pm.optimizer is not None and pm.placement.pp == 1
+            and inference_graphs_usable(pm.model, pm.placement, pm.device, pm.dtype))
+
+
 class ParallelModel:
     """One rank's stage and tp shard of a model (module docstring). Build with ``ParallelModel.build``."""
 
