@@ -50,7 +50,8 @@ def main(argv=None) -> int:
             ds.append(d * 1e3 / per)
             hs.append(h * 1e3 / per)
         rows.append((tag, T, statistics.median(ds), statistics.median(hs), min(hs), max(hs)))
-        print("%-22s T=%-6d device %.3f ms  host %.3f ms (%.3f-%.3f)" % rows[-1], flush=True)
+        tag_, T_, d_, h_, lo_, hi_ = rows[-1]
+        print(f"{tag_:<22s} T={T_:<6d} device {d_:.3f} ms  host {h_:.3f} ms ({lo_:.3f}-{hi_:.3f})", flush=True)
 
     pm = rank0_model(SPEC_1B, 1, settings)  # the profiler's one-block model
     layer = next(iter(pm.model.model.layers.values()))
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         ids, cu = packed_batch(T, 128, SPEC_1B.vocab_size, dev)
         for grad in (False, True):
             with torch.set_grad_enabled(grad):
-                ctx = blocks_input(pm.model, lambda: pm.model(ids, cu))[1]
+                ctx = blocks_input(pm.model, lambda ids=ids, cu=cu: pm.model(ids, cu))[1]
                 x = torch.randn(T, SPEC_1B.hidden_size, dtype=torch.bfloat16, device=dev, requires_grad=grad)
 
                 def chain(k: int, x=x, ctx=ctx):
@@ -71,13 +72,14 @@ def main(argv=None) -> int:
                 suffix = "grad" if grad else "no grad"
                 measure(f"alone, {suffix}", T, lambda: chain(1), 1)
                 measure(f"chain-8, {suffix}", T, lambda: chain(8), 8)
-                h0, fctx = blocks_input(full, lambda: full(ids, cu))
+                h0, fctx = blocks_input(full, lambda ids=ids, cu=cu: full(ids, cu))
                 h0 = h0.detach().requires_grad_(grad)
-                measure(f"model, {suffix}", T, lambda: full._blocks(h0, fctx), SPEC_1B.num_layers)
+                measure(f"model, {suffix}", T, lambda h0=h0, fctx=fctx: full._blocks(h0, fctx), SPEC_1B.num_layers)
                 if grad:
                     y = chain(8)
                     gy = torch.randn_like(y)
-                    measure("chain-8, backward", T, lambda: torch.autograd.backward(y, gy, retain_graph=True), 8)
+                    measure("chain-8, backward", T,
+                            lambda y=y, gy=gy: torch.autograd.backward(y, gy, retain_graph=True), 8)
     print("\n| call | T | device ms/block | host ms/block (min–max) |\n|---|---|---|---|")
     for tag, T, d, h, lo, hi in rows:
         print(f"| {tag} | {T} | {d:.3f} | {h:.3f} ({lo:.3f}–{hi:.3f}) |")

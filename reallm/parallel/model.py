@@ -195,7 +195,8 @@ class ParallelModel:
             accumulate = self.optimizer.grad_accumulator(s.offset, s.num_elements, s.local_shape)
 
             def hook(p: torch.Tensor, accumulate=accumulate) -> None:
-                accumulate(p.grad)
+                if p.grad is not None:  # (a graphed backward, ``TrainGraphs``, can report a parameter it did not reach)
+                    accumulate(p.grad)
                 p.grad = None
 
             self._hooks.append(p.register_post_accumulate_grad_hook(hook))
