@@ -1,32 +1,35 @@
-"""CUDA-graphed inference forward: a stage's embedding and blocks replayed from a graph per token bucket.
+"""CUDA-graphed forward (and, for training, backward): a stage's embedding and blocks replayed from graphs
+per token bucket.
 
-Why: at the token counts of inference micro-batches (a few thousand) a compiled block is host-bound on
-the H100 machines here — its Python, guards and ~10 launches take 0.6-1.2 ms of CPU while the GPU needs
-0.1-0.6 ms — so an eager call costs its host time, which moves by up to 2x between machines and ±25 %
-between repeats (BENCHMARKS.md, issue 11). A replayed graph costs its device time: faster, and steady.
+Why: at the token counts of inference and train micro-batches (a few thousand) a compiled block is
+host-bound on the H100 machines here — its Python, guards and ~10 launches take 0.6-1.2 ms of CPU per
+forward while the GPU needs 0.1-0.6 ms — so an eager call costs its host time, which moves by up to 2x
+between machines and ±25 % between repeats (BENCHMARKS.md, issue 11). A replayed graph costs its device
+time: faster, and steady.
 
 Shapes must be static inside a graph, so a micro-batch of T tokens in B sequences (longest S) runs padded
 to a *bucket* (``graph_bucket``): T_pad = ``bucket(T)``, S_pad = ``bucket(S)``, and B_pad ≥ B + the
-padding sequences, a power of two ≥ 8. The ``T_pad − T`` padding tokens (token id 0, or zero hidden
-rows) form extra sequences of at most S_pad tokens each after the real ones (``padded_bounds``), the
-remaining slots are empty sequences. A micro-batch of equal lengths runs unpadded in a graph of its exact
-shape (``uniform``, two sequences or more), on the batched attention path the eager forward takes for
-it. Padding rows hold whatever the static buffer held (zeros, then earlier inputs). Attention never crosses a sequence boundary and every other op is
-row-wise, so the real rows compute what they compute unpadded (up to the GEMM's blocking, which may
-change with the row count: rounding only); positions restart in each padding sequence, so rope and the
-attention kernel see ordinary sequences.
+padding sequences, a power of two ≥ 8. The ``T_pad − T`` padding rows (whatever the static buffer held:
+zeros, then earlier inputs) form extra sequences of at most S_pad tokens each after the real ones
+(``padded_bounds``); the remaining slots are empty sequences. A micro-batch of equal lengths (two
+sequences or more) runs unpadded in a graph of its exact shape (``uniform``), on the batched attention
+path the eager forward takes for it. Attention never crosses a sequence boundary and every other op is
+row-wise, so the real rows compute what they compute unpadded (up to the GEMM's blocking, which may change
+with the row count: rounding only); positions restart in each padding sequence, so rope and the
+attention kernel see ordinary sequences. In training the padding rows feed no loss: their gradient is 0.
 
-``bucket(n)`` (``reallm.working_set``, torch-free: the planner uses it too) rounds n up to a multiple of max(``min_step``, 2^(⌊log2 n⌋ − 3)): at most 1/8 more rows,
-8 buckets per octave, so a run of varying batch sizes meets few distinct shapes.
+``bucket(n)`` (``reallm.working_set``, torch-free: the planner uses it too) rounds n up to a multiple of
+max(``min_step``, 2^(⌊log2 n⌋ − 3)): at most 1/8 more rows, 8 buckets per octave, so a run of varying
+batch sizes meets few distinct shapes.
 
-``InferenceGraphs`` captures a bucket the second time it meets it (the first runs eager: a shape seen once
-would pay a warm-up and a capture, about two eager forwards of host time, for nothing), keeps one graph
-per bucket (least recently used evicted beyond ``max_graphs``), all
-captured into one memory pool: a graph's intermediates live only while it runs, so the pool holds one
-forward's working set plus every graph's static input and output. The graphs read the parameters where
-they lie at capture: the owner drops them (``clear``) when parameters move (offload), and every call
-checks the parameter storage's address. Off CUDA (``capture=False``, the CPU tests) the same padded
-static buffers run eagerly, so everything but the capture is exercised.
+A bucket is captured the second time it is met (the first runs eager: a shape seen once would pay a
+warm-up and a capture, about two eager passes of host time, for nothing); least recently used buckets are
+evicted beyond ``max_graphs``. ``InferenceGraphs`` captures into one memory pool per model: a graph's
+intermediates live only while it runs, so the pool holds one forward's working set plus every graph's
+static input and output. ``TrainGraphs`` (class docstring) keeps a forward/backward pair per bucket. The
+graphs read the parameters where they lie at capture: the owner drops them (``clear``) when parameters
+move (offload), and every call checks the parameter storage's address. Off CUDA (``capture=False``, the
+CPU tests) the same padded static buffers run eagerly, so everything but the capture is exercised.
 """
 
 from __future__ import annotations
