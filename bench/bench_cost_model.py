@@ -20,7 +20,10 @@ LLaMA in fp32 on CPU):
 - train: ``ParallelModel.train_step``'s steps in its order — ``zero_grad`` + ``forward_backward`` (SFT loss
   on vocab-parallel log-probs; phase ``fwd_bwd_s``), then ``reduce_gradients`` + ``optimizer_step`` +
   ``gather_stats`` (phase ``optimizer_s``) — gradient checkpointing on or off; label ``mask``: the loss
-  reads log-probs under a logits mask, as PPO's actor.
+  reads log-probs under a logits mask, as PPO's actor. ``--train-graphs``: the train replica replays its
+  micro-batches from CUDA graphs (a model config's ``train_cuda_graphs``; ``TrainGraphs``) and the
+  estimates assume it; a graphed train setting has no warm-up run (its capture happens in a timed run, so
+  the memory reading sees the graphs' pool: replays allocate nothing).
 
 Estimates: ``planner.cost_model.call_time.t_call`` and ``memory.call_memory(...).standalone_bytes`` of a
 ``Call`` built to match, on ``Placement((0,), num_micro_batches=m)``, with ``ModelOptions`` of the setting
