@@ -107,8 +107,7 @@ class _Entry:
         self.x, self.cu, self.pos = x, cu, pos
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.out: Optional[torch.Tensor] = None
-        #: Train graphs: the graphed callable (``torch.cuda.make_graphed_callables``) or, uncaptured, the
-        #: module it wraps.
+        #: Train graphs: the graphed callable (``torch.cuda.make_graphed_callables``); None uncaptured.
         self.callable: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
@@ -249,7 +248,8 @@ class TrainGraphs(_BucketCache):
     the flat fp32 buffer: each graph pair keeps d·P bytes of static gradients plus one micro-batch's saved
     activations in its own pool while it exists (hence at most ``max_graphs`` = 2). Measured on an H100 (1.1B, 2026-11-24, ``.gpu/diag7.py``): forward +
     backward of 3072 tokens 132 → 52 ms checkpointed, 74 → 40 ms not; 8192 tokens 145 → 126 and 102 → 95 ms.
-    Off unless ``ParallelModel.use_train_graphs`` (not yet in the cost model nor the executor's policy)."""
+    Used where a model config asks for it (``train_cuda_graphs``, ``ParallelModel.use_train_graphs``); the
+    planner prices its memory, and its time once a profile has the ``train_graphed[_ckpt]`` tables."""
 
     def __init__(self, fn: TrunkFn, model: torch.nn.Module, device: torch.device, *,
                  capture: Optional[bool] = None, max_graphs: int = 2):

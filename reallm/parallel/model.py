@@ -63,8 +63,9 @@ class _Prepared:
 
     tokens: Optional[torch.Tensor]
     cu_seqlens: torch.Tensor
-    #: ``cu_seqlens`` as host ints (before sequence-parallel padding).
-    bounds: tuple[int, ...]
+    #: ``cu_seqlens`` as host ints (before sequence-parallel padding), read only where graphs run (a host
+    #: sync per micro-batch when the boundaries live on the device).
+    bounds: Optional[tuple[int, ...]]
     num_tokens: int  # before sequence-parallel padding
     act_rows: int  # rows of the hidden states passed between stages
 
@@ -180,7 +181,8 @@ class ParallelModel:
         """Run train micro-batches' embedding and blocks, forward and backward, from CUDA graphs per token
         bucket (``reallm.model.graphs.TrainGraphs``; the head and loss eager). ``capture=False`` runs the same
         padded buffers eagerly (CPU tests). Dropped when anything is offloaded (their pools hold gradients
-        and activations). Experimental: not yet chosen by the executor nor priced by the planner."""
+        and activations). Chosen by a model config's ``train_cuda_graphs``; the planner prices its time only
+        with a profile that has the ``train_graphed[_ckpt]`` tables (none measured yet)."""
         if self.optimizer is None:
             raise ValueError("train graphs need a model built with an optimizer")
         if self.tp_state.sp_active or self.placement.tp > 1 or self.placement.pp > 1:
@@ -233,7 +235,8 @@ class ParallelModel:
 
     def _prepare(self, mb: Mapping[str, torch.Tensor]) -> _Prepared:
         tokens = mb["tokens"].to(self.device)
-        bounds = tuple(int(v) for v in mb["cu_seqlens"].tolist())
+        graphed = self.graphs is not None or self.train_graphs is not None
+        bounds = tuple(int(v) for v in mb["cu_seqlens"].tolist()) if graphed else None
         cu = mb["cu_seqlens"].to(self.device, torch.int32)
         T = tokens.shape[0]
         if self._sp_active():
@@ -247,7 +250,7 @@ class ParallelModel:
         output out (padding rows stripped on the last stage)."""
         m = self.model
         h = None
-        if x.shape[0] == prep.bounds[-1]:
+        if prep.bounds is not None and x.shape[0] == prep.bounds[-1]:
             graphs = self.train_graphs if torch.is_grad_enabled() else self.graphs
             if graphs is not None:
                 h = graphs(x, prep.bounds, self.flat.untyped_storage().data_ptr())
