@@ -20,10 +20,11 @@ LLaMA in fp32 on CPU):
 - train: ``ParallelModel.train_step``'s steps in its order — ``zero_grad`` + ``forward_backward`` (SFT loss
   on vocab-parallel log-probs; phase ``fwd_bwd_s``), then ``reduce_gradients`` + ``optimizer_step`` +
   ``gather_stats`` (phase ``optimizer_s``) — gradient checkpointing on or off; label ``mask``: the loss
-  reads log-probs under a logits mask, as PPO's actor. ``--train-graphs``: the train replica replays its
-  micro-batches from CUDA graphs (a model config's ``train_cuda_graphs``; ``TrainGraphs``) and the
-  estimates assume it; a graphed train setting has no warm-up run (its capture happens in a timed run, so
-  the memory reading sees the graphs' pool: replays allocate nothing).
+  reads log-probs under a logits mask, as PPO's actor. The train replica replays its micro-batches from
+  CUDA graphs where the executor does for a model kept on its device (a model config's
+  ``train_cuda_graphs``, default on; ``TrainGraphs``: CUDA, ``--compile-blocks``), and the estimates assume
+  it; ``--eager-train`` turns both off. Graphed settings capture in their (two) warm-up runs; what the
+  graphs then hold (static gradients, saved activations) counts as the call's memory (``graph_bytes``).
 
 Estimates: ``planner.cost_model.call_time.t_call`` and ``memory.call_memory(...).standalone_bytes`` of a
 ``Call`` built to match, on ``Placement((0,), num_micro_batches=m)``, with ``ModelOptions`` of the setting
@@ -272,27 +273,34 @@ class Measured:
     #: Train calls on CUDA: the peak of the forward/backward and of the optimizer phase apart.
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
     resident_bytes: Optional[int] = None
+    #: Graphed train calls: what the train graphs hold between calls (static gradients, saved activations;
+    #: allocated by the warm-up's captures, resident before every timed run).
+    graph_bytes: int = 0
     error: Optional[str] = None
+
+    @property
+    def owned_bytes(self) -> int:
+        return (self.model_bytes or 0) + (self.input_bytes or 0) + self.graph_bytes
 
     @property
     def call_peak_bytes(self) -> Optional[int]:
         """What the call owns at its peak (module docstring)."""
         if self.peak_bytes is None or self.resident_bytes is None or self.model_bytes is None:
             return None
-        return self.model_bytes + (self.input_bytes or 0) + self.peak_bytes - self.resident_bytes
+        return self.owned_bytes + self.peak_bytes - self.resident_bytes
 
     def phase_call_peak_bytes(self, phase: str) -> Optional[int]:
         """``call_peak_bytes`` of one phase of a train call (``fwd_bwd`` or ``optimizer``)."""
         v = self.phase_peak_bytes.get(f"{phase}_peak_bytes")
         if v is None or self.resident_bytes is None or self.model_bytes is None:
             return None
-        return self.model_bytes + (self.input_bytes or 0) + v - self.resident_bytes
+        return self.owned_bytes + v - self.resident_bytes
 
     @property
     def other_resident_bytes(self) -> Optional[int]:
         if self.resident_bytes is None or self.model_bytes is None:
             return None
-        return self.resident_bytes - self.model_bytes - (self.input_bytes or 0)
+        return self.resident_bytes - self.owned_bytes
 
 
 def _model_bytes(pm) -> int:
@@ -391,11 +399,23 @@ class Runner:
 
     def measure(self, s: Setting) -> Measured:
         fn = self._runner_of(s)
-        # Graphed train calls capture in their first call (a bucket's second micro-batch): let a timed run
-        # see it, so the memory reading includes the graphs' pool (replays allocate nothing).
-        for _ in range(0 if (self.train_graphs and s.kind == "train") else self.warmup):
-            fn()
         out = Measured()
+        graphs = self._pm.train_graphs if s.kind == "train" else None
+        if graphs is not None:
+            # Captured in the warm-up (a bucket is captured the second time it is met, so two runs); what
+            # the graphs then hold is the call's own memory (replays allocate nothing), the graphs of
+            # earlier settings dropped first.
+            graphs.clear()
+            self._collect()
+            before = self.torch.cuda.memory_allocated(self.device) if self.cuda else 0
+            for _ in range(max(2, self.warmup)):
+                fn()
+            self._collect()
+            after = self.torch.cuda.memory_allocated(self.device) if self.cuda else 0
+            out.graph_bytes = max(after - before, 0)
+        else:
+            for _ in range(self.warmup):
+                fn()
         phases: dict[str, list[float]] = {}
         for _ in range(self.repeats):
             wall, ph, peak, resident = self._timed(fn)
@@ -738,7 +758,7 @@ def run_bench(device: str = "cpu", profile_path: Optional[str] = None, quick: bo
               spec: Optional[ModelSpec] = None, repeats: Optional[int] = None, warmup: int = 1,
               num_ranked: int = NUM_RANKED, time_budget_s: Optional[float] = None, compile_blocks: bool = False,
               measure_profile: Optional[bool] = None, log: Callable[[str], None] = lambda s: None,
-              sets: Sequence[str] = SETS, train_graphs: bool = False) -> BenchResult:
+              sets: Sequence[str] = SETS, train_graphs: bool = True) -> BenchResult:
     """Every setting of the groups in ``sets`` (``SETS``): estimated, then measured (module docstring).
     Settings not started within ``time_budget_s`` are reported as not run. ``measure_profile`` None: measure
     one on CPU when no ``profile_path`` is given."""
@@ -862,8 +882,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help=f"comma-separated groups of settings to run (default: all of {', '.join(SETS)})")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="build with ParallelModel.build(compile_blocks=True) (CUDA; the profile must match)")
-    ap.add_argument("--train-graphs", action="store_true",
-                    help="train calls replay their micro-batches from CUDA graphs (a model config's "
+    ap.add_argument("--eager-train", dest="train_graphs", action="store_false",
+                    help="train calls run eager; by default they replay their micro-batches from CUDA graphs "
+                         "where the executor does for a model kept on its device (a model config's "
                          "train_cuda_graphs; CUDA, with --compile-blocks), estimates too")
     args = ap.parse_args(argv)
     import torch

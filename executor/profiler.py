@@ -20,8 +20,9 @@ with ``K`` cached tokens)::
              prefill   DecoderLayer(x, ctx) without grad, writing the KV cache (ctx of a prefill call)
              prefill_graphed   the same without the KV cache, as an inference replica replays it from a
                        CUDA graph (``reallm.model.graphs``; where ``inference_graphed``): device time
-             train_graphed / train_graphed_ckpt   (read by the cost model, not measured yet) forward +
-                       backward replayed from a pair of graphs as ``TrainGraphs`` runs it
+             train_graphed / train_graphed_ckpt   forward + backward (plain / checkpointed) replayed from
+                       a pair of graphs as ``TrainGraphs`` runs it, the fp32 accumulation of the block's
+                       gradients included (where ``train_graphs_usable``: tp = 1, compiled, CUDA)
              decode    one step of b sequences at position K (ctx of Transformer.decode): device time,
                        host time and one-off capture cost as generation runs it (``decode_graphed``: a
                        replayed CUDA graph on CUDA with tp = 1, else eager; ``_decode_point``)
@@ -113,6 +114,7 @@ from planner.cost_model.profile import (
 from reallm import working_set
 from reallm.errors import UserError
 from reallm.model.generate import GenerationConfig
+from reallm.model.transformer import checkpointed
 from reallm.placement import Placement
 from reallm.spec import ModelSpec
 
@@ -407,6 +409,17 @@ def inference_graphed(pm) -> bool:
     return inference_graphs_usable(pm.model, pm.placement, pm.device, pm.dtype)
 
 
+class _Wrapped(torch.nn.Module):
+    """``fn(x)`` as a module whose parameters are ``model``'s (what ``make_graphed_callables`` graphs)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module):
+        super().__init__()
+        self.model, self._fn = model, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+
 class _Captured(Exception):
     pass
 
@@ -597,12 +610,14 @@ class _Progress:
             self.bar.close()
 
 
-def points_per_config(g: Grids) -> int:
-    """Grid points measured for one (shape, tp): progress bar total."""
+def points_per_config(g: Grids, graphed: bool = False) -> int:
+    """Grid points measured for one (shape, tp): progress bar total. ``graphed``: the graphed block tables
+    too (``prefill_graphed``, ``train_graphed[_ckpt]``: CUDA, tp = 1, compiled blocks)."""
     nt, ns, nb, nk = len(g.tokens), len(g.seqlens), len(g.batches), len(g.kv_lens)
     # embedding; block (forward, backward, prefill, checkpointed forward and backward; decode); head;
     # decode step (launch, 2 sampling modes); score head; optimizer
-    return (3 * nt) + (5 * ns * nt + nb * nk) + (2 * nt + ns * nt + nb) + 3 * nb + (3 * nt + nb) + 1
+    return ((3 * nt) + (5 * ns * nt + nb * nk) + (2 * nt + ns * nt + nb) + 3 * nb + (3 * nt + nb) + 1
+            + (3 * ns * nt if graphed else 0))
 
 
 # -- the measurements of one (shape, tp) -----------------------------------------------------------------
@@ -776,7 +791,7 @@ class LayerBench:
                 return self._decode_point(lambda: layer(x, ctx))
 
         def ckpt(x, ctx):  # as Transformer._blocks runs a block under gradient checkpointing
-            return torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            return checkpointed(layer, x, ctx)
 
         def blk_fwd_ckpt(s, T):
             ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
@@ -799,10 +814,6 @@ class LayerBench:
                 replay, _ = graphed(lambda: chain(x, ctx, k))
             return self._time(replay, grad=False) / k
 
-        # The graphed train tables (``train_graphed[_ckpt]``) are not measured yet: timing the checkpointed
-        # block under ``make_graphed_callables`` here invalidated its capture on an H100 (2026-11-24) and left
-        # the CUDA generator unusable for the rest of the configuration. The cost model reads them when a
-        # profile has them.
         graphed_ops = (("prefill_graphed", blk_prefill_graphed),) if inference_graphed(pm) else ()
         for op, fn in (("forward", blk_fwd), ("backward", blk_bwd), ("prefill", blk_prefill),
                        ("forward_ckpt", blk_fwd_ckpt), ("backward_ckpt", blk_bwd_ckpt)) + graphed_ops:
@@ -849,8 +860,45 @@ class LayerBench:
         out["head"]["prefill"] = self.table("head", "prefill", "seqlen", g.seqlens, "tokens", g.tokens, head_prefill)
         out["head"].update(self.tables("head", DECODE_OPS, "batch", g.batches, "kv_len", g.kv_lens[:1], head_decode))
         out["decode_step"] = self.decode_step(pm)
+        # Last: a capture that fails can leave the device unusable for what would follow it.
+        out["block"].update(self.train_graphed(pm, layer, blk_ctx, chain, ckpt))
 
         self.optimizer(pm)
+        return out
+
+    def train_graphed(self, pm, layer, blk_ctx, chain, ckpt) -> dict:
+        """The ``train_graphed[_ckpt]`` block tables (where ``train_graphs_usable``; else none): forward +
+        backward of a chain of k blocks replayed from a pair of graphs (``make_graphed_callables``, as
+        ``TrainGraphs`` captures a stage's trunk), per block. The chain reuses one block, so its parameters'
+        gradients reach the fp32 accumulation once per replay where k distinct blocks would each accumulate
+        theirs: the k − 1 missing accumulations are added from their own timing (``accumulate``)."""
+        from reallm.parallel.model import train_graphs_usable
+
+        if not train_graphs_usable(pm):
+            return {}
+        g = self.s.grids
+        pairs = [(torch.zeros_like(p, dtype=torch.float32), torch.randn_like(p)) for p in layer.parameters()]
+        accumulate = self.timer.time_s(lambda: [acc.add_(grad) for acc, grad in pairs])
+        pairs.clear()
+
+        def point(s, T, call):
+            ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
+            gy = torch.randn_like(x)
+            trunk = torch.cuda.make_graphed_callables(_Wrapped(lambda h: chain(h, ctx, k, call), pm.model),
+                                                      (x.detach().clone().requires_grad_(),), allow_unused_input=True)
+            t = self._time(lambda: torch.autograd.backward(trunk(x), gy))
+            return (t + (k - 1) * accumulate) / k
+
+        out = {}
+        for op, call in (("train_graphed", layer), ("train_graphed_ckpt", ckpt)):
+            try:  # optional tables (the cost model falls back to the eager ones): a failure costs only them
+                table = self.table("block", op, "seqlen", g.seqlens, "tokens", g.tokens,
+                                   lambda s, T, call=call: point(s, T, call))
+            except Exception as e:  # noqa: BLE001
+                self.log.errors.append(f"{self.key} block tp={self.tp} {op}: {type(e).__name__}: {e}")
+                break
+            if table is not None:
+                out[op] = table
         return out
 
     def decode_step(self, pm) -> dict:
@@ -1128,7 +1176,9 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
                     d["collectives"].setdefault(lt, {})[n] = entry
     run["collectives_measured"] = collectives or {}
     d["runs"].append(run)
-    progress = _Progress(len(unique) * len(tps) * points_per_config(settings.grids), settings.show_progress)
+    graphed = settings.device == "cuda" and settings.compile_blocks
+    progress = _Progress(sum(points_per_config(settings.grids, graphed and tp == 1) for _ in unique for tp in tps),
+                         settings.show_progress)
     try:
         for spec in unique:
             key = shape_key(spec)

@@ -156,3 +156,28 @@ def test_graphed_train_micro_batches_give_the_eager_gradients(checkpointing):
     graphed.offload()
     graphed.reload()
     assert len(graphed.train_graphs) == 0
+
+
+def test_train_graphs_only_where_the_training_state_stays_resident():
+    """``keeps_train_resident``: a trained model replays graphed micro-batches unless the memory policy moves
+    its training state to host memory between steps (a call of the same model on its devices under
+    ``offload_train_state``; any other model's call under ``offload_idle_train_states``)."""
+    from types import SimpleNamespace as NS
+
+    from reallm.algorithms.base import ExperimentRuntime
+
+    calls = [NS(name="actor_gen", role="actor"), NS(name="actor_train", role="actor"),
+             NS(name="critic_train", role="critic"), NS(name="rew_inf", role="reward")]
+    where = {"actor_gen": (0, 1), "actor_train": (0, 1), "critic_train": (2, 3), "rew_inf": (3,)}
+    plan = NS(calls=calls, placements={k: NS(devices=v) for k, v in where.items()},
+              call=lambda n: next(c for c in calls if c.name == n))
+
+    def resident(call, rank, state, idle):
+        rt = NS(cfg=NS(memory=NS(offload_train_state=state, offload_idle_train_states=idle)), plan=plan, rank=rank)
+        return ExperimentRuntime.keeps_train_resident(rt, call)
+
+    assert not resident("actor_train", 0, state=True, idle=False)  # actor_gen on the same devices
+    assert resident("actor_train", 0, state=False, idle=False)
+    assert resident("critic_train", 2, state=True, idle=True)  # alone on device 2
+    assert resident("critic_train", 3, state=True, idle=False)  # another model shares device 3 ...
+    assert not resident("critic_train", 3, state=False, idle=True)  # ... and the lean policy offloads

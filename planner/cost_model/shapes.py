@@ -54,7 +54,7 @@ class ModelOptions:
     lean_memory: bool = False
     #: The model config's ``train_cuda_graphs``: train micro-batches replayed from CUDA graphs where
     #: ``train_graphed`` (tp = pp = 1, compiled blocks, on a GPU).
-    train_graphs: bool = False
+    train_graphs: bool = True
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from planner.cost_model.realloc import (
     realloc_time_s,
     same_layout,
 )
-from planner.cost_model.shapes import ModelOptions, max_params_per_device, seqs_per_rank
+from planner.cost_model.shapes import ModelOptions, max_params_per_device, seqs_per_rank, train_graphed
 from planner.cost_model.transfer import edge_bytes
 from planner.simulate import CostTables, mask_of
 from reallm.dataflow import Call, build_graph, topological_order
@@ -77,7 +77,7 @@ def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOpt
                             zero_stage=int(getattr(m.optimizer, "zero_stage", 0)), dtype_bytes=dtype_bytes,
                             offload_train_state=bool(getattr(memory, "offload_train_state", True)), greedy=greedy,
                             compile_blocks=bool(getattr(m, "compile", True)),
-                            train_graphs=bool(getattr(m, "train_cuda_graphs", False)),
+                            train_graphs=bool(getattr(m, "train_cuda_graphs", True)),
                             lean_memory=bool(getattr(memory, "offload_idle_train_states", False)))
     except (AttributeError, KeyError, TypeError):
         return ModelOptions(dtype_bytes=dtype_bytes, greedy=greedy)
@@ -146,6 +146,12 @@ def cost_candidate(call: Call, p: Placement, spec: ModelSpec, profile: Profile, 
         eager = ct.time_s
         ct = t_call(call, p, spec, profile, cluster, opts, graphed=True)
         regraph = max(eager - ct.time_s, 0.0)
+    elif call.kind == "train" and train_graphed(opts, p.tp, p.pp) and (opts.offload_train_state or opts.lean_memory):
+        # Graphed train micro-batches need the training state kept on its devices between steps; where the
+        # memory policy offloads it (the train call shares its devices: ``keeps_train_resident``) they run
+        # eager, and the difference is charged the same way.
+        eager = t_call(call, p, spec, profile, cluster, dataclasses.replace(opts, train_graphs=False)).time_s
+        regraph = max(eager - ct.time_s, 0.0)
     mem = call_memory(call, p, spec, opts)
     if not frozen and call.kind != "train" and opts.offload_train_state:
         # On the training placement itself the call runs on the weights of record while gradients and Adam
@@ -153,7 +159,7 @@ def cost_candidate(call: Call, p: Placement, spec: ModelSpec, profile: Profile, 
         # call's "shared" bytes are stated net of the offloaded part: transient (weights included) − state.
         state = train_state_bytes(max_params_per_device(spec, p.tp, p.pp), p.dp, opts)
         mem = dataclasses.replace(mem, shared_transient_bytes=mem.transient_bytes - state)
-    load = host_load_time_s(mem.weights_bytes, profile, cluster) + regraph if frozen else 0.0
+    load = (host_load_time_s(mem.weights_bytes, profile, cluster) if frozen else 0.0) + regraph
     return Candidate(p, ct.time_s, mem, load, tuple(sorted(ct.terms.items())))
 
 

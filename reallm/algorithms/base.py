@@ -208,10 +208,13 @@ class ModelHandle:
 
     @classmethod
     def build(cls, ctx: CallContext, model_cfg, seed: int, *, trainable: bool, total_steps: int = 1,
-              load_weights: bool = True, inference_graphs: bool = False) -> ModelHandle:
+              load_weights: bool = True, inference_graphs: bool = False, train_resident: bool = True) -> ModelHandle:
         """``inference_graphs``: a frozen model that stays on its devices between calls replays its inference
         forward from CUDA graphs (``ParallelModel.use_inference_graphs``, where usable); not for a replica
-        that lives for one call, nor a model offloaded between calls (each call would capture anew)."""
+        that lives for one call, nor a model offloaded between calls (each call would capture anew).
+        ``train_resident``: a trained model whose training state stays on its devices between steps; it
+        replays its train micro-batches from CUDA graphs where the config's ``train_cuda_graphs`` asks and
+        ``train_graphs_usable`` allows (a state offloaded between steps would drop them every step)."""
         from reallm.model.optim import OptimizerSettings
 
         opt_cfg = model_cfg.optimizer
@@ -221,7 +224,7 @@ class ModelHandle:
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
             pm = cls._build_pm(ctx, model_cfg, seed, optimizer, dtype, total_steps, load_weights,
                                inference_graphs and optimizer is None)
-        if optimizer is not None and getattr(model_cfg, "train_cuda_graphs", False):
+        if optimizer is not None and train_resident and getattr(model_cfg, "train_cuda_graphs", False):
             from reallm.parallel.model import train_graphs_usable
 
             if train_graphs_usable(pm):
@@ -407,6 +410,19 @@ class ExperimentRuntime(Runtime):
         forward may replay CUDA graphs)? Not when it waits in host memory (``offload_frozen_models`` and the
         devices serve another model)."""
         return not (self.cfg.memory.offload_frozen_models and self.shares_devices(role))
+
+    def keeps_train_resident(self, call_name: str) -> bool:
+        """Does the training state of ``call_name``'s model (its train call) stay on this rank's devices
+        between steps (so its micro-batches may replay CUDA graphs)? Not where the memory policy moves it to
+        host memory: for another model's call on this rank (``offload_idle_train_states``), or for a call of
+        the same model on its weights or a replica here (``offload_train_state``). The planner's rule is the
+        coarser one of the simulators: eager wherever the train call shares its devices."""
+        mem = self.cfg.memory
+        role = self.plan.call(call_name).role
+        others = [c for c in self.plan.calls if c.name != call_name and self.rank in self.plan.placements[c.name].devices]
+        if getattr(mem, "offload_idle_train_states", False) and any(c.role != role for c in others):
+            return False
+        return not (getattr(mem, "offload_train_state", False) and any(c.role == role for c in others))
 
     def shares_devices(self, role: str) -> bool:
         """Does this rank also serve a call of another model? (Then frozen models wait in host memory.)"""

@@ -115,7 +115,8 @@ class PPORuntime(ExperimentRuntime):
             graphs = name == record and not trainable and self.keeps_frozen_resident(role)
             handle = ModelHandle.build(ctx, getattr(self.cfg, ROLE_FIELD[role]), self.cfg.seed, trainable=trainable,
                                        total_steps=self.num_steps() * self.hp.ppo_n_minibatches,
-                                       inference_graphs=graphs)
+                                       inference_graphs=graphs,
+                                       train_resident=trainable and self.keeps_train_resident(record))
             self.models[name] = self.track(role, handle) if trainable else handle
         handle = self.models[name]
         train = ctx.call.kind == "train"

@@ -80,12 +80,13 @@ class ModelConfig:
     compile: bool = True
     """On GPU without tensor parallelism, run the transformer blocks as torch.compile'd regions (fused
     norms, rotary, SwiGLU and residuals; the first call of a new shape pays the compilation)."""
-    train_cuda_graphs: bool = False
+    train_cuda_graphs: bool = True
     """On GPU with tp = pp = 1 and compiled blocks, replay train micro-batches' forward and backward from
     CUDA graphs per token bucket (``reallm.model.graphs.TrainGraphs``): host-bound micro-batches (a few
-    thousand tokens) run at device speed. Holds d·P bytes of static gradients and one micro-batch's
-    activations per graphed bucket between calls; worth it where this model's training state stays on its
-    devices between steps (dropped and recaptured whenever it is offloaded)."""
+    thousand tokens) run at device speed (1.1-2x faster measured). Only where this model's training state
+    stays on its devices between steps (the memory policy does not offload it: see
+    ``keeps_train_resident``); holds d·P bytes of static gradients and one micro-batch's activations per
+    graphed bucket between calls, which the planner counts."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     offload: bool = False
     """Keep this (frozen) model's weights in host memory between its calls."""

@@ -310,6 +310,14 @@ def _compiled(fn):
     return c
 
 
+def checkpointed(layer: nn.Module, h: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """``layer(h, ctx)`` under gradient checkpointing (non-reentrant; backward recomputes the forward). The
+    RNG state is not saved and restored around the recomputation: a block draws no random numbers (no
+    dropout), and saving it reads and sets the CUDA generator's state, which a CUDA-graph capture of the
+    backward (``reallm.model.graphs.TrainGraphs``) must not do."""
+    return torch.utils.checkpoint.checkpoint(layer, h, ctx, use_reentrant=False, preserve_rng_state=False)
+
+
 class DecoderTrunk(nn.Module):
     """HF's ``model.`` prefix: embedding (first stage), blocks, final norm (last stage)."""
 
@@ -444,7 +452,7 @@ class Transformer(nn.Module):
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and not ctx.decode
         for layer in self.model.layers.values():
             if ckpt:
-                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, use_reentrant=False)
+                h = checkpointed(layer, h, ctx)
             else:
                 h = layer(h, ctx)
         return h
