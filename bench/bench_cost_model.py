@@ -24,7 +24,8 @@ LLaMA in fp32 on CPU):
   CUDA graphs where the executor does for a model kept on its device (a model config's
   ``train_cuda_graphs``, default on; ``TrainGraphs``: CUDA, ``--compile-blocks``), and the estimates assume
   it; ``--eager-train`` turns both off. Graphed settings capture in their (two) warm-up runs; what the
-  graphs then hold (static gradients, saved activations) counts as the call's memory (``graph_bytes``).
+  graphs' pools then hold (static gradients, saved activations: device memory reserved, which
+  ``memory_allocated`` does not see) counts as the call's memory (``graph_bytes``).
 
 Estimates: ``planner.cost_model.call_time.t_call`` and ``memory.call_memory(...).standalone_bytes`` of a
 ``Call`` built to match, on ``Placement((0,), num_micro_batches=m)``, with ``ModelOptions`` of the setting
@@ -273,9 +274,10 @@ class Measured:
     #: Train calls on CUDA: the peak of the forward/backward and of the optimizer phase apart.
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
     resident_bytes: Optional[int] = None
-    #: Graphed train calls: what the train graphs hold between calls (static gradients, saved activations;
-    #: allocated by the warm-up's captures, resident before every timed run).
+    #: Graphed train calls: what the train graphs hold between calls (their pools: static gradients, saved
+    #: activations; reserved by the warm-up's captures, held before every timed run).
     graph_bytes: int = 0
+    graph_allocated_bytes: int = 0
     error: Optional[str] = None
 
     @property
@@ -300,7 +302,7 @@ class Measured:
     def other_resident_bytes(self) -> Optional[int]:
         if self.resident_bytes is None or self.model_bytes is None:
             return None
-        return self.resident_bytes - self.owned_bytes
+        return self.resident_bytes - self.owned_bytes + self.graph_bytes - self.graph_allocated_bytes
 
 
 def _model_bytes(pm) -> int:
@@ -372,6 +374,14 @@ class Runner:
         self._sync()
         gc.collect()
 
+    def _reserved_bytes(self) -> int:
+        """Device memory held: live tensors and CUDA-graph pools (the allocator's free blocks released)."""
+        if not self.cuda:
+            return 0
+        self._collect()
+        self.torch.cuda.empty_cache()
+        return self.torch.cuda.memory_reserved(self.device)
+
     def device_memory_bytes(self) -> Optional[int]:
         return self.torch.cuda.get_device_properties(self.device).total_memory if self.cuda else None
 
@@ -404,15 +414,17 @@ class Runner:
         if graphs is not None:
             # Captured in the warm-up (a bucket is captured the second time it is met, so two runs); what
             # the graphs then hold is the call's own memory (replays allocate nothing), the graphs of
-            # earlier settings dropped first.
+            # earlier settings dropped first. A graph's pool keeps the memory of every tensor its capture
+            # allocated — static gradients, and the saved activations that its backward reads, which
+            # ``memory_allocated`` no longer counts once their tensors are gone — so it is read as the
+            # device memory reserved with the caching allocator's free blocks released.
             graphs.clear()
-            self._collect()
-            before = self.torch.cuda.memory_allocated(self.device) if self.cuda else 0
+            before = self._reserved_bytes(), self.torch.cuda.memory_allocated(self.device) if self.cuda else 0
             for _ in range(max(2, self.warmup)):
                 fn()
-            self._collect()
-            after = self.torch.cuda.memory_allocated(self.device) if self.cuda else 0
-            out.graph_bytes = max(after - before, 0)
+            out.graph_bytes = max(self._reserved_bytes() - before[0], 0)
+            if self.cuda:  # the part live tensors hold (the static gradients): in the resident reading
+                out.graph_allocated_bytes = max(self.torch.cuda.memory_allocated(self.device) - before[1], 0)
         else:
             for _ in range(self.warmup):
                 fn()

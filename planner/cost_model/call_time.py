@@ -31,8 +31,8 @@ Calls (``t_call``):
                2^24 elements (+ α per extra bucket); ZeRO-1: reduce-scatter of the fp32 gradients, then
                all-gather of the updated weights in the compute dtype (d bytes, ``ModelOptions``);
                optimizer = params/device · profile.optimizer.time_s_per_param (/dp with ZeRO-1)
-  train, graphed (``train_graphed``: the model config's ``train_cuda_graphs``, tp = pp = 1, compiled
-               blocks, and a profile with the ``train_graphed[_ckpt]`` tables): F + B = L·block
+  train, graphed (``train_graphed``: the model config's ``train_cuda_graphs``, default on, tp = pp = 1,
+               compiled blocks, and a profile with the ``train_graphed[_ckpt]`` tables): F + B = L·block
                train_graphed(T) (device time of forward + backward, replayed) + embedding and head
                forward and backward (eager tables)
   inference  = (pp + m − 1)·(F + p2p)

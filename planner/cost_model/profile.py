@@ -63,8 +63,8 @@ and blocks from a CUDA graph per token bucket): a block's ``prefill_graphed`` is
 ``prefill``'s work (no KV cache) replayed from a graph, at the padded token count. Optional; without it
 the cost model takes ``prefill`` (the eager call). ``train_graphed`` / ``train_graphed_ckpt``: a block's
 forward + backward (plain / under gradient checkpointing) replayed from a pair of graphs
-(``TrainGraphs``), the gradient accumulation hooks included; optional, used for train calls with
-``train_cuda_graphs``.
+(``TrainGraphs``), the gradient accumulation hooks included; optional (CUDA, tp = 1), used for train calls
+with ``train_cuda_graphs``.
 
 Decode steps, as generation runs them (``reallm.parallel.generate``: the host launches a step and the
 sampling without waiting for the device, so host and device work overlap; ``call_time.py`` combines

@@ -248,8 +248,9 @@ class TrainGraphs(_BucketCache):
     the flat fp32 buffer: each graph pair keeps d·P bytes of static gradients plus one micro-batch's saved
     activations in its own pool while it exists (hence at most ``max_graphs`` = 2). Measured on an H100 (1.1B, 2026-11-24, ``.gpu/diag7.py``): forward +
     backward of 3072 tokens 132 → 52 ms checkpointed, 74 → 40 ms not; 8192 tokens 145 → 126 and 102 → 95 ms.
-    Used where a model config asks for it (``train_cuda_graphs``, ``ParallelModel.use_train_graphs``); the
-    planner prices its memory, and its time once a profile has the ``train_graphed[_ckpt]`` tables."""
+    Used by a trained model whose state stays on its devices between steps (model config
+    ``train_cuda_graphs``, default on; ``ParallelModel.use_train_graphs``); the planner prices its memory
+    and, from the profile's ``train_graphed[_ckpt]`` tables, its time."""
 
     def __init__(self, fn: TrunkFn, model: torch.nn.Module, device: torch.device, *,
                  capture: Optional[bool] = None, max_graphs: int = 2):

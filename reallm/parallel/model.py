@@ -181,8 +181,9 @@ class ParallelModel:
         """Run train micro-batches' embedding and blocks, forward and backward, from CUDA graphs per token
         bucket (``reallm.model.graphs.TrainGraphs``; the head and loss eager). ``capture=False`` runs the same
         padded buffers eagerly (CPU tests). Dropped when anything is offloaded (their pools hold gradients
-        and activations). Chosen by a model config's ``train_cuda_graphs``; the planner prices its time only
-        with a profile that has the ``train_graphed[_ckpt]`` tables (none measured yet)."""
+        and activations). Chosen by a model config's ``train_cuda_graphs`` where the training state stays on its
+        devices (``ModelHandle.build(train_resident=...)``); the planner prices it from the profile's
+        ``train_graphed[_ckpt]`` tables."""
         if self.optimizer is None:
             raise ValueError("train graphs need a model built with an optimizer")
         if self.tp_state.sp_active or self.placement.tp > 1 or self.placement.pp > 1:
