@@ -67,7 +67,8 @@ def _assert_covers(prof, spec, tps):
     for kind in LAYER_KINDS:
         for tp in tps:
             # the profiler also measures the optional ops (checkpointed blocks); graphed ones on CUDA only
-            optional = set(OPTIONAL_OPS.get(kind, ())) - (set() if prof.device == "cuda" and tp == 1 else set(GRAPHED_OPS))
+            on_cuda = prof.dtype == "bf16"  # (the profiler measures bf16 on CUDA, fp32 on CPU)
+            optional = set(OPTIONAL_OPS.get(kind, ())) - (set() if on_cuda and tp == 1 else set(GRAPHED_OPS))
             assert set(prof.layers[key][kind][tp]) == set(REQUIRED_OPS[kind]) | optional, (kind, tp)
     for tp in tps:
         for kind in ("embedding", "block", "head", "score_head"):
