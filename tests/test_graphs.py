@@ -158,10 +158,10 @@ def test_graphed_train_micro_batches_give_the_eager_gradients(checkpointing):
     assert len(graphed.train_graphs) == 0
 
 
-def test_train_graphs_only_where_the_training_state_stays_resident():
-    """``keeps_train_resident``: a trained model replays graphed micro-batches unless the memory policy moves
-    its training state to host memory between steps (a call of the same model on its devices under
-    ``offload_train_state``; any other model's call under ``offload_idle_train_states``)."""
+def test_train_graphs_only_where_the_train_call_has_its_devices_to_itself():
+    """``keeps_train_resident``: a train call replays graphed micro-batches only on ranks that serve no other
+    call (elsewhere its state may be offloaded between steps, and the graphs' pools would stay reserved
+    through the other calls) — the planner's rule too."""
     from types import SimpleNamespace as NS
 
     from reallm.algorithms.base import ExperimentRuntime
@@ -169,15 +169,11 @@ def test_train_graphs_only_where_the_training_state_stays_resident():
     calls = [NS(name="actor_gen", role="actor"), NS(name="actor_train", role="actor"),
              NS(name="critic_train", role="critic"), NS(name="rew_inf", role="reward")]
     where = {"actor_gen": (0, 1), "actor_train": (0, 1), "critic_train": (2, 3), "rew_inf": (3,)}
-    plan = NS(calls=calls, placements={k: NS(devices=v) for k, v in where.items()},
-              call=lambda n: next(c for c in calls if c.name == n))
+    plan = NS(calls=calls, placements={k: NS(devices=v) for k, v in where.items()})
 
-    def resident(call, rank, state, idle):
-        rt = NS(cfg=NS(memory=NS(offload_train_state=state, offload_idle_train_states=idle)), plan=plan, rank=rank)
-        return ExperimentRuntime.keeps_train_resident(rt, call)
+    def resident(call, rank):
+        return ExperimentRuntime.keeps_train_resident(NS(plan=plan, rank=rank), call)
 
-    assert not resident("actor_train", 0, state=True, idle=False)  # actor_gen on the same devices
-    assert resident("actor_train", 0, state=False, idle=False)
-    assert resident("critic_train", 2, state=True, idle=True)  # alone on device 2
-    assert resident("critic_train", 3, state=True, idle=False)  # another model shares device 3 ...
-    assert not resident("critic_train", 3, state=False, idle=True)  # ... and the lean policy offloads
+    assert not resident("actor_train", 0)  # actor_gen on the same devices
+    assert resident("critic_train", 2)  # alone on device 2
+    assert not resident("critic_train", 3)  # the reward model shares device 3

@@ -146,10 +146,10 @@ def cost_candidate(call: Call, p: Placement, spec: ModelSpec, profile: Profile, 
         eager = ct.time_s
         ct = t_call(call, p, spec, profile, cluster, opts, graphed=True)
         regraph = max(eager - ct.time_s, 0.0)
-    elif call.kind == "train" and train_graphed(opts, p.tp, p.pp) and (opts.offload_train_state or opts.lean_memory):
-        # Graphed train micro-batches need the training state kept on its devices between steps; where the
-        # memory policy offloads it (the train call shares its devices: ``keeps_train_resident``) they run
-        # eager, and the difference is charged the same way.
+    elif call.kind == "train" and train_graphed(opts, p.tp, p.pp):
+        # Graphed train micro-batches only where the call has its devices to itself (``keeps_train_resident``:
+        # elsewhere the state may be offloaded between steps, and the graphs' pools would stay reserved
+        # through the other calls): eager where it shares them, the difference charged the same way.
         eager = t_call(call, p, spec, profile, cluster, dataclasses.replace(opts, train_graphs=False)).time_s
         regraph = max(eager - ct.time_s, 0.0)
     mem = call_memory(call, p, spec, opts)

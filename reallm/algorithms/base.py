@@ -412,17 +412,13 @@ class ExperimentRuntime(Runtime):
         return not (self.cfg.memory.offload_frozen_models and self.shares_devices(role))
 
     def keeps_train_resident(self, call_name: str) -> bool:
-        """Does the training state of ``call_name``'s model (its train call) stay on this rank's devices
-        between steps (so its micro-batches may replay CUDA graphs)? Not where the memory policy moves it to
-        host memory: for another model's call on this rank (``offload_idle_train_states``), or for a call of
-        the same model on its weights or a replica here (``offload_train_state``). The planner's rule is the
-        coarser one of the simulators: eager wherever the train call shares its devices."""
-        mem = self.cfg.memory
-        role = self.plan.call(call_name).role
-        others = [c for c in self.plan.calls if c.name != call_name and self.rank in self.plan.placements[c.name].devices]
-        if getattr(mem, "offload_idle_train_states", False) and any(c.role != role for c in others):
-            return False
-        return not (getattr(mem, "offload_train_state", False) and any(c.role == role for c in others))
+        """May the train call ``call_name`` replay its micro-batches from CUDA graphs on this rank: do its
+        devices serve no other call? Where they do, the memory policy may move the training state to host
+        memory between steps (which drops the graphs), and the graphs' pools — static gradients and one
+        micro-batch's activations — would stay reserved through the other calls. The planner's rule is the
+        same (``tables.cost_candidate``: the eager time wherever the call shares its devices)."""
+        return not any(c.name != call_name and self.rank in self.plan.placements[c.name].devices
+                       for c in self.plan.calls)
 
     def shares_devices(self, role: str) -> bool:
         """Does this rank also serve a call of another model? (Then frozen models wait in host memory.)"""

@@ -83,10 +83,10 @@ class ModelConfig:
     train_cuda_graphs: bool = True
     """On GPU with tp = pp = 1 and compiled blocks, replay train micro-batches' forward and backward from
     CUDA graphs per token bucket (``reallm.model.graphs.TrainGraphs``): host-bound micro-batches (a few
-    thousand tokens) run at device speed (1.1-2x faster measured). Only where this model's training state
-    stays on its devices between steps (the memory policy does not offload it: see
-    ``keeps_train_resident``); holds d·P bytes of static gradients and one micro-batch's activations per
-    graphed bucket between calls, which the planner counts."""
+    thousand tokens) run at device speed (1.1-2x faster measured). Only where the train call has its
+    devices to itself (``keeps_train_resident``: its state is then never offloaded between steps); holds
+    d·P bytes of static gradients and one micro-batch's activations per graphed bucket between calls, which
+    the planner counts."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     offload: bool = False
     """Keep this (frozen) model's weights in host memory between its calls."""
