@@ -409,6 +409,20 @@ def inference_graphed(pm) -> bool:
     return inference_graphs_usable(pm.model, pm.placement, pm.device, pm.dtype)
 
 
+def reset_cuda_generator(log: Optional[RunLog] = None) -> None:
+    """Give the current device's default CUDA generator a fresh state (same seed): a capture that failed
+    part-way leaves the state it registered marked as capturing, and every later draw then fails ("Offset
+    increment outside graph capture")."""
+    try:
+        gen = torch.cuda.default_generators[torch.cuda.current_device()]
+        fresh = torch.Generator(device=f"cuda:{torch.cuda.current_device()}")
+        fresh.manual_seed(gen.initial_seed())
+        gen.graphsafe_set_state(fresh.graphsafe_get_state())
+    except Exception as e:  # noqa: BLE001 - best effort; the run's errors say what happened
+        if log is not None:
+            log.errors.append(f"resetting the CUDA generator after a failed capture: {type(e).__name__}: {e}")
+
+
 class _Wrapped(torch.nn.Module):
     """``fn(x)`` as a module whose parameters are ``model``'s (what ``make_graphed_callables`` graphs)."""
 
@@ -860,10 +874,9 @@ class LayerBench:
         out["head"]["prefill"] = self.table("head", "prefill", "seqlen", g.seqlens, "tokens", g.tokens, head_prefill)
         out["head"].update(self.tables("head", DECODE_OPS, "batch", g.batches, "kv_len", g.kv_lens[:1], head_decode))
         out["decode_step"] = self.decode_step(pm)
-        # Last: a capture that fails can leave the device unusable for what would follow it.
-        out["block"].update(self.train_graphed(pm, layer, blk_ctx, chain, ckpt))
-
         self.optimizer(pm)
+        # Last (``run``): a capture that fails can leave the device unusable for what would follow it.
+        out["block"].update(self.train_graphed(pm, layer, blk_ctx, chain, ckpt))
         return out
 
     def train_graphed(self, pm, layer, blk_ctx, chain, ckpt) -> dict:
@@ -884,6 +897,7 @@ class LayerBench:
         def point(s, T, call):
             ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
             gy = torch.randn_like(x)
+            self._free()  # the capture's pool must not need the cached blocks freed (that would break it)
             trunk = torch.cuda.make_graphed_callables(_Wrapped(lambda h: chain(h, ctx, k, call), pm.model),
                                                       (x.detach().clone().requires_grad_(),), allow_unused_input=True)
             t = self._time(lambda: torch.autograd.backward(trunk(x), gy))
@@ -896,6 +910,7 @@ class LayerBench:
                                    lambda s, T, call=call: point(s, T, call))
             except Exception as e:  # noqa: BLE001
                 self.log.errors.append(f"{self.key} block tp={self.tp} {op}: {type(e).__name__}: {e}")
+                reset_cuda_generator(self.log)
                 break
             if table is not None:
                 out[op] = table
@@ -986,11 +1001,13 @@ class LayerBench:
         return out
 
     def run(self) -> dict:
-        """``{kind: {op: table dict or None}}``."""
+        """``{kind: {op: table dict or None}}``. The actor last: its graphed train tables come last of all,
+        since a capture that fails can leave the device unusable for what would follow it."""
+        score_head = self.critic()
+        self._free()
         layers = self.actor()
         self._free()
-        layers["score_head"] = self.critic()
-        self._free()
+        layers["score_head"] = score_head
         return layers
 
     def _free(self) -> None:

@@ -297,3 +297,20 @@ def test_collectives_are_measured_with_several_processes():
 def test_grids_validate():
     with pytest.raises(UserError, match="kv_lens"):
         Grids(tokens=(1,), seqlens=(1,), batches=(1,), kv_lens=())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_a_failed_capture_leaves_the_generator_usable_after_reset():
+    """A capture that breaks part-way (here: a synchronising call inside it) leaves the default CUDA
+    generator's state marked as capturing; ``reset_cuda_generator`` makes it draw again."""
+    from executor.profiler import reset_cuda_generator
+
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - which error CUDA reports differs by version
+        with torch.cuda.graph(g):
+            torch.randn(4, device="cuda")
+            torch.cuda.synchronize()
+    reset_cuda_generator()
+    assert torch.randn(4, device="cuda").isfinite().all()
+    assert torch.rand(1000, device="cuda").std() > 0.2
