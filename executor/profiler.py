@@ -44,8 +44,9 @@ Timing (``Timer``): CUDA events on CUDA, ``perf_counter`` on CPU. Token ops (``t
 one call to size the groups, then the median of 3-10 groups of back-to-back calls, each group ≥ 1.5 ms
 and the whole point ≈ 30 ms. A block's token ops are timed on CUDA as a chain of k calls, each on the
 previous call's output (``ProfileSettings.chain_tokens``: k = 8 up to 4096 tokens, fewer above, 1 from
-32768), divided by k: where a block is launch-bound, what counts is its host time inside a stack of
-blocks, and a lone call measured ~2× that (1.1B, T = 1024, no grad: 1.25 ms alone, 0.59 ms per block in a
+32768), divided by k (a chain reuses one block, whose gradients reach the fp32 accumulation once per
+backward: the timed backward adds the other k − 1 blocks' accumulations, ``_Accumulations``): where a
+block is launch-bound, what counts is its host time inside a stack of blocks, and a lone call measured ~2× that (1.1B, T = 1024, no grad: 1.25 ms alone, 0.59 ms per block in a
 chain of 4, 0.61 ms per block in the 22-block model; H100 host, session 4). On CUDA the groups follow each other without synchronisation (an event pair
 around each): the steady state of a stream of layers, where a launch-bound call costs its host time and a
 device-bound one its device time. Decode ops (``device_host_s``): generation's step loop never waits for
@@ -423,6 +424,19 @@ def reset_cuda_generator(log: Optional[RunLog] = None) -> None:
             log.errors.append(f"resetting the CUDA generator after a failed capture: {type(e).__name__}: {e}")
 
 
+class _Accumulations:
+    """``others(n)``: n more accumulations of a block's parameter gradients into fp32 buffers — what the
+    hooks of n other blocks add (``FlatAdamW.grad_accumulator``) — for a chain that reuses one block."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.pairs = [(torch.zeros_like(p, dtype=torch.float32), torch.randn_like(p)) for p in layer.parameters()]
+
+    def __call__(self, n: int) -> None:
+        for _ in range(n):
+            for acc, grad in self.pairs:
+                acc.add_(grad)
+
+
 class _Wrapped(torch.nn.Module):
     """``fn(x)`` as a module whose parameters are ``model``'s (what ``make_graphed_callables`` graphs)."""
 
@@ -779,11 +793,15 @@ class LayerBench:
             ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
             return self._time(lambda: chain(x, ctx, k)) / k
 
+        # A chain reuses one block: its parameters' gradients reach the fp32 accumulation hooks once per
+        # backward, where k blocks would each add theirs; the timed backward adds the k − 1 others.
+        others = _Accumulations(layer)
+
         def blk_bwd(s, T):
             ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
             y = chain(x, ctx, k)
             gy = torch.randn_like(y)
-            return self._time(lambda: torch.autograd.backward(y, gy, retain_graph=True)) / k
+            return self._time(lambda: (torch.autograd.backward(y, gy, retain_graph=True), others(k - 1))) / k
 
         def blk_prefill(s, T):
             ids, cu = packed_batch(T, s, V, self.dev)
@@ -818,7 +836,7 @@ class LayerBench:
             def setup():
                 box["y"] = chain(x, ctx, k, ckpt)
 
-            return self._time(lambda: torch.autograd.backward(box.pop("y"), gy), setup) / k
+            return self._time(lambda: (torch.autograd.backward(box.pop("y"), gy), others(k - 1)), setup) / k
 
         def blk_prefill_graphed(s, T):  # an inference forward's blocks replayed from one graph (chain of k)
             ids, cu = packed_batch(T, s, V, self.dev)
@@ -876,23 +894,19 @@ class LayerBench:
         out["decode_step"] = self.decode_step(pm)
         self.optimizer(pm)
         # Last (``run``): a capture that fails can leave the device unusable for what would follow it.
-        out["block"].update(self.train_graphed(pm, layer, blk_ctx, chain, ckpt))
+        out["block"].update(self.train_graphed(pm, blk_ctx, chain, layer, ckpt, others))
         return out
 
-    def train_graphed(self, pm, layer, blk_ctx, chain, ckpt) -> dict:
+    def train_graphed(self, pm, blk_ctx, chain, layer, ckpt, others: _Accumulations) -> dict:
         """The ``train_graphed[_ckpt]`` block tables (where ``train_graphs_usable``; else none): forward +
         backward of a chain of k blocks replayed from a pair of graphs (``make_graphed_callables``, as
-        ``TrainGraphs`` captures a stage's trunk), per block. The chain reuses one block, so its parameters'
-        gradients reach the fp32 accumulation once per replay where k distinct blocks would each accumulate
-        theirs: the k − 1 missing accumulations are added from their own timing (``accumulate``)."""
+        ``TrainGraphs`` captures a stage's trunk), per block, with the k − 1 other blocks' gradient
+        accumulations (eager, after the replay, as the hooks run them)."""
         from reallm.parallel.model import train_graphs_usable
 
         if not train_graphs_usable(pm):
             return {}
         g = self.s.grids
-        pairs = [(torch.zeros_like(p, dtype=torch.float32), torch.randn_like(p)) for p in layer.parameters()]
-        accumulate = self.timer.time_s(lambda: [acc.add_(grad) for acc, grad in pairs])
-        pairs.clear()
 
         def point(s, T, call):
             ctx, x, k = blk_ctx(s, T, True), self._hidden(T, True), self.s.chain_length(T)
@@ -900,8 +914,7 @@ class LayerBench:
             self._free()  # the capture's pool must not need the cached blocks freed (that would break it)
             trunk = torch.cuda.make_graphed_callables(_Wrapped(lambda h: chain(h, ctx, k, call), pm.model),
                                                       (x.detach().clone().requires_grad_(),), allow_unused_input=True)
-            t = self._time(lambda: torch.autograd.backward(trunk(x), gy))
-            return (t + (k - 1) * accumulate) / k
+            return self._time(lambda: (torch.autograd.backward(trunk(x), gy), others(k - 1))) / k
 
         out = {}
         for op, call in (("train_graphed", layer), ("train_graphed_ckpt", ckpt)):
