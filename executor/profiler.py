@@ -411,14 +411,11 @@ def inference_graphed(pm) -> bool:
 
 
 def reset_cuda_generator(log: Optional[RunLog] = None) -> None:
-    """Give the current device's default CUDA generator a fresh state (same seed): a capture that failed
-    part-way leaves the state it registered marked as capturing, and every later draw then fails ("Offset
-    increment outside graph capture")."""
+    """``reallm.model.graphs.reset_cuda_generator`` after a failed capture; a failure is logged."""
+    from reallm.model import graphs
+
     try:
-        gen = torch.cuda.default_generators[torch.cuda.current_device()]
-        fresh = torch.Generator(device=f"cuda:{torch.cuda.current_device()}")
-        fresh.manual_seed(gen.initial_seed())
-        gen.graphsafe_set_state(fresh.graphsafe_get_state())
+        graphs.reset_cuda_generator()
     except Exception as e:  # noqa: BLE001 - best effort; the run's errors say what happened
         if log is not None:
             log.errors.append(f"resetting the CUDA generator after a failed capture: {type(e).__name__}: {e}")

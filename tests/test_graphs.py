@@ -177,3 +177,30 @@ def test_train_graphs_only_where_the_train_call_has_its_devices_to_itself():
     assert not resident("actor_train", 0)  # actor_gen on the same devices
     assert resident("critic_train", 2)  # alone on device 2
     assert not resident("critic_train", 3)  # the reward model shares device 3
+
+
+def test_train_graphs_replace_a_bucket_only_when_another_is_met_more_often():
+    """With every slot taken, a new bucket is captured only once it has been met ``REPLACE_MARGIN`` times
+    more than the least met captured one (varying micro-batch sizes must not recapture every call); the
+    inference graphs keep the least recently used."""
+    from reallm.model.graphs import REPLACE_MARGIN, TrainGraphs
+
+    tg = TrainGraphs(lambda x, seqs, pos: x * 2, torch.nn.Linear(2, 2), torch.device("cpu"), capture=False,
+                     max_graphs=1)
+    a, b = (0, 100), (0, 300)  # two micro-batch shapes in different buckets
+
+    def meet(bounds, times=1):
+        for _ in range(times):
+            x = torch.randn(bounds[-1], 4)
+            out = tg(x, bounds, 0)  # None: the caller runs its eager forward
+            assert out is None or torch.equal(out, x * 2)
+        return {k[0].tokens for k in tg._entries}
+
+    assert meet(a) == set() and meet(a) == {bucket(100)}  # captured the second time it is met
+    assert meet(b, 2) == {bucket(100)}  # met as often as the captured one: no replacement
+    assert meet(b, REPLACE_MARGIN) == {bucket(100)}
+    assert meet(b) == {bucket(300)}  # now met REPLACE_MARGIN + 1 times more often
+    assert meet(a, 3) == {bucket(300)}
+    with pytest.warns(UserWarning, match="eager from now on: test"):
+        tg._disable("test")
+    assert len(tg) == 0 and meet(b, 3) == set() and tg.disabled_why == "test"

@@ -296,6 +296,8 @@ def test_graphed_train_calls_take_the_graphed_tables_and_hold_the_gradients():
         eager = t_call(call, p, spec, prof, NODE, dataclasses.replace(opts, train_graphs=False)).time_s
         assert c.time_s == pytest.approx(graphed) and graphed != pytest.approx(eager)
         assert eager > graphed and c.host_load_s == pytest.approx(eager - graphed)
+        # its memory as run eager: the graphs' pools exist only where the call is alone (checked at capture)
+        assert c.memory == call_memory(call, p, spec, dataclasses.replace(opts, train_graphs=False))
     # not graphed with pp > 1 or without compiled blocks: the eager estimate
     for q, o in ((Placement((0, 1), pp=2, num_micro_batches=2), ModelOptions(train_graphs=True)),
                  (p, ModelOptions(train_graphs=True, compile_blocks=False))):

@@ -33,7 +33,10 @@ bytes, or with compiled blocks (fused chunks) one chunk in the logits' dtype, d�
                           + d·V'·h (the LM head's weight gradient, before its hook adds it to the fp32
                           buffer) + (4 + 2·d)·T·h (the final norm); a critic: the final norm only
   train graphed         (``shapes.train_graphed``) + d·P: the backward graph hands every parameter's gradient
-                          over at once, as static tensors kept in its pool (eager: one block's at a time)
+                          over at once, as static tensors kept in its pool (eager: one block's at a time).
+                          The search's tables state train calls eager (``tables.cost_candidate``): the pool
+                          exists only where the call has its devices to itself, and ``TrainGraphs``
+                          captures only with d·P + 10 % of the device free
   train activations     = in_flight·L·d·T·h/(tp if sp) + max(layer_activation + layer_backward,
                           head_train)                                                   (checkpointing)
                         = in_flight·L·layer_activation + max(layer_backward, head_train) (without)

@@ -13,7 +13,8 @@ Costs depend on a mesh's size only (aligned meshes of one size have the same nod
 (size, layout, sp, m) is costed once. Pruned: options whose memory alone exceeds the device
 (``CallMemory.standalone_bytes`` > usable memory), then per size the options not on the (time, memory)
 Pareto front (thinned: a slower option must save 20% memory), keeping also the fastest option of each
-of the ``KEEP_LAYOUTS`` fastest layouts. Extra
+of the ``KEEP_LAYOUTS`` fastest layouts — once by the candidate's time alone on its mesh and once with its
+host load added (what it costs where it shares the mesh: a frozen model's reload, a train call run eager). Extra
 placements (the heuristic and symmetric plans) are always added so the search can start from them.
 """
 
@@ -152,7 +153,10 @@ def cost_candidate(call: Call, p: Placement, spec: ModelSpec, profile: Profile, 
         # through the other calls): eager where it shares them, the difference charged the same way.
         eager = t_call(call, p, spec, profile, cluster, dataclasses.replace(opts, train_graphs=False)).time_s
         regraph = max(eager - ct.time_s, 0.0)
-    mem = call_memory(call, p, spec, opts)
+    # Memory as the call runs eager: the graphs' pools (d·P static gradients; ``call_memory`` with
+    # ``train_graphs`` counts them) exist only where the call has its devices to itself, which the search
+    # does not know per candidate; the executor captures only with that much room free (``TrainGraphs``).
+    mem = call_memory(call, p, spec, dataclasses.replace(opts, train_graphs=False))
     if not frozen and call.kind != "train" and opts.offload_train_state:
         # On the training placement itself the call runs on the weights of record while gradients and Adam
         # wait in host memory. The simulators add the whole train state on an identical placement, so the
@@ -163,9 +167,9 @@ def cost_candidate(call: Call, p: Placement, spec: ModelSpec, profile: Profile, 
     return Candidate(p, ct.time_s, mem, load, tuple(sorted(ct.terms.items())))
 
 
-def _pareto(cands: list[Candidate]) -> list[Candidate]:
+def _pareto(cands: list[Candidate], time_of=lambda c: c.time_s) -> list[Candidate]:
     """The (time, memory) front, thinned: a slower option is kept only for ``PARETO_MEMORY_STEP`` less memory."""
-    cands = sorted(cands, key=lambda c: (c.time_s, c.memory.standalone_bytes))
+    cands = sorted(cands, key=lambda c: (time_of(c), c.memory.standalone_bytes))
     out, best_mem = [], math.inf
     for c in cands:
         if c.memory.standalone_bytes < PARETO_MEMORY_STEP * best_mem:
@@ -194,12 +198,15 @@ def enumerate_candidates(call: Call, spec: ModelSpec, profile: Profile, cluster,
         if not prune:
             by_size[n] = opts_n
             continue
-        keep = {id(c): c for c in _pareto(opts_n)}
-        fastest: dict[tuple, Candidate] = {}
-        for c in sorted(opts_n, key=lambda c: c.time_s):
-            fastest.setdefault((c.placement.dp, c.placement.tp, c.placement.pp), c)
-        for c in list(fastest.values())[:KEEP_LAYOUTS]:
-            keep[id(c)] = c
+        keep = {}
+        # The time a candidate costs alone on its mesh, and where it shares it (+ its host load): an option
+        # kept for one case only must not be pruned for the other.
+        for time_of in (lambda c: c.time_s, lambda c: c.time_s + c.host_load_s):
+            keep.update((id(c), c) for c in _pareto(opts_n, time_of))
+            fastest: dict[tuple, Candidate] = {}
+            for c in sorted(opts_n, key=time_of):
+                fastest.setdefault((c.placement.dp, c.placement.tp, c.placement.pp), c)
+            keep.update((id(c), c) for c in list(fastest.values())[:KEEP_LAYOUTS])
         by_size[n] = sorted(keep.values(), key=lambda c: c.time_s)
     out = []
     for mesh in meshes:

@@ -208,13 +208,13 @@ class ModelHandle:
 
     @classmethod
     def build(cls, ctx: CallContext, model_cfg, seed: int, *, trainable: bool, total_steps: int = 1,
-              load_weights: bool = True, inference_graphs: bool = False, train_resident: bool = True) -> ModelHandle:
+              load_weights: bool = True, inference_graphs: bool = False, train_resident: bool = False) -> ModelHandle:
         """``inference_graphs``: a frozen model that stays on its devices between calls replays its inference
         forward from CUDA graphs (``ParallelModel.use_inference_graphs``, where usable); not for a replica
         that lives for one call, nor a model offloaded between calls (each call would capture anew).
-        ``train_resident``: a trained model whose training state stays on its devices between steps; it
-        replays its train micro-batches from CUDA graphs where the config's ``train_cuda_graphs`` asks and
-        ``train_graphs_usable`` allows (a state offloaded between steps would drop them every step)."""
+        ``train_resident``: a trained model whose train call has its devices to itself
+        (``keeps_train_resident``); it replays its train micro-batches from CUDA graphs where the config's
+        ``train_cuda_graphs`` asks and ``train_graphs_usable`` allows."""
         from reallm.model.optim import OptimizerSettings
 
         opt_cfg = model_cfg.optimizer
@@ -224,7 +224,7 @@ class ModelHandle:
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
             pm = cls._build_pm(ctx, model_cfg, seed, optimizer, dtype, total_steps, load_weights,
                                inference_graphs and optimizer is None)
-        if optimizer is not None and train_resident and getattr(model_cfg, "train_cuda_graphs", False):
+        if optimizer is not None and train_resident and getattr(model_cfg, "train_cuda_graphs", True):
             from reallm.parallel.model import train_graphs_usable
 
             if train_graphs_usable(pm):
@@ -366,8 +366,9 @@ class ExperimentRuntime(Runtime):
         """The one trained model of a single-model experiment (SFT, RW): built at its first call from
         ``model_cfg`` and tracked for checkpoints and recovery; ``self.model`` afterwards."""
         if getattr(self, "model", None) is None:
-            self.model = self.track("default", ModelHandle.build(ctx, model_cfg, self.cfg.seed, trainable=True,
-                                                                 total_steps=self.num_steps()))
+            self.model = self.track("default", ModelHandle.build(
+                ctx, model_cfg, self.cfg.seed, trainable=True, total_steps=self.num_steps(),
+                train_resident=self.keeps_train_resident(ctx.call.name)))
         return self.model
 
     def track(self, key: str, handle: ModelHandle) -> ModelHandle:

@@ -85,8 +85,9 @@ class DPORuntime(PairedRuntime):
         role = ctx.call.role
         if role not in self.models:
             if role == "actor":
-                self.models[role] = self.track(role, ModelHandle.build(ctx, self.cfg.actor, self.cfg.seed,
-                                                                       trainable=True, total_steps=self.num_steps()))
+                self.models[role] = self.track(role, ModelHandle.build(
+                    ctx, self.cfg.actor, self.cfg.seed, trainable=True, total_steps=self.num_steps(),
+                    train_resident=self.keeps_train_resident("actor_train")))
             else:  # the reference is never trained, whatever its optimizer says
                 self.models[role] = ModelHandle.build(ctx, self.cfg.ref, self.cfg.seed, trainable=False,
                                                       inference_graphs=self.keeps_frozen_resident(role))

@@ -35,6 +35,7 @@ CPU tests) the same padded static buffers run eagerly, so everything but the cap
 from __future__ import annotations
 
 import collections
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -48,6 +49,11 @@ from reallm.working_set import MIN_SEQLEN_STEP, bucket
 MIN_SEQ_SLOTS = 8
 #: Graphs kept per model (least recently used evicted).
 MAX_GRAPHS = 8
+#: ``TrainGraphs``: how many more times a bucket must have been met than the least met captured one to
+#: replace it when every slot is taken.
+REPLACE_MARGIN = 2
+#: ``TrainGraphs`` captures only with this fraction of the device's memory free beyond the static gradients.
+CAPTURE_HEADROOM = 0.1
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,16 @@ def padded_positions(bounds: Sequence[int]) -> torch.Tensor:
 TrunkFn = Callable[[torch.Tensor, PackedSeqs, torch.Tensor], torch.Tensor]
 
 
+def reset_cuda_generator() -> None:
+    """Give the current device's default CUDA generator a fresh state (same seed): a capture that failed
+    part-way leaves the state it registered marked as capturing, and every later draw then fails ("Offset
+    increment outside graph capture")."""
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    fresh = torch.Generator(device=f"cuda:{torch.cuda.current_device()}")
+    fresh.manual_seed(gen.initial_seed())
+    gen.graphsafe_set_state(fresh.graphsafe_get_state())
+
+
 def _release_cached_blocks(device: torch.device) -> None:
     """Before a capture: hand the caching allocator's free blocks back to the device, so that the graph's
     pool gets its memory without the allocator having to free cached blocks mid-capture — a synchronising
@@ -147,6 +163,13 @@ class _BucketCache:
     def _key_extra(self) -> tuple:
         return ()
 
+    def _admit(self, seen: int) -> bool:
+        """Capture a bucket met for the ``seen``-th time (≥ 2)? Always: the least recently used one goes."""
+        return True
+
+    def _victim(self) -> tuple:
+        return next(iter(self._entries))  # least recently used
+
     def _entry(self, x: torch.Tensor, cu_seqlens_bounds: Sequence[int], params_at: int):
         """(entry, bucket, padded bounds) for this micro-batch, its static buffers filled except ``x``'s; None
         the first time its bucket is met."""
@@ -156,20 +179,20 @@ class _BucketCache:
         bounds = tuple(int(v) for v in cu_seqlens_bounds)
         b = graph_bucket([z - a for a, z in zip(bounds, bounds[1:], strict=False)])
         key = (b, x.dtype, tuple(x.shape[1:]), self._key_extra())
+        seen = self._seen.pop(key, 0) + 1
+        self._seen[key] = seen
+        while len(self._seen) > 8 * self.max_graphs:
+            self._seen.popitem(last=False)
         e = self._entries.get(key)
         if e is None:
-            seen = self._seen.pop(key, 0) + 1
-            self._seen[key] = seen
-            while len(self._seen) > 8 * self.max_graphs:
-                self._seen.popitem(last=False)
-            if seen < 2:
+            if seen < 2 or not self._admit(seen):
                 return None
             kw = dict(device=self.device)
             e = _Entry(torch.zeros((b.tokens, *x.shape[1:]), dtype=x.dtype, **kw),
                        torch.zeros(b.seq_slots + 1, dtype=torch.int32, **kw), torch.zeros(b.tokens, dtype=torch.int64, **kw))
+            while len(self._entries) >= self.max_graphs:
+                self._entries.pop(self._victim())
             self._entries[key] = e
-            while len(self._entries) > self.max_graphs:
-                self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
         pb = padded_bounds(bounds, b)
@@ -265,9 +288,23 @@ class TrainGraphs(_BucketCache):
                  capture: Optional[bool] = None, max_graphs: int = 2):
         super().__init__(fn, device, capture, max_graphs)
         self.model = model
+        #: Set when a capture found no room or failed: the model trains eager from then on (``disabled_why``).
+        self.disabled = False
+        self.disabled_why = ""
 
     def _key_extra(self) -> tuple:
         return (bool(getattr(self.model, "gradient_checkpointing", False)),)  # a graph bakes it in
+
+    def _admit(self, seen: int) -> bool:
+        # A capture costs several eager passes and a pool of d·P + activations: with every slot taken, a
+        # bucket replaces the least often met one only once it has been met ``REPLACE_MARGIN`` times more
+        # (micro-batches of varying sizes must not recapture every call).
+        if self.disabled:
+            return False
+        return len(self._entries) < self.max_graphs or seen > self._seen.get(self._victim(), 0) + REPLACE_MARGIN
+
+    def _victim(self) -> tuple:
+        return min(self._entries, key=lambda k: self._seen.get(k, 0))  # the least often met
 
     def __call__(self, x: torch.Tensor, cu_seqlens_bounds: Sequence[int], params_at: int) -> Optional[torch.Tensor]:
         """Rows [:T] of ``fn`` on ``x`` with gradients to the parameters (and to ``x`` when it requires them),
@@ -285,10 +322,28 @@ class TrainGraphs(_BucketCache):
             return self.fn(xp, seqs, e.pos)[:T]
         if e.callable is None:
             _release_cached_blocks(self.device)
+            static_grads = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            free, total = torch.cuda.mem_get_info(self.device)
+            if free < static_grads + CAPTURE_HEADROOM * total:
+                self._disable(f"{free / 2**30:.1f} GiB free < {static_grads / 2**30:.1f} GiB of static gradients "
+                              f"+ {CAPTURE_HEADROOM:.0%} headroom")
+                return None
             sample = e.x.detach().clone().requires_grad_(x.requires_grad)
-            e.callable = torch.cuda.make_graphed_callables(_Trunk(self.fn, self.model, seqs, e.pos), (sample,),
-                                                           allow_unused_input=True)
+            try:
+                e.callable = torch.cuda.make_graphed_callables(_Trunk(self.fn, self.model, seqs, e.pos), (sample,),
+                                                               allow_unused_input=True)
+            except torch.OutOfMemoryError as err:  # the graphs are an optimisation: train eager instead
+                reset_cuda_generator()
+                self._disable(f"capture ran out of memory ({str(err).splitlines()[0]})")
+                return None
             self.captures += 1
         else:
             self.replays += 1
         return e.callable(xp)[:T]
+
+    def _disable(self, why: str) -> None:
+        self.clear()
+        self.disabled, self.disabled_why = True, why
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        warnings.warn(f"train micro-batches run eager from now on: {why}", stacklevel=3)
