@@ -26,7 +26,11 @@ A bucket is captured the second time it is met (the first runs eager: a shape se
 warm-up and a capture, about two eager passes of host time, for nothing); least recently used buckets are
 evicted beyond ``max_graphs``. ``InferenceGraphs`` captures into one memory pool per model: a graph's
 intermediates live only while it runs, so the pool holds one forward's working set plus every graph's
-static input and output. ``TrainGraphs`` (class docstring) keeps a forward/backward pair per bucket. The
+static input and output. ``TrainGraphs`` (class docstring) keeps a forward/backward pair per bucket, for at
+most two buckets: a bucket replaces the least often met one only once it has been met ``REPLACE_MARGIN``
+times more (no recapture churn when micro-batch sizes vary), a capture needs d·P + 10 % of the device
+free (``CAPTURE_HEADROOM``), and a capture that runs out of memory turns the graphs off for good (eager,
+with a warning). The
 graphs read the parameters where they lie at capture: the owner drops them (``clear``) when parameters
 move (offload), and every call checks the parameter storage's address. Off CUDA (``capture=False``, the
 CPU tests) the same padded static buffers run eagerly, so everything but the capture is exercised.
@@ -278,7 +282,8 @@ class TrainGraphs(_BucketCache):
     those of the real rows. The backward graph hands every parameter's gradient to autograd at once, as a
     static tensor that the parameters' accumulation hooks (``FlatAdamW.grad_accumulator``) then add into
     the flat fp32 buffer: each graph pair keeps d·P bytes of static gradients plus one micro-batch's saved
-    activations in its own pool while it exists (hence at most ``max_graphs`` = 2). Measured on an H100 (1.1B, 2026-11-24, ``.gpu/diag7.py``): forward +
+    activations in its own pool while it exists (hence at most ``max_graphs`` = 2, replaced by how often a
+    bucket is met rather than how recently: ``_admit``). Measured on an H100 (1.1B, 2026-11-24, ``.gpu/diag7.py``): forward +
     backward of 3072 tokens 132 → 52 ms checkpointed, 74 → 40 ms not; 8192 tokens 145 → 126 and 102 → 95 ms.
     Used by a trained model whose state stays on its devices between steps (model config
     ``train_cuda_graphs``, default on; ``ParallelModel.use_train_graphs``); the planner prices its memory
