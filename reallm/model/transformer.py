@@ -144,6 +144,8 @@ class _Ctx:
     compiled: bool = False
     #: Decode only: each block as 5 kernels (``_fused_decode_block``; ``Transformer.fused_decode_usable``).
     fused_decode: bool = False
+    #: Compiled decode: the previous block's MLP output, not yet added to the residual stream.
+    pending: Optional[torch.Tensor] = None
 
 
 class Attention(nn.Module):
@@ -161,27 +163,32 @@ class Attention(nn.Module):
         self.backend = backend
 
     def project(self, x_TH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                w_qkv: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (rotated) and v: ``[T, heads, D]`` each (local head counts under tp). ``w_qkv``: the three
-        weights as one matrix (``adjacent_rows``), for one matrix product instead of three."""
+                w_qkv: Optional[torch.Tensor] = None,
+                rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated unless ``rotate`` is false: the decode kernel rotates them) and v: ``[T, heads, D]``
+        each (local head counts under tp). ``w_qkv``: the three weights as one matrix (``adjacent_rows``), for
+        one matrix product instead of three."""
         T, D = x_TH.shape[0], self.head_dim
         if w_qkv is not None:
             nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
             q, k, v = F.linear(x_TH, w_qkv).split((nq, nk, nk), dim=-1)
         else:
             q, k, v = self.q_proj(x_TH), self.k_proj(x_TH), self.v_proj(x_TH)
-        q = apply_rope(q.reshape(T, -1, D), cos, sin)
-        k = apply_rope(k.reshape(T, -1, D), cos, sin)
+        q, k = q.reshape(T, -1, D), k.reshape(T, -1, D)
+        if rotate:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v.reshape(T, -1, D)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _Ctx, layer: int) -> torch.Tensor:
-        """Store k/v in the cache when there is one, then attention: ``[T, heads, D]``."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _Ctx, layer: int,
+               rotate: bool = False) -> torch.Tensor:
+        """Store k/v in the cache when there is one, then attention: ``[T, heads, D]``. ``rotate`` (decode kernel
+        only): q and k come unrotated and the kernel applies rope."""
         if ctx.decode:
             assert ctx.kv_cache is not None
             cache_k, cache_v = ctx.kv_cache.k[layer], ctx.kv_cache.v[layer]
             if ctx.decode_kernel:
                 return decode_attention_append(q, k, v, cache_k, cache_v, ctx.cache_cols, self.scale,
-                                               self.sliding_window)
+                                               self.sliding_window, rope=(ctx.cos, ctx.sin) if rotate else None)
             ctx.kv_cache.write(layer, k, v, ctx.cache_rows, ctx.cache_cols)
             return decode_attention(q, cache_k, cache_v, ctx.valid[self.sliding_window], self.scale)
         if ctx.kv_cache is not None:
@@ -256,6 +263,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x_TH: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         if ctx.fused_decode:
             return _fused_decode_block(self, x_TH, ctx)
+        if ctx.compiled and ctx.decode and ctx.decode_kernel:
+            return self._compiled_decode(x_TH, ctx)
         if ctx.compiled:
             # Same arithmetic in three regions: two compiled (norms, projections, rope, residuals, SwiGLU
             # fused by Inductor) around the eager attention kernel. Only without tp hooks (tp = 1).
@@ -265,10 +274,36 @@ class DecoderLayer(nn.Module):
         h = x_TH + self.self_attn(self.input_layernorm(x_TH), ctx, self.index)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def _compiled_decode(self, x_TH: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        """A decode step of the block as two compiled regions around the decode kernel, which applies rope.
+        Each residual add is fused into the RMSNorm kernel that follows it, the MLP's into the next block's
+        region (``ctx.pending``, added by ``Transformer._blocks`` after the last block): an add of a product
+        is otherwise compiled into cuBLAS's accumulate-into-C product, whose C is a copy of the residual —
+        a device copy and a slower product per add. Arithmetic of the eager block (each add rounded once)."""
+        h, q, k, v = _compiled(_decode_pre_attention)(self, x_TH, ctx.pending, ctx.cos, ctx.sin,
+                                                      self.self_attn.fused_qkv())
+        o = self.self_attn.attend(q, k, v, ctx, self.index, rotate=True)
+        h, ctx.pending = _compiled(_decode_post_attention)(self, h, o, self.mlp.fused_gate_up())
+        return h
+
 
 def _pre_attention(layer: DecoderLayer, x_TH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    w_qkv: Optional[torch.Tensor]):
     return layer.self_attn.project(layer.input_layernorm(x_TH), cos, sin, w_qkv)
+
+
+def _decode_pre_attention(layer: DecoderLayer, x_TH: torch.Tensor, pending: Optional[torch.Tensor],
+                          cos: torch.Tensor, sin: torch.Tensor, w_qkv: Optional[torch.Tensor]):
+    h = x_TH if pending is None else x_TH + pending
+    return (h, *layer.self_attn.project(layer.input_layernorm(h), cos, sin, w_qkv, rotate=False))
+
+
+def _decode_post_attention(layer: DecoderLayer, h: torch.Tensor, o_TnD: torch.Tensor,
+                           w_gate_up: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    a = layer.self_attn.o_proj(o_TnD.reshape(h.shape[0], -1))
+    # (in fp32 and rounded: the same value as h + a, but not the pattern Inductor turns into addmm)
+    h = (h.float() + a.float()).to(h.dtype)
+    return h, layer.mlp(layer.post_attention_layernorm(h), w_gate_up)
 
 
 def _post_attention(layer: DecoderLayer, x_TH: torch.Tensor, o_TnD: torch.Tensor,
@@ -455,6 +490,8 @@ class Transformer(nn.Module):
                 h = checkpointed(layer, h, ctx)
             else:
                 h = layer(h, ctx)
+        if ctx.pending is not None:  # the last block's MLP output (``DecoderLayer._compiled_decode``)
+            h, ctx.pending = h + ctx.pending, None
         return h
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
