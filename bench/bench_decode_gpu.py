@@ -2,7 +2,9 @@
 
     python bench/bench_decode_gpu.py [--variants ...] [--batch 64 --prompt 128 --new 256] [--out r.json]
 
-Batch 64, prompt 128, 256 new tokens, greedy, no early stop. A decode step's memory floor is the bytes
+Batch 64, prompt 128, 256 new tokens, greedy, no early stop. Steady state (executor variants): (generation of
+``new`` − generation of ``new``/2 tokens) / (``new``/2), which leaves out the per-call costs (prefill,
+capture), against the floor of those later steps. A decode step's memory floor is the bytes
 it must read — every weight but the embedding table (it reads 64 rows of it) plus the keys and values
 cached so far — over the measured device-copy bandwidth (read + write bytes of a large
 ``copy_``, measured here). The floor of the run is the mean over its steps; the step time is
@@ -13,6 +15,8 @@ Variants (all capture the decode step in a CUDA graph):
   kernel          the Triton append-and-attend kernel (``reallm.kernels.decode_attention``), eager blocks
   kernel-compiled the kernel, blocks as torch.compile'd regions (``Transformer.compile``)
   executor        ``ParallelModel.generate`` (the executor's ring, one rank) with compiled blocks
+  executor-kept   the same with the KV cache and captured decode step kept between calls
+                  (``ParallelModel.keep_decode_graphs``: a generation call with its devices to itself)
   executor-fused  the same with each block of a decode step as 5 fused Triton kernels
                   (``Transformer.use_fused_decode``; slower than ``executor`` so far, BENCHMARKS.md)
   hf              ``transformers`` ``generate`` (static cache off: defaults), for reference
@@ -51,14 +55,14 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / statistics.median(ts)
 
 
-def floor_s(spec, batch: int, prompt: int, new: int, bw: float) -> float:
+def floor_s(spec, batch: int, prompt: int, new: int, bw: float, first: int = 1) -> float:
     weights = 0
     h, V = spec.hidden_size, spec.vocab_size
     per_layer = (h * spec.num_heads * spec.head_dim * 2 + 2 * h * spec.num_kv_heads * spec.head_dim
                  + 3 * h * spec.intermediate_size + 2 * h)
     weights = 2 * (spec.num_layers * per_layer + h * V + h)
     kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
-    steps = range(1, new)  # decode steps read a cache of prompt + t tokens, t = 1 .. new - 1
+    steps = range(first, new)  # decode steps read a cache of prompt + t tokens, t = first .. new - 1
     return statistics.mean((weights + batch * (prompt + t) * kv_per_token) / bw for t in steps)
 
 
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
     spec = SPEC_1B
     bw = copy_bandwidth()
     floor = floor_s(spec, args.batch, args.prompt, args.new, bw)
+    floor_late = floor_s(spec, args.batch, args.prompt, args.new, bw, first=args.new // 2)  # steady-state steps
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, spec.vocab_size, (args.batch, args.prompt), generator=g).tolist()
     cfg_full = GenerationConfig(max_new_tokens=args.new, greedy=True)
@@ -107,7 +112,9 @@ def main(argv=None) -> int:
                 os.environ["REALLM_INFERENCE_AUTOTUNE"] = "1" if v == "executor-autotune" else "0"
                 run = executor_runner(spec, prompts, args)
                 run_one = executor_runner(spec, prompts, args, new=1)
+                run_half = executor_runner(spec, prompts, args, new=args.new // 2)
                 _PM.model.use_fused_decode = v == "executor-fused"
+                _PM.keep_decode_graphs(v == "executor-kept")
             else:
                 model.use_decode_kernel = v.startswith("kernel")
                 model.compile(v.endswith("compiled"))
@@ -123,6 +130,10 @@ def main(argv=None) -> int:
                 toks = out.tokens_BN if out is not None else None
                 total = time_generate(run, args.reps)
                 prefill = time_generate(run_one, args.reps)
+                steady = None
+                if v.startswith("executor"):
+                    run_half()  # (kept variant: its own cache capacity, captured once here)
+                    steady = (total - time_generate(run_half, args.reps)) / (args.new - args.new // 2)
             step = (total - prefill) / (args.new - 1)
             if args.profile:
                 print(replay_breakdown(_PM.model if v.startswith("executor") else model, prompts, args), flush=True)
@@ -130,17 +141,20 @@ def main(argv=None) -> int:
                 agree = None if ref_tokens is None else float((toks == ref_tokens).float().mean())
                 ref_tokens = toks if ref_tokens is None else ref_tokens
                 print(f"  {v}: token agreement with the first variant {agree}", flush=True)
-        rows.append({"variant": v, "step_s": step, "x_floor": step / floor})
-        print(f"{v}: decode step {step * 1e3:.3f} ms = {step / floor:.2f}x the floor", flush=True)
-    print(f"\n| variant | decode step ms | x memory floor |  ({torch.cuda.get_device_name()}, torch {torch.__version__},"
+        rows.append({"variant": v, "step_s": step, "x_floor": step / floor, "steady_s": steady})
+        ss = f"; steady state {steady * 1e3:.3f} ms = {steady / floor_late:.2f}x its floor" if steady else ""
+        print(f"{v}: decode step {step * 1e3:.3f} ms = {step / floor:.2f}x the floor{ss}", flush=True)
+    print(f"\n| variant | decode step ms | x memory floor | steady-state step ms | x floor |  ({torch.cuda.get_device_name()}, torch {torch.__version__},"
           f" batch {args.batch}, prompt {args.prompt}, {args.new} new; copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"floor {floor * 1e3:.3f} ms)")
-    print("|---|---|---|")
+          f"floor {floor * 1e3:.3f} ms, of the steady-state steps {floor_late * 1e3:.3f} ms)")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['step_s'] * 1e3:.3f} | {r['x_floor']:.2f} |")
+        st = f"{r['steady_s'] * 1e3:.3f} | {r['steady_s'] / floor_late:.2f}" if r["steady_s"] else "– | –"
+        print(f"| {r['variant']} | {r['step_s'] * 1e3:.3f} | {r['x_floor']:.2f} | {st} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "bandwidth": bw, "floor_s": floor, "rows": rows}, f,
+            json.dump({"device": torch.cuda.get_device_name(), "bandwidth": bw, "floor_s": floor,
+                       "floor_late_s": floor_late, "rows": rows}, f,
                       indent=1)
     return 0
 

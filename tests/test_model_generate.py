@@ -261,3 +261,44 @@ def test_sampling_in_row_chunks_equals_one_pass(monkeypatch, greedy):
     for a, b in zip(one, chunked):
         assert torch.equal(a, b)
     assert one[2][:, 3].all() and one[2][:, 48:].all()  # EOS banned (t < min_new_tokens), tp padding removed
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kept_caches_and_decode_steps_generate_as_fresh_ones(device):
+    """``ParallelModel.keep_decode_graphs``: a second call reuses the first call's KV cache (and on CUDA its
+    captured decode step) and generates exactly what a fresh call does, although the cache still holds the
+    first call's keys; an entry whose weights moved is dropped."""
+    from executor.comm import Group
+    from reallm.parallel import ParallelModel
+    from reallm.parallel.groups import ParallelGroups
+    from reallm.placement import Placement
+    from reallm.spec import ModelSpec
+
+    spec = ModelSpec(family="llama", num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4,
+                     num_kv_heads=2, head_dim=16, vocab_size=101, source="tiny")
+    groups = ParallelGroups.build(Placement((0,)), 0, lambda ranks: Group(tuple(ranks), None))
+    pm = ParallelModel.build(None, groups, spec=spec, dtype=torch.float32, device=device, init_seed=3)
+    g = torch.Generator().manual_seed(5)
+    calls = [[torch.randint(3, 101, (n,), generator=g).tolist() for n in lengths]
+             for lengths in ((5, 9, 2), (11, 3, 7), (4, 4, 4))]
+    cfg = GenerationConfig(max_new_tokens=7, temperature=0.9, top_k=30)
+
+    def run(step):
+        out = pm.generate(calls[step], cfg, eos_token_id=None, pad_token_id=PAD, seed=2, step=step)
+        return out.sequences(), out.logprobs_BN
+
+    fresh = [run(k) for k in range(3)]
+    pm.keep_decode_graphs()
+    kept = [run(0)]
+    (entry,) = pm.decode_pool.entries
+    kept += [run(1), run(2)]
+    (again,) = pm.decode_pool.entries
+    assert again[2] is entry[2] and again[3] is entry[3]  # the same cache and decode runner, reused
+    for (seq_f, lp_f), (seq_k, lp_k) in zip(fresh, kept):
+        assert seq_k == seq_f
+        torch.testing.assert_close(lp_k, lp_f, atol=1e-5, rtol=0)
+    assert pm.decode_pool.take(entry[0], entry[1] + 16) is None  # weights elsewhere: dropped
+    assert pm.decode_pool.entries == []

@@ -194,6 +194,12 @@ class MetricsWriter:
         self.progress.update(step, rec)
 
 
+def has_devices_to_itself(plan, rank: int, call_name: str) -> bool:
+    """Does call ``call_name`` alone use ``rank``'s devices in ``plan``? Then what it keeps on them between
+    steps (train graphs, a generation's KV caches and captured decode steps) stands in nobody's way."""
+    return not any(c.name != call_name and rank in plan.placements[c.name].devices for c in plan.calls)
+
+
 class ModelHandle:
     """One model role materialised in one call's placement on this rank (``reallm.parallel.ParallelModel``).
 
@@ -418,8 +424,10 @@ class ExperimentRuntime(Runtime):
         memory between steps (which drops the graphs), and the graphs' pools — static gradients and one
         micro-batch's activations — would stay reserved through the other calls. The planner's rule is the
         same (``tables.cost_candidate``: the eager time wherever the call shares its devices)."""
-        return not any(c.name != call_name and self.rank in self.plan.placements[c.name].devices
-                       for c in self.plan.calls)
+        return self.has_devices_to_itself(call_name)
+
+    def has_devices_to_itself(self, call_name: str) -> bool:
+        return has_devices_to_itself(self.plan, self.rank, call_name)
 
     def shares_devices(self, role: str) -> bool:
         """Does this rank also serve a call of another model? (Then frozen models wait in host memory.)"""

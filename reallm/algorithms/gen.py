@@ -15,7 +15,7 @@ import torch
 
 from executor.data import SeqBatch
 from executor.runtime import CallContext, Runtime
-from reallm.algorithms.base import ModelHandle, trial_dir_of
+from reallm.algorithms.base import ModelHandle, has_devices_to_itself, trial_dir_of
 from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_prompts
 from reallm.config.parse import config_from_dict
 from reallm.datasets import read_records
@@ -50,6 +50,8 @@ class GenRuntime(Runtime):
     def _model(self, ctx: CallContext) -> ModelHandle:
         if self.model is None:
             self.model = ModelHandle.build(ctx, self.cfg.model, self.cfg.seed, trainable=False)
+            if has_devices_to_itself(self.plan, self.rank, ctx.call.name):  # keep caches and captured decode steps
+                self.model.pm.keep_decode_graphs()
         return self.model
 
     @torch.no_grad()

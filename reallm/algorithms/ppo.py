@@ -194,6 +194,8 @@ class PPORuntime(ExperimentRuntime):
         if not len(batch):
             return _empty(keys, self.plan.models["actor"].vocab_size), {"num_seqs": 0}
         model = self._model(ctx)
+        if model.pm.decode_pool is None and self.has_devices_to_itself(ctx.call.name):
+            model.pm.keep_decode_graphs()  # no other call here: keep the caches and captured steps
         eos, pad = special_token_ids(self.tok)
         prompts = [batch.seq("packed_prompts", i).tolist() for i in range(len(batch))]
         gcfg = dataclasses.replace(GenerationConfig.from_config(self.hp), return_logits_mask=with_mask,

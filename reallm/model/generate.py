@@ -275,9 +275,10 @@ class DecodeRunner:
         if self.graph is None:
             self.static_tokens = tokens_B.clone()
             self.static_positions = positions_B.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=stream):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
                 self.static_out = self.model.decode(self.static_tokens, self.static_positions, self.cache)
+            self.graph = graph  # only a completed capture is replayed
         self.static_tokens.copy_(tokens_B)
         self.static_positions.copy_(positions_B)
         self.graph.replay()

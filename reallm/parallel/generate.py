@@ -176,16 +176,70 @@ def split_prompts(num_prompts: int, num_mbs: int) -> list[range]:
     return out
 
 
+class DecodePool:
+    """KV caches and their captured decode steps kept from one ``generate`` call to the next.
+
+    Capturing a decode step (an eager warm-up step, the capture, the graph's instantiation) costs tens of
+    milliseconds of host time per call, during which the GPU waits. A model whose generation call has its
+    devices to itself (``ParallelModel.keep_decode_graphs``) keeps them instead: a later call with the same
+    micro-batch size and a cache of the same capacity (rounded up to ``CAPACITY_STEP`` tokens) replays at
+    once. Safe because a decode step reads only cache rows written earlier in the same call (positions
+    below its own) and the graph reads the weights where they were at capture: an entry whose parameter
+    buffer has moved since (offload, reload) is dropped, and ``clear`` frees everything."""
+
+    CAPACITY_STEP = 128
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self.entries: list[tuple[tuple, int, object, DecodeRunner]] = []
+
+    def capacity(self, tokens: int) -> int:
+        return -(-tokens // self.CAPACITY_STEP) * self.CAPACITY_STEP
+
+    def take(self, key: tuple, weights_at: int):
+        """A kept (cache, runner) for ``key`` whose weights are still at ``weights_at``, or None."""
+        self.entries = [e for e in self.entries if e[1] == weights_at]
+        for i, e in enumerate(self.entries):
+            if e[0] == key:
+                del self.entries[i]
+                return e[2], e[3]
+        return None
+
+    def give(self, key: tuple, weights_at: int, cache, runner: DecodeRunner) -> None:
+        self.entries.append((key, weights_at, cache, runner))
+        del self.entries[:-self.max_entries]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class _MicroBatch:
     """Per micro-batch state on one stage."""
 
-    def __init__(self, prompts, seq_ids, model, max_new_tokens: int, device):
+    def __init__(self, prompts, seq_ids, model, max_new_tokens: int, device, pool: Optional[DecodePool] = None,
+                 weights_at: int = 0):
         self.prompts = [list(p) for p in prompts]
         self.seq_ids = list(seq_ids)
         self.B = len(prompts)
         self.lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
         self.tokens, self.cu = pack_sequences(self.prompts, device=device)
-        self.cache = model.new_kv_cache(self.B, max(len(p) for p in prompts) + max_new_tokens)
+        capacity = max(len(p) for p in prompts) + max_new_tokens
+        self.pool, self.weights_at = pool, weights_at
+        self.pool_key = None
+        if pool is not None:
+            capacity = pool.capacity(capacity)
+            self.pool_key = (self.B, capacity, str(device))
+            kept = pool.take(self.pool_key, weights_at)
+            if kept is not None:
+                self.cache, self.decode = kept
+                self._init_state(device)
+                return
+        self.cache = model.new_kv_cache(self.B, capacity)
+        # One tp rank on a GPU: decode steps replay a captured CUDA graph (collectives stay uncaptured).
+        self.decode = DecodeRunner(model, self.cache, device.type == "cuda" and not _has_tp_hooks(model))
+        self._init_state(device)
+
+    def _init_state(self, device) -> None:
         self.alive = True  # this stage still has slots of it
         self.finished = torch.zeros(self.B, dtype=torch.bool, device=device)
         self.next_tokens: Optional[torch.Tensor] = None  # pp = 1: the tokens to feed at the next slot
@@ -193,8 +247,13 @@ class _MicroBatch:
         self.out_lp: list[torch.Tensor] = []
         self.out_mask: list[torch.Tensor] = []
         self.u_BN: Optional[torch.Tensor] = None
-        # One tp rank on a GPU: decode steps replay a captured CUDA graph (collectives stay uncaptured).
-        self.decode = DecodeRunner(model, self.cache, device.type == "cuda" and not _has_tp_hooks(model))
+
+    def release(self, completed: bool) -> None:
+        """The call is over: keep the cache and captured step in the pool (if any, and the call completed),
+        else let them go."""
+        if completed and self.pool is not None and self.cache is not None:
+            self.pool.give(self.pool_key, self.weights_at, self.cache, self.decode)
+        self.cache = self.decode = None
 
 
 def _has_tp_hooks(model) -> bool:
@@ -219,7 +278,8 @@ def pipelined_generate(pm, prompts: Sequence[Sequence[int]], cfg: GenerationConf
     eos_t = torch.tensor(eos, dtype=torch.int64, device=dev)
     parts = split_prompts(B, num_micro_batches)
     G = len(parts)
-    mbs = [_MicroBatch([prompts[i] for i in r], [seq_ids[i] for i in r], model, N, dev) for r in parts]
+    pool, at = pm.decode_pool, pm.flat.data_ptr()
+    mbs = [_MicroBatch([prompts[i] for i in r], [seq_ids[i] for i in r], model, N, dev, pool, at) for r in parts]
     if last and not cfg.greedy:
         for m in mbs:
             m.u_BN = torch.from_numpy(keyed_uniforms(seed, step, m.seq_ids, N)).to(dev)
@@ -291,12 +351,14 @@ def _run_ring(pm, mbs, cfg, eos, eos_t, pad_token_id, P, s, G, N, dev, h) -> Non
 
     prog.forward = fwd
     ops = ring_ops(s, P, G, has_slot=lambda t, g: mbs[g].alive, was_done_pass=lambda t, g: (t, g) in done_pass_at)
+    completed = False
     try:
         run_schedule(ops, prog)
+        completed = True
     finally:
         prog.forward = None  # break prog -> fwd -> prog: the caches and graphs go with the call, not at the next gc
         for m in mbs:
-            m.cache = m.decode = None
+            m.release(completed)
 
 
 def _sample(m: _MicroBatch, logits_BV: torch.Tensor, cfg: GenerationConfig, i: int, eos, eos_t, pad_token_id: int,

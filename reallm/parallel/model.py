@@ -102,6 +102,8 @@ class ParallelModel:
         self.graphs: Optional[InferenceGraphs] = None
         #: CUDA-graphed train micro-batches (``use_train_graphs``); None: eager.
         self.train_graphs: Optional[TrainGraphs] = None
+        #: KV caches and captured decode steps kept between ``generate`` calls (``keep_decode_graphs``).
+        self.decode_pool = None
         self._hooks: list = []
         #: part ("params" / "state") -> name -> (device tensor, host copy), while offloaded.
         self._offloaded: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -168,6 +170,14 @@ class ParallelModel:
                                        offload=offload_optimizer, bucket_numel=bucket_numel)
             self._register_grad_hooks()
         return self
+
+    def keep_decode_graphs(self, keep: bool = True) -> None:
+        """Keep KV caches and captured decode steps from one ``generate`` call to the next
+        (``reallm.parallel.generate.DecodePool``): for a generation replica whose devices serve no other call
+        (the memory stays reserved between calls)."""
+        from reallm.parallel.generate import DecodePool
+
+        self.decode_pool = DecodePool() if keep else None
 
     def use_inference_graphs(self, capture: Optional[bool] = None) -> None:
         """Run inference micro-batches' embedding and blocks as replayed CUDA graphs, one per token bucket
@@ -542,6 +552,8 @@ class ParallelModel:
         if not state_only and self.graphs is not None:
             self.graphs.clear()
             self.graphs = None
+        if not state_only and self.decode_pool is not None:
+            self.decode_pool.clear()
         if self.train_graphs is not None:
             self.train_graphs.clear()
         for part, tensors in self._offload_parts().items():
