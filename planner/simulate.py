@@ -13,8 +13,9 @@ i = 0..K−1, for each call c in the global topological order (``tables.call_nam
      pair-table time on mesh(r) ∪ mesh(c), after r ends (step i if r precedes c in the order, else
      step i−1); it includes the train state's offload to host and back when the meshes overlap;
   3. the call: its candidate's time (+ its host load when its mesh is shared with another call: a frozen
-     model's weights come back from host memory; a train call runs eager instead of from CUDA graphs), after its in-step predecessors (data and parameter edges), its cross-step predecessors
-     (step i−1) and its transfers/reallocation.
+     model's weights come back from host memory; a train call runs eager instead of from CUDA graphs; a
+     generation call captures its decode step anew), after its in-step predecessors (data and parameter
+     edges), its cross-step predecessors (step i−1) and its transfers/reallocation.
 
   A task starts when its dependencies are done and all its devices are free (list scheduling in the
   fixed order: calls on disjoint meshes overlap, shared meshes serialise); a zero-time task is skipped.

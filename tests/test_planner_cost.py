@@ -303,3 +303,28 @@ def test_graphed_train_calls_take_the_graphed_tables_and_hold_the_gradients():
                  (p, ModelOptions(train_graphs=True, compile_blocks=False))):
         plain = dataclasses.replace(o, train_graphs=False)
         assert t_call(call, q, spec, prof, NODE, o).time_s == pytest.approx(t_call(call, q, spec, prof, NODE, plain).time_s)
+
+
+def test_generation_candidate_charges_its_capture_only_where_it_shares_its_devices():
+    """A generation call captures its decode step once per run where it has its devices to itself (the
+    executor keeps caches and graphs: ``DecodePool``), at every call where it shares them: the candidate's
+    time leaves the capture out and its host load (added by the simulators on shared devices) carries it."""
+    from planner.cost_model.analytic_profile import AnalyticRates, analytic_profile_dict
+    from planner.cost_model.profile import profile_from_dict
+    from planner.cost_model.tables import cost_candidate
+    from reallm.dataflow import Call
+    from reallm.spec import ModelSpec
+
+    spec = ModelSpec("llama", 4, 64, 128, 4, 2, 16, 256, source="tiny")
+    prof = profile_from_dict(analytic_profile_dict(AnalyticRates.h100(), [spec], device="test"))
+    opts = ModelOptions()
+    for new, tp in ((32, 1), (32, 2), (2, 1)):
+        call = Call("actor_gen", "actor", "generate", ("prompts",), ("ids",), 8, 96, max_new_tokens=new)
+        p = Placement(tuple(range(tp)), tp=tp)
+        ct = t_call(call, p, spec, prof, NODE, opts)
+        cand = cost_candidate(call, p, spec, prof, NODE, opts, frozen=False)
+        capture = ct.terms["capture_s"]
+        assert (capture > 0) == (new >= 3)  # (DecodeRunner: step 1 eager, step 2 captured)
+        assert cand.time_s == pytest.approx(ct.time_s - capture)
+        assert cand.host_load_s == pytest.approx(capture)
+        assert dict(cand.terms)["capture_s"] == 0.0

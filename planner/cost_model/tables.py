@@ -153,6 +153,12 @@ def cost_candidate(call: Call, p: Placement, spec: ModelSpec, profile: Profile, 
         # through the other calls): eager where it shares them, the difference charged the same way.
         eager = t_call(call, p, spec, profile, cluster, dataclasses.replace(opts, train_graphs=False)).time_s
         regraph = max(eager - ct.time_s, 0.0)
+    elif call.kind == "generate" and ct.terms.get("capture_s", 0.0) > 0:
+        # A generation call with its devices to itself keeps its KV caches and captured decode steps between
+        # calls (``DecodePool``): it captures once per run. One that shares them captures at every call:
+        # charged the same way.
+        regraph = ct.terms["capture_s"]
+        ct = dataclasses.replace(ct, time_s=ct.time_s - regraph, terms={**ct.terms, "capture_s": 0.0})
     # Memory as the call runs eager: the graphs' pools (d·P static gradients; ``call_memory`` with
     # ``train_graphs`` counts them) exist only where the call has its devices to itself, which the search
     # does not know per candidate; the executor captures only with that much room free (``TrainGraphs``).
