@@ -114,7 +114,7 @@ from planner.cost_model.profile import (
 )
 from reallm import working_set
 from reallm.errors import UserError
-from reallm.model.generate import GenerationConfig
+from reallm.model.generate import DecodeRunner, GenerationConfig
 from reallm.model.transformer import checkpointed
 from reallm.placement import Placement
 from reallm.spec import ModelSpec
@@ -327,19 +327,19 @@ class Timer:
         return self._single_s(fn)
 
 
-def graphed(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+def graphed(fn: Callable[[], Any], blas: Optional[str] = None) -> tuple[Callable[[], None], Any]:
     """``fn`` captured in a CUDA graph: (replay, its static output). Warmed up and captured on generation's
     capture stream, as ``reallm.model.generate.DecodeRunner`` does (lazy library init and Triton JIT must not
-    be captured)."""
-    from reallm.model.generate import _capture_stream
+    be captured); ``blas``: the BLAS library its products come from (``DecodeRunner.BLAS`` for decode)."""
+    from reallm.model.generate import _blas, _capture_stream
 
     stream = _capture_stream(torch.device("cuda", torch.cuda.current_device()))
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), _blas(blas):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with _blas(blas), torch.cuda.graph(graph, stream=stream):
         out = fn()
     return graph.replay, out
 
@@ -729,7 +729,7 @@ class LayerBench:
 
             def capture(k=k, box=box):
                 with torch.no_grad():
-                    box["replay"], box["out"] = graphed(lambda: [fn() for _ in range(k)])
+                    box["replay"], box["out"] = graphed(lambda: [fn() for _ in range(k)], DecodeRunner.BLAS)
 
             wall = self.timer.wall_s(capture)
             dev, host = self.timer.device_host_s(box["replay"])
@@ -928,7 +928,6 @@ class LayerBench:
 
     def decode_step(self, pm) -> dict:
         """The ``decode_step`` tables: a step outside its layers, and the draw of the next token."""
-        from reallm.model.generate import DecodeRunner
         from reallm.parallel.generate import ring_ops
 
         g, model, V = self.s.grids, pm.model, pm.spec.vocab_size
