@@ -177,6 +177,13 @@ def test_train_graphs_only_where_the_train_call_has_its_devices_to_itself():
     assert not resident("actor_train", 0)  # actor_gen on the same devices
     assert resident("critic_train", 2)  # alone on device 2
     assert not resident("critic_train", 3)  # the reward model shares device 3
+    # the same rule keeps a generation's caches and captured decode steps (``keep_decode_graphs``)
+    from reallm.algorithms.base import has_devices_to_itself
+
+    assert not has_devices_to_itself(plan, 0, "actor_gen")
+    where["actor_gen"] = (4,)
+    plan = NS(calls=calls, placements={k: NS(devices=v) for k, v in where.items()})
+    assert has_devices_to_itself(plan, 4, "actor_gen") and resident("actor_train", 0)  # both alone now
 
 
 def test_train_graphs_replace_a_bucket_only_when_another_is_met_more_often():

@@ -424,7 +424,7 @@ class ExperimentRuntime(Runtime):
         memory between steps (which drops the graphs), and the graphs' pools — static gradients and one
         micro-batch's activations — would stay reserved through the other calls. The planner's rule is the
         same (``tables.cost_candidate``: the eager time wherever the call shares its devices)."""
-        return self.has_devices_to_itself(call_name)
+        return has_devices_to_itself(self.plan, self.rank, call_name)
 
     def has_devices_to_itself(self, call_name: str) -> bool:
         return has_devices_to_itself(self.plan, self.rank, call_name)
