@@ -227,3 +227,26 @@ def test_world_size_one_equals_the_plain_model(tiny_assets):
     # No checkpoint: shapes from the spec, weights drawn locally.
     spec_only = ParallelModel.build(None, _single(Placement((0,))), spec=pm.spec, init_seed=3)
     assert spec_only.forward(mbs[:1])[0].logits.isfinite().all() and spec_only.flat_parameters().any()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1024])
+def test_logprobs_from_hidden_states_equal_those_from_the_logits(chunk_rows):
+    """An inference ``LogitsShard`` holds normed hidden states and the head's rows: its log-probs (logits made
+    a chunk at a time) equal those of the whole logits, padded vocabulary and logits mask included."""
+    g = torch.Generator().manual_seed(4)
+    V, W, H = 37, 40, 8
+    cu = torch.tensor([0, 5, 6, 14], dtype=torch.int32)
+    tokens = torch.randint(0, V, (14,), generator=g)
+    hidden = torch.randn(14, H, generator=g, dtype=torch.float64).float()
+    head = torch.randn(W, H, generator=g, dtype=torch.float64).float()
+    head[V:] = 0  # padded rows of the vocabulary
+    mask = torch.rand(14, V, generator=g) < 0.3
+    mask[torch.arange(13), tokens[1:]] = False
+    lazy = LogitsShard(None, 0, V, ONE, hidden=hidden, head_weight=head)
+    whole = LogitsShard(hidden @ head.t(), 0, V, ONE)
+    assert lazy.num_tokens == 14
+    torch.testing.assert_close(lazy.local_logits(), whole.logits)
+    for kw in (dict(), dict(temperature=0.7, logits_mask=mask)):
+        torch.testing.assert_close(lazy.logprobs(tokens, cu, chunk_rows=chunk_rows, **kw),
+                                   whole.logprobs(tokens, cu, **kw), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lazy.full(), whole.full())

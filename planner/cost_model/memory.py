@@ -46,7 +46,8 @@ bytes, or with compiled blocks (fused chunks) one chunk in the logits' dtype, d�
   inference             = weights + max(block_working, head_working)   (no_grad: one block at a time)
                           block_working = d·T·(4·I/tp + 3·h)   inside the MLP: the fused gate-up output,
                           SiLU and product; the block's input, the residual and the norm output
-                          head_working  = d·T·V' + chunk + d·T·h  (actor: logits + one log-prob chunk;
+                          head_working  = d·T·h + d·c·V' + chunk  (actor: normed hidden states, one
+                          chunk's logits made from them and its log-prob temporaries, c = min(T, 1024);
                           critic: d·T·h), + with pp > 1 the m micro-batches' T·h boundary activations
   generation            = weights + max(KV cache ⌈n/dp⌉·(P+N)·2·L·kv_r·d (every micro-batch of the dp rank
                           is allocated up front) + the prefill's block_working(T_g) + sampling (the
@@ -203,11 +204,12 @@ def head_train_bytes(spec: ModelSpec, tp: int, sp: bool, tokens: float, dtype_by
 
 def head_working_bytes(spec: ModelSpec, tp: int, tokens: float, dtype_bytes: int = DTYPE_BYTES,
                        fused: bool = False) -> float:
-    """Last stage without autograd: the head's output (logits or values) and, for an actor, a log-prob chunk."""
+    """Last stage without autograd: the normed hidden states (all tokens); a critic's values, or an actor's
+    logits one chunk of rows at a time (``LogitsShard`` without logits) and that chunk's log-prob temporaries."""
     hidden = dtype_bytes * tokens * spec.hidden_size
     if spec.is_critic:
         return hidden
-    return (hidden + logits_bytes(spec, tp, tokens, dtype_bytes)
+    return (hidden + logits_bytes(spec, tp, min(tokens, LOGPROB_CHUNK_ROWS), dtype_bytes)
             + logprob_chunk_bytes(spec, tp, tokens, dtype_bytes, fused))
 
 

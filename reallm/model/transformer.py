@@ -503,7 +503,9 @@ class Transformer(nn.Module):
             raise ValueError("a stage without the embedding takes hidden states [T, h], got integer ids")
         return x
 
-    def _head(self, h: torch.Tensor, select_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    def _head(self, h: torch.Tensor, select_rows: Optional[torch.Tensor], logits: bool = True) -> torch.Tensor:
+        """The last stage's output of the blocks' ``h``: logits or values; with ``logits`` false an actor's
+        normed hidden states, for the caller to multiply by ``lm_head`` a chunk of rows at a time."""
         if self.model.norm is None:
             return h
         h = self.model.norm(h)
@@ -512,14 +514,16 @@ class Transformer(nn.Module):
         if self.score is not None:
             return self.score(h).squeeze(-1)
         assert self.lm_head is not None
-        return self.lm_head(h)
+        return self.lm_head(h) if logits else h
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, *, max_seqlen: Optional[int] = None,
                 position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                select_rows: Optional[torch.Tensor] = None, cache_row_offset: int = 0) -> torch.Tensor:
+                select_rows: Optional[torch.Tensor] = None, cache_row_offset: int = 0,
+                logits: bool = True) -> torch.Tensor:
         """Packed forward. ``kv_cache``: also store every token's k/v (prefill), sequence b in cache row
         ``cache_row_offset + b``; ``select_rows``: apply the head only to these rows (e.g. each prompt's last
-        token), returning ``[len(select_rows), ...]``."""
+        token), returning ``[len(select_rows), ...]``; ``logits`` false: an actor's last stage returns its
+        normed hidden states instead of logits (``_head``)."""
         seqs = PackedSeqs.from_cu_seqlens(cu_seqlens.to(x.device), max_seqlen)
         if seqs.num_tokens != x.shape[0]:
             raise ValueError(f"cu_seqlens ends at {seqs.num_tokens} but the input has {x.shape[0]} tokens")
@@ -532,7 +536,7 @@ class Transformer(nn.Module):
         cos, sin = self._rope(position_ids, h.dtype)
         ctx = _Ctx(cos, sin, seqs=seqs, kv_cache=kv_cache, cache_rows=seq_idx, cache_cols=position_ids,
                    compiled=self.compiled)
-        return self._head(self._blocks(h, ctx), select_rows)
+        return self._head(self._blocks(h, ctx), select_rows, logits)
 
     def trunk(self, x: torch.Tensor, seqs: PackedSeqs, position_ids: torch.Tensor) -> torch.Tensor:
         """Embedding (first stage) and blocks of a packed micro-batch, no head and no KV cache: the part of an

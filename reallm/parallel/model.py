@@ -49,7 +49,7 @@ from reallm.model.transformer import StageSpec, Transformer, _Ctx, packed_positi
 from reallm.parallel.groups import ParallelGroups
 from reallm.parallel.optim import DEFAULT_BUCKET_NUMEL, FlatAdamW, host_copy, make_buckets, reduce_in_one
 from reallm.parallel.pipeline import Msg, StageProgram, forward_schedule, one_f_one_b_schedule, run_schedule
-from reallm.parallel.tensor import TpState, pad_for_sp, parallelize
+from reallm.parallel.tensor import TpState, enter_tp, pad_for_sp, parallelize
 from reallm.parallel.vocab import LogitsShard
 from reallm.spec import ModelSpec
 
@@ -258,8 +258,11 @@ class ParallelModel:
 
     def _stage_forward(self, x: torch.Tensor, prep: _Prepared) -> torch.Tensor:
         """This stage on one micro-batch: tokens (first stage) or hidden states in, hidden states or the head's
-        output out (padding rows stripped on the last stage)."""
+        output out (padding rows stripped on the last stage). Without autograd an actor's last stage returns
+        its normed hidden states, all tokens on every tp rank (``_lazy_head``): ``_wrap`` multiplies them by
+        the LM head a chunk of rows at a time, so the [T, V/tp] logits never exist at once."""
         m = self.model
+        lazy = self._lazy_head()
         h = None
         if prep.bounds is not None and x.shape[0] == prep.bounds[-1]:
             graphs = self.train_graphs if torch.is_grad_enabled() else self.graphs
@@ -270,9 +273,9 @@ class ParallelModel:
                 return m._head(h, None) if self.is_last_stage else h
             # The graph's static output is overwritten by the next replay: the head reads it now; hidden
             # states for the next stage leave as a copy.
-            return m._head(h, None) if self.is_last_stage else h.clone()
+            return self._last_rows(m._head(h, None, not lazy), prep) if self.is_last_stage else h.clone()
         if x.shape[0] == int(prep.cu_seqlens[-1]):
-            y = m(x, prep.cu_seqlens)
+            y = m(x, prep.cu_seqlens, logits=not lazy)
         else:
             # Sequence-parallel hidden states: [T/tp, h] while cu_seqlens describes all T tokens, which
             # Transformer.forward's token-count check refuses; the same steps, with the check left out.
@@ -280,16 +283,29 @@ class ParallelModel:
             seq_idx, pos = packed_positions(seqs, x.device)
             h = m._embed(x)
             cos, sin = m._rope(pos, h.dtype)
-            y = m._head(m._blocks(h, _Ctx(cos, sin, seqs=seqs, cache_rows=seq_idx, cache_cols=pos)), None)
-        if self.is_last_stage:
-            y = y[:prep.num_tokens]
-        return y
+            y = m._head(m._blocks(h, _Ctx(cos, sin, seqs=seqs, cache_rows=seq_idx, cache_cols=pos)), None, not lazy)
+        return self._last_rows(y, prep) if self.is_last_stage else y
+
+    def _lazy_head(self) -> bool:
+        """Does the last stage hand out normed hidden states instead of logits (an actor, without autograd)?"""
+        return self.is_last_stage and not self.spec.is_critic and not torch.is_grad_enabled()
+
+    def _last_rows(self, y: torch.Tensor, prep: _Prepared) -> torch.Tensor:
+        """The last stage's output without padding rows; lazy-head hidden states first gathered over tp (what
+        the LM head's tp pre-hook does to its input)."""
+        if self._lazy_head():
+            y = enter_tp(y, self.groups.tp, self.tp_state.sp_active)
+        return y[:prep.num_tokens]
 
     def _wrap(self, y: torch.Tensor) -> Output:
         if self.spec.is_critic:
             return y
-        return LogitsShard(y, self.tp_state.vocab_start, self.spec.vocab_size, self.groups.tp,
-                           fused=bool(self.model.compiled) and y.is_cuda)
+        fused = bool(self.model.compiled) and y.is_cuda
+        if self._lazy_head():
+            assert self.model.lm_head is not None
+            return LogitsShard(None, self.tp_state.vocab_start, self.spec.vocab_size, self.groups.tp, fused=fused,
+                               hidden=y, head_weight=self.model.lm_head.weight)
+        return LogitsShard(y, self.tp_state.vocab_start, self.spec.vocab_size, self.groups.tp, fused=fused)
 
     def _act_buffer(self, prep: _Prepared) -> torch.Tensor:
         return torch.empty(prep.act_rows, self.spec.hidden_size, dtype=self.dtype, device=self.device)

@@ -61,7 +61,23 @@ def _chunk_stats(logits_TW: torch.Tensor, rows_c: torch.Tensor, target_c: torch.
                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of rows: (this shard's logsumexp [c], the target's logit where it lies here, else 0 [c]).
     One read of the logits; compiled on CUDA into a single fused reduction."""
-    z = _prepared(logits_TW.index_select(0, rows_c), temperature, removed_cV, vocab_start, vocab_size)
+    return _stats_of(logits_TW.index_select(0, rows_c), target_c, inside_c, removed_cV, temperature, vocab_start,
+                     vocab_size)
+
+
+def _chunk_stats_from_hidden(hidden_TH: torch.Tensor, head_WH: torch.Tensor, rows_c: torch.Tensor,
+                             target_c: torch.Tensor, inside_c: torch.Tensor, removed_cV: Optional[torch.Tensor],
+                             temperature: float, vocab_start: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_chunk_stats`` of the chunk's logits made here from the normed hidden states and the LM head shard
+    (``LogitsShard`` without logits): only ``[c, W]`` of them exist at a time."""
+    logits = torch.nn.functional.linear(hidden_TH.index_select(0, rows_c), head_WH)
+    return _stats_of(logits, target_c, inside_c, removed_cV, temperature, vocab_start, vocab_size)
+
+
+def _stats_of(logits_cW: torch.Tensor, target_c: torch.Tensor, inside_c: torch.Tensor,
+              removed_cV: Optional[torch.Tensor], temperature: float, vocab_start: int,
+              vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    z = _prepared(logits_cW, temperature, removed_cV, vocab_start, vocab_size)
     m = z.amax(-1)
     lse = m + torch.log(torch.exp(z - m[:, None]).sum(-1))
     zy = z.gather(-1, target_c[:, None]).squeeze(-1)
@@ -91,36 +107,44 @@ def _maybe_fused(fn, fused: bool):
     return _FUSED[fn]
 
 
+def _target_logprobs(stats, sources: tuple, W: int, rows_N, targets_N, temperature, removed_TV, vocab_start,
+                     vocab_size, chunk_rows, tp, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass of the module docstring, chunk by chunk: ``stats(*sources, rows, ...)`` gives a
+    chunk's shard logsumexp and target logit. Returns (logp [N], lse [N], safe local targets, inside)."""
+    N = rows_N.shape[0]
+    local_target = targets_N - vocab_start
+    inside = (local_target >= 0) & (local_target < W)
+    safe_target = local_target.clamp(0, max(W - 1, 0))
+    local_lse = torch.empty(N, dtype=torch.float32, device=dev)
+    sums = torch.zeros(2, N, dtype=torch.float32, device=dev)
+    for a in range(0, N, chunk_rows):
+        b = min(a + chunk_rows, N)
+        r = rows_N[a:b]
+        removed = None if removed_TV is None else removed_TV.index_select(0, r)
+        if W:
+            local_lse[a:b], sums[1, a:b] = stats(*sources, r, safe_target[a:b], inside[a:b], removed, temperature,
+                                                 vocab_start, vocab_size)
+        else:
+            local_lse[a:b] = float("-inf")
+    # lse = log sum over tp of exp(lse_r): the max, then one all-reduce of (sum, target logit)
+    gmax = tp.all_reduce_max(local_lse.clone())
+    sums[0] = torch.exp(local_lse - gmax)
+    tp.all_reduce(sums)
+    lse = gmax + torch.log(sums[0])
+    return sums[1] - lse, lse, safe_target, inside
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TW, rows_N, targets_N, temperature, removed_TV, vocab_start, vocab_size, chunk_rows,
                 tp, fused):
-        N, W = rows_N.shape[0], logits_TW.shape[-1]
-        dev = logits_TW.device
-        local_target = targets_N - vocab_start
-        inside = (local_target >= 0) & (local_target < W)
-        safe_target = local_target.clamp(0, max(W - 1, 0))
-        stats = _maybe_fused(_chunk_stats, fused)
-        local_lse = torch.empty(N, dtype=torch.float32, device=dev)
-        sums = torch.zeros(2, N, dtype=torch.float32, device=dev)
-        for a in range(0, N, chunk_rows):
-            b = min(a + chunk_rows, N)
-            r = rows_N[a:b]
-            removed = None if removed_TV is None else removed_TV.index_select(0, r)
-            if W:
-                local_lse[a:b], sums[1, a:b] = stats(logits_TW, r, safe_target[a:b], inside[a:b], removed,
-                                                     temperature, vocab_start, vocab_size)
-            else:
-                local_lse[a:b] = float("-inf")
-        # lse = log sum over tp of exp(lse_r): the max, then one all-reduce of (sum, target logit)
-        gmax = tp.all_reduce_max(local_lse.clone())
-        sums[0] = torch.exp(local_lse - gmax)
-        tp.all_reduce(sums)
-        lse = gmax + torch.log(sums[0])
+        logp, lse, safe_target, inside = _target_logprobs(
+            _maybe_fused(_chunk_stats, fused), (logits_TW,), logits_TW.shape[-1], rows_N, targets_N, temperature,
+            removed_TV, vocab_start, vocab_size, chunk_rows, tp, logits_TW.device)
         ctx.save_for_backward(logits_TW, rows_N, safe_target, inside, lse,
                               *(() if removed_TV is None else (removed_TV,)))
         ctx.args = (temperature, vocab_start, vocab_size, chunk_rows, removed_TV is not None, fused)
-        return sums[1] - lse
+        return logp
 
     @staticmethod
     def backward(ctx, grad_N):
@@ -150,6 +174,21 @@ def vocab_parallel_target_logprobs(logits_TW: torch.Tensor, rows_N: torch.Tensor
                                         bool(fused and logits_TW.is_cuda))
 
 
+@torch.no_grad()
+def hidden_target_logprobs(hidden_TH: torch.Tensor, head_WH: torch.Tensor, rows_N: torch.Tensor,
+                           targets_N: torch.Tensor, *, tp: AxisGroup, vocab_start: int, vocab_size: int,
+                           temperature: float = 1.0, logits_mask: Optional[torch.Tensor] = None,
+                           chunk_rows: int = DEFAULT_CHUNK_ROWS, fused: bool = False) -> torch.Tensor:
+    """``vocab_parallel_target_logprobs`` of the logits ``hidden_TH @ head_WH^T``, made a chunk of rows at a
+    time (no autograd): the same values without the [T, W] logits."""
+    mask = None if logits_mask is None else logits_mask.bool()
+    stats = _maybe_fused(_chunk_stats_from_hidden, bool(fused and hidden_TH.is_cuda))
+    logp, *_ = _target_logprobs(stats, (hidden_TH, head_WH), head_WH.shape[0], rows_N.long(), targets_N.long(),
+                                float(temperature), mask, int(vocab_start), int(vocab_size), int(chunk_rows), tp,
+                                hidden_TH.device)
+    return logp
+
+
 def _shifted_rows(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Token index of each shifted entry (rows 0..L-2 of every sequence), int64 [T - B]."""
     cu = cu_seqlens.long()
@@ -170,16 +209,27 @@ class LogitsShard:
     with tp = 1 the whole vocabulary). Columns >= ``vocab_size`` are padding (zero weights) and are masked
     by every method here."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     vocab_start: int
     vocab_size: int
     tp: AxisGroup
     #: Compile each chunk's pass into one fused kernel (set by compiled models on CUDA).
     fused: bool = False
+    #: Without ``logits`` (inference: ``ParallelModel._lazy_head``): the normed hidden states ``[T, h]`` (all
+    #: tokens, every tp rank) and this rank's LM head rows ``[W, h]``; log-probs make the logits a chunk of
+    #: rows at a time.
+    hidden: Optional[torch.Tensor] = None
+    head_weight: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
-        return self.logits.shape[0]
+        return (self.logits if self.logits is not None else self.hidden).shape[0]
+
+    def local_logits(self) -> torch.Tensor:
+        """This rank's ``[T, W]`` logits (made whole here for a shard that holds hidden states)."""
+        if self.logits is not None:
+            return self.logits
+        return torch.nn.functional.linear(self.hidden, self.head_weight)
 
     def logprobs(self, tokens_T: torch.Tensor, cu_seqlens: torch.Tensor, *, temperature: float = 1.0,
                  logits_mask: Optional[torch.Tensor] = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
@@ -187,6 +237,11 @@ class LogitsShard:
         T = tokens_T.shape[0]
         rows = _shifted_rows(cu_seqlens.to(tokens_T.device), T)
         targets = tokens_T.long()[rows + 1]
+        if self.logits is None:
+            return hidden_target_logprobs(self.hidden, self.head_weight, rows, targets, tp=self.tp,
+                                          vocab_start=self.vocab_start, vocab_size=self.vocab_size,
+                                          temperature=temperature, logits_mask=logits_mask, chunk_rows=chunk_rows,
+                                          fused=self.fused)
         return vocab_parallel_target_logprobs(self.logits, rows, targets, tp=self.tp, vocab_start=self.vocab_start,
                                               vocab_size=self.vocab_size, temperature=temperature,
                                               logits_mask=logits_mask, chunk_rows=chunk_rows, fused=self.fused)
@@ -203,7 +258,7 @@ class LogitsShard:
 
     def full(self) -> torch.Tensor:
         """All-gathered ``[T, V]`` logits (tests and debugging only: the point of this class is not to)."""
-        return self.tp.all_gather(self.logits, dim=-1)[:, :self.vocab_size]
+        return self.tp.all_gather(self.local_logits(), dim=-1)[:, :self.vocab_size]
 
 
 def sft_loss(out: LogitsShard, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
