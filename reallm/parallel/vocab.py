@@ -17,6 +17,10 @@ gradient one fp32 ``[chunk, W]`` buffer is alive, as in ``functional.gather_logp
 ``fused`` (compiled models on CUDA) each chunk's pass is one torch.compile'd kernel that reads the bf16
 logits once, instead of a dozen eager kernels over fp32 copies.
 
+Without autograd (inference calls) a shard may hold the normed hidden states and this rank's LM head rows
+instead of the logits (``LogitsShard.hidden``): each chunk's logits are then made by one product and
+dropped (``hidden_target_logprobs``), so the [T, W] logits never exist at once.
+
 Layouts follow the two conventions the codebase uses: ``LogitsShard.logprobs`` returns the *shifted*
 layout [N = T - B] of ``reallm.algorithms.functional`` (entry k of sequence i: log-prob of token k+1);
 ``LogitsShard.row_logprobs`` the row layout [T] of ``reallm.model.losses`` (row t: token t+1, 0 on each
@@ -67,7 +71,8 @@ def _chunk_stats(logits_TW: torch.Tensor, rows_c: torch.Tensor, target_c: torch.
 
 def _chunk_stats_from_hidden(hidden_TH: torch.Tensor, head_WH: torch.Tensor, rows_c: torch.Tensor,
                              target_c: torch.Tensor, inside_c: torch.Tensor, removed_cV: Optional[torch.Tensor],
-                             temperature: float, vocab_start: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             temperature: float, vocab_start: int,
+                             vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``_chunk_stats`` of the chunk's logits made here from the normed hidden states and the LM head shard
     (``LogitsShard`` without logits): only ``[c, W]`` of them exist at a time."""
     logits = torch.nn.functional.linear(hidden_TH.index_select(0, rows_c), head_WH)
