@@ -144,7 +144,8 @@ def main(argv=None) -> int:
         rows.append({"variant": v, "step_s": step, "x_floor": step / floor, "steady_s": steady})
         ss = f"; steady state {steady * 1e3:.3f} ms = {steady / floor_late:.2f}x its floor" if steady else ""
         print(f"{v}: decode step {step * 1e3:.3f} ms = {step / floor:.2f}x the floor{ss}", flush=True)
-    print(f"\n| variant | decode step ms | x memory floor | steady-state step ms | x floor |  ({torch.cuda.get_device_name()}, torch {torch.__version__},"
+    print(f"\n| variant | decode step ms | x memory floor | steady-state step ms | x floor |  "
+          f"({torch.cuda.get_device_name()}, torch {torch.__version__},"
           f" batch {args.batch}, prompt {args.prompt}, {args.new} new; copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"floor {floor * 1e3:.3f} ms, of the steady-state steps {floor_late * 1e3:.3f} ms)")
     print("|---|---|---|---|---|")

@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     b = Bench(args.batch)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}",
           flush=True)
-    print("\n| product | MB | cuBLAS µs (TB/s) | cuBLASLt µs (TB/s) | Triton µs (TB/s) | Triton config (BN, BK, split, "
+    print("\n| product | MB | cuBLAS µs (TB/s) | cuBLASLt µs (TB/s) | Triton µs (TB/s) "
+          "| Triton config (BN, BK, split, "
           "stages, preloaded tiles) | rel. error | cold / after prefetch / hot µs |")
     print("|---|---|---|---|---|---|---|---|")
     best = {}
