@@ -426,9 +426,6 @@ class ExperimentRuntime(Runtime):
         same (``tables.cost_candidate``: the eager time wherever the call shares its devices)."""
         return has_devices_to_itself(self.plan, self.rank, call_name)
 
-    def has_devices_to_itself(self, call_name: str) -> bool:
-        return has_devices_to_itself(self.plan, self.rank, call_name)
-
     def shares_devices(self, role: str) -> bool:
         """Does this rank also serve a call of another model? (Then frozen models wait in host memory.)"""
         return any(c.role != role and self.rank in self.plan.placements[c.name].devices for c in self.plan.calls)

@@ -34,7 +34,7 @@ from executor.data import SeqBatch, split_balanced
 from executor.realloc import run_realloc
 from executor.runtime import CallContext
 from reallm.algorithms import functional as F
-from reallm.algorithms.base import ExperimentRuntime, ModelHandle
+from reallm.algorithms.base import ExperimentRuntime, ModelHandle, has_devices_to_itself
 from reallm.algorithms.data import epoch_batches, load_tokenizer, tokenize_prompts
 from reallm.dataflow import ppo_logits_mask_needed
 from reallm.datasets import read_records
@@ -194,7 +194,7 @@ class PPORuntime(ExperimentRuntime):
         if not len(batch):
             return _empty(keys, self.plan.models["actor"].vocab_size), {"num_seqs": 0}
         model = self._model(ctx)
-        if model.pm.decode_pool is None and self.has_devices_to_itself(ctx.call.name):
+        if model.pm.decode_pool is None and has_devices_to_itself(self.plan, self.rank, ctx.call.name):
             model.pm.keep_decode_graphs()  # no other call here: keep the caches and captured steps
         eos, pad = special_token_ids(self.tok)
         prompts = [batch.seq("packed_prompts", i).tolist() for i in range(len(batch))]
