@@ -1,6 +1,6 @@
 """The decode step's 89 products as one persistent, weight-streaming kernel, against cuBLASLt.
 
-    python bench/bench_decode_stream.py [--configs 64:4,4,1,4,1 128:8,8,2,8,1 ...]
+    python bench/bench_decode_stream.py [--configs 4,4,1,4,1 8,8,2,4,1 ...] [--diagnose 1 2]
 
 The 1.1B model's products with the step's real dependencies (each product reads the previous one's
 output: qkv → o (its q columns) → gate/up → SwiGLU → down → next qkv … → LM head), 22 distinct copies of
@@ -8,8 +8,8 @@ each block's weights (nothing served from L2), replayed from CUDA graphs:
 
   cuBLASLt   torch.mm per product + the SwiGLU as torch ops (the library route of the executor)
   stream     ``reallm.kernels.decode_stream``: one launch, each SM streaming its share of every product's
-             weights into shared memory ahead of the activations (config = BN: split of qkv, o, gate/up,
-             down, head)
+             weights into shared memory ahead of the activations (config = split of qkv, o, gate/up, down,
+             head: the K slices per 64-row tile)
 
 Each stream configuration is checked product by product against an fp32 product of the kernel's own
 inputs (max |error| / max |reference|). Floor = weight bytes / measured copy bandwidth. CUDA sm_90 only.
@@ -32,32 +32,32 @@ from reallm.kernels import decode_stream  # noqa: E402
 KINDS = ("qkv", "o", "gate_up", "down", "head")
 
 
-def parse_config(text: str) -> tuple[int, dict]:
-    bn, splits = text.split(":")
-    return int(bn), dict(zip(KINDS, (int(s) for s in splits.split(","))))
-
-
 class Chain:
-    def __init__(self, rows: int = decode_stream.ROWS):
+    def __init__(self):
         torch.manual_seed(0)
+        rows = decode_stream.ROWS
         self.W = {k: [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) / kk ** 0.5
                       for _ in range(LAYERS if k != "head" else 1)] for k, (kk, n) in SHAPES.items()}
         self.x0 = torch.randn(rows, SHAPES["qkv"][0], device="cuda", dtype=torch.bfloat16)
-        self.Y = {k: [torch.zeros(rows, n, device="cuda", dtype=torch.bfloat16) for _ in self.W[k]]
-                  for k, (kk, n) in SHAPES.items()}
         self.bytes = sum(w.numel() * 2 for ws in self.W.values() for w in ws)
 
-    def program(self, bn: int, split: dict) -> decode_stream.StreamProgram:
-        prog = decode_stream.StreamProgram(bn)
-        x, dep = self.x0, None
+    def program(self, split: dict) -> decode_stream.StreamProgram:
+        """The step's products in one program: each layer's outputs in their own chunked buffers."""
+        def buf(cols):
+            return decode_stream.chunked_buffer(cols, "cuda")
+
+        prog = decode_stream.StreamProgram()
+        x, dep = decode_stream.to_chunks(self.x0), None
+        hidden, inter = SHAPES["o"][1], SHAPES["down"][0]
         for i in range(LAYERS):
-            q = prog.add(self.W["qkv"][i], x, self.Y["qkv"][i], split=split["qkv"], dep=dep)
-            o = prog.add(self.W["o"][i], self.Y["qkv"][i][:, :SHAPES["o"][0]], self.Y["o"][i], split=split["o"], dep=q)
-            g = prog.add(self.W["gate_up"][i], self.Y["o"][i], self.Y["gate_up"][i], split=split["gate_up"], dep=o)
-            dep = prog.add(self.W["down"][i], self.Y["gate_up"][i], self.Y["down"][i], mode="swiglu",
-                           split=split["down"], dep=g)
-            x = self.Y["down"][i]
-        prog.add(self.W["head"][0], x, self.Y["head"][0], split=split["head"], dep=dep)
+            qkv, o, act, down = buf(SHAPES["qkv"][1]), buf(hidden), buf(inter), buf(hidden)
+            q = prog.add(self.W["qkv"][i], x, qkv, split=split["qkv"], dep=dep)
+            o_i = prog.add(self.W["o"][i], qkv, o, split=split["o"], dep=q)
+            g = prog.add(self.W["gate_up"][i], o, act, out="swiglu", split=split["gate_up"], dep=o_i)
+            dep = prog.add(self.W["down"][i], act, down, split=split["down"], dep=g)
+            x = down
+        logits = torch.zeros(decode_stream.ROWS, SHAPES["head"][1], device="cuda", dtype=torch.bfloat16)
+        prog.add(self.W["head"][0], x, logits, split=split["head"], dep=dep)
         return prog
 
     def torch_chain(self) -> None:
@@ -74,22 +74,19 @@ class Chain:
 def check(prog: decode_stream.StreamProgram) -> float:
     """Worst relative error of a product against fp32 torch on the kernel's own inputs."""
     worst = 0.0
-    for p in prog.products:
-        k = p.w.shape[1]
-        x = p.x[:, :k].float()
-        if p.mode == "swiglu":
-            x = (torch.nn.functional.silu(x) * p.x[:, k:2 * k].float()).to(torch.bfloat16).float()
-        ref = x @ p.w.float().t()
-        got = p.y[:, :p.w.shape[0]].float()
+    for i in range(len(prog.products)):
+        ref = prog.reference_output(i).float()
+        got = prog.output(i).float()
         worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
     return worst
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="*", default=["64:4,4,1,4,1", "64:2,2,1,2,1", "64:4,4,2,4,2",
-                                                      "128:8,8,2,8,1", "128:4,4,1,4,1"],
-                    help="BN:split of qkv,o,gate_up,down,head")
+    ap.add_argument("--configs", nargs="*", default=["4,4,1,4,1", "2,2,1,2,1", "4,4,2,4,2", "8,8,2,4,1"],
+                    help="split of qkv,o,gate_up,down,head")
+    ap.add_argument("--diagnose", nargs="*", type=int, default=[],
+                    help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("needs an sm_90+ CUDA GPU", file=sys.stderr)
@@ -108,16 +105,18 @@ def main(argv=None) -> int:
     rows.append(("cuBLASLt products + torch SwiGLU", t, float("nan")))
     print(f"cuBLASLt chain {t:.0f} µs", flush=True)
     for cfg in args.configs:
-        bn, split = parse_config(cfg)
-        prog = chain.program(bn, split)
+        split = dict(zip(KINDS, (int(v) for v in cfg.split(","))))
+        prog = chain.program(split)
         prog.run()
         torch.cuda.synchronize()
         err = check(prog)
         t = graph_us(prog.run)
         err2 = check(prog)  # after 25 replays: the counters were reset every launch
-        rows.append((f"stream BN {bn}, splits {cfg.split(':')[1]} ({sum(prog.tasks())} tasks)", t, max(err, err2)))
-        print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}", flush=True)
-    print(f"\n| chain of {len(chain.program(64, dict.fromkeys(KINDS, 1)).products)} products, with their "
+        rows.append((f"stream, splits {cfg} ({sum(prog.tasks())} tasks)", t, max(err, err2)))
+        diag = {f: graph_us(lambda f=f: prog.run(flags=f)) for f in args.diagnose}
+        print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
+              + ", ".join(f"flags {f}: {u:.0f} µs" for f, u in diag.items()), flush=True)
+    print(f"\n| chain of {4 * LAYERS + 1} products, with their "
           f"dependencies ({chain.bytes / 1e9:.2f} GB) | µs | TB/s | × floor | max rel. error |")
     print("|---|---|---|---|---|")
     for name, t, err in rows:
