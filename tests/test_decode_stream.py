@@ -79,14 +79,16 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 
 @needs_sm90
-@pytest.mark.parametrize("splits", [(1, 1, 1, 1, 1), (2, 2, 1, 3, 2), (1, 2, 2, 1, 1)])
-def test_kernel_matches_the_reference_and_replays(splits):
+@pytest.mark.parametrize("splits,grid", [((1, 1, 1, 1, 1), None), ((2, 2, 1, 3, 2), None), ((1, 2, 2, 1, 1), 3),
+                                         ((2, 2, 1, 3, 2), 1)])
+def test_kernel_matches_the_reference_and_replays(splits, grid):
+    """Few CTAs (grid 1, 3) give each many tasks: the rings wrap, both consumer groups and every wait run."""
     assert decode_stream.available(verbose=True), decode_stream._EXT.error
     prog = _chain("cuda", splits)
     for launch in range(3):  # the counters and tickets must be back to zero after every launch
         for p in prog.products:
             p.y.zero_()
-        prog.run()
+        prog.run(grid=grid)
         torch.cuda.synchronize()
         for i in range(len(prog.products)):  # each product against torch on the kernel's own input
             torch.testing.assert_close(prog.output(i).float(), prog.reference_output(i).float(), rtol=2e-2,

@@ -10,7 +10,9 @@
 //   - an input warp waits for each task's input (a per-product counter of finished tasks) and copies its
 //     input chunks into a second ring the same way;
 //   - two groups of four consumer warps take alternate tasks: multiply (mma.sync, bf16 in, fp32
-//     accumulate), release the slots, and write the task's output.
+//     accumulate), release the slots, and write the task's output. Each group has its own two rings
+//     (the streams alternate between them), so each ring's slots are consumed in order: an mbarrier's
+//     parity wait is only sound for a waiter at most one phase ahead.
 // While the consumers wait at a dependency the weight warp keeps filling the ring with later products'
 // weights, so the memory system stays busy across product boundaries.
 //
@@ -50,7 +52,7 @@ constexpr int kGroups = 2;              // consumer groups (4 warps each, altern
 constexpr int kGroupThreads = 128;
 constexpr int kWeightWarp = kGroups * 4, kInputWarp = kWeightWarp + 1;
 constexpr int kThreads = 32 * (kInputWarp + 1);
-constexpr int kWStages = 7, kXStages = 4;
+constexpr int kWStages = 4, kXStages = 2;  // per group: a group's rings are consumed in order only
 constexpr int kTileStride = kBN + 4;    // fp32 epilogue tile row (padded)
 
 // Program row fields.
@@ -58,10 +60,11 @@ enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, 
              F_TASKS, F_TASK0, F_TILES, F_COUNT = 16 };
 
 struct Smem {
-  __nv_bfloat16 w[kWStages][kChunk];
-  __nv_bfloat16 x[kXStages][kChunk];
+  __nv_bfloat16 w[kGroups][kWStages][kChunk];
+  __nv_bfloat16 x[kGroups][kXStages][kChunk];
   float tile[kGroups][kM * kTileStride];
-  uint64_t w_full[kWStages], w_empty[kWStages], x_full[kXStages], x_empty[kXStages];
+  uint64_t w_full[kGroups][kWStages], w_empty[kGroups][kWStages], x_full[kGroups][kXStages],
+      x_empty[kGroups][kXStages];
   int flag[kGroups];
 };
 
@@ -229,13 +232,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kWStages; ++s) {
-      mbar_init(&sm.w_full[s], 1);
-      mbar_init(&sm.w_empty[s], 4);
-    }
-    for (int s = 0; s < kXStages; ++s) {
-      mbar_init(&sm.x_full[s], 1);
-      mbar_init(&sm.x_empty[s], 4);
+    for (int g = 0; g < kGroups; ++g) {
+      for (int s = 0; s < kWStages; ++s) {
+        mbar_init(&sm.w_full[g][s], 1);
+        mbar_init(&sm.w_empty[g][s], 4);
+      }
+      for (int s = 0; s < kXStages; ++s) {
+        mbar_init(&sm.x_full[g][s], 1);
+        mbar_init(&sm.x_empty[g][s], 4);
+      }
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -244,18 +249,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp == kWeightWarp) {  // -------------------------------------------------------- weight stream
     if (lane == 0) {
       const uint64_t policy = l2_policy(true);  // read once per step
-      Ring r;
-      int p = 0;
-      for (int t = blockIdx.x; t < T; t += gridDim.x) {
+      Ring rings[kGroups];
+      int p = 0, mine = 0;
+      for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
+        const int g = mine % kGroups;
+        Ring& r = rings[g];
         p = advance_product(prog, P, p, t);
         const Product d = read_product(prog, p);
         const int local = t - d.task0, tile = local % d.tiles, slice = local / d.tiles;
         const int kc = d.K / kBK, nc = kc / d.split;
         const __nv_bfloat16* src = d.w + ((size_t)tile * kc + (size_t)slice * nc) * kChunk;
         for (int c = 0; c < nc; ++c) {
-          mbar_wait(&sm.w_empty[r.slot], r.phase ^ 1);
-          mbar_expect_tx(&sm.w_full[r.slot], kChunkBytes);
-          bulk_copy(sm.w[r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.w_full[r.slot], policy);
+          mbar_wait(&sm.w_empty[g][r.slot], r.phase ^ 1);
+          mbar_expect_tx(&sm.w_full[g][r.slot], kChunkBytes);
+          bulk_copy(sm.w[g][r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.w_full[g][r.slot], policy);
           r.step(kWStages);
         }
       }
@@ -263,9 +270,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else if (warp == kInputWarp) {  // ---------------------------------------------------- input stream
     if (lane == 0) {
       const uint64_t policy = l2_policy(false);  // activations are read by many SMs
-      Ring r;
-      int p = 0, ready = -1;
-      for (int t = blockIdx.x; t < T; t += gridDim.x) {
+      Ring rings[kGroups];
+      int p = 0, ready = -1, mine = 0;
+      for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
+        const int g = mine % kGroups;
+        Ring& r = rings[g];
         p = advance_product(prog, P, p, t);
         const Product d = read_product(prog, p);
         const int slice = (t - d.task0) / d.tiles;
@@ -278,9 +287,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         const __nv_bfloat16* src = d.x + (size_t)slice * nc * kChunk;
         for (int c = 0; c < nc; ++c) {
-          mbar_wait(&sm.x_empty[r.slot], r.phase ^ 1);
-          mbar_expect_tx(&sm.x_full[r.slot], kChunkBytes);
-          bulk_copy(sm.x[r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.x_full[r.slot], policy);
+          mbar_wait(&sm.x_empty[g][r.slot], r.phase ^ 1);
+          mbar_expect_tx(&sm.x_full[g][r.slot], kChunkBytes);
+          bulk_copy(sm.x[g][r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.x_full[g][r.slot], policy);
           r.step(kXStages);
         }
       }
@@ -296,13 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Product d = read_product(prog, p);
       const int local = t - d.task0, tile = local % d.tiles, slice = local / d.tiles;
       const int nc = d.K / kBK / d.split;
-      if (mine % kGroups != group) {  // the other group's task: skip its slots
-        for (int c = 0; c < nc; ++c) {
-          wr.step(kWStages);
-          xr.step(kXStages);
-        }
-        continue;
-      }
+      if (mine % kGroups != group) continue;  // the other group's task (and rings)
       float acc[2][4][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -311,11 +314,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
       for (int c = 0; c < nc; ++c) {
-        mbar_wait(&sm.x_full[xr.slot], xr.phase);
-        mbar_wait(&sm.w_full[wr.slot], wr.phase);
+        mbar_wait(&sm.x_full[group][xr.slot], xr.phase);
+        mbar_wait(&sm.w_full[group][wr.slot], wr.phase);
         if (!(flags & 2)) {
-          const __nv_bfloat16* xb = sm.x[xr.slot];
-          const __nv_bfloat16* wb = sm.w[wr.slot];
+          const __nv_bfloat16* xb = sm.x[group][xr.slot];
+          const __nv_bfloat16* wb = sm.w[group][wr.slot];
 #pragma unroll
           for (int kk = 0; kk < kBK / 16; ++kk) {
             uint32_t a[2][4];
@@ -339,8 +342,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncwarp();
         if (lane == 0) {
-          mbar_arrive(&sm.x_empty[xr.slot]);
-          mbar_arrive(&sm.w_empty[wr.slot]);
+          mbar_arrive(&sm.x_empty[group][xr.slot]);
+          mbar_arrive(&sm.w_empty[group][wr.slot]);
         }
         wr.step(kWStages);
         xr.step(kXStages);
