@@ -107,6 +107,11 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
+// Ask L2 for `bytes` at `src` (no completion tracking): the weight stream runs ahead of the ring this way.
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
 __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
   uint64_t policy;
   if (evict_first)
@@ -249,6 +254,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp == kWeightWarp) {  // -------------------------------------------------------- weight stream
     if (lane == 0) {
       const uint64_t policy = l2_policy(true);  // read once per step
+      // A second cursor over the same chunks, `ahead` chunks in front, pulls them into L2 early: the rings
+      // hold 128 KB, L2 can hold more of the stream while consumers wait at a dependency.
+      const int ahead = flags >> 8;
+      int pt = blockIdx.x, pc = 0, pp = 0, pnc = 0;
+      const __nv_bfloat16* psrc = nullptr;
+      auto pf_task = [&]() {
+        if (pt >= T) return;
+        pp = advance_product(prog, P, pp, pt);
+        const Product d = read_product(prog, pp);
+        const int local = pt - d.task0, kc = d.K / kBK;
+        pnc = kc / d.split;
+        psrc = d.w + ((size_t)(local % d.tiles) * kc + (size_t)(local / d.tiles) * pnc) * kChunk;
+      };
+      auto pf_next = [&]() {
+        if (pt >= T) return;
+        prefetch_l2(psrc + (size_t)pc * kChunk, kChunkBytes);
+        if (++pc == pnc) {
+          pc = 0;
+          pt += gridDim.x;
+          pf_task();
+        }
+      };
+      pf_task();
+      for (int i = 0; i < ahead; ++i) pf_next();
       Ring rings[kGroups];
       int p = 0, mine = 0;
       for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
@@ -260,6 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int kc = d.K / kBK, nc = kc / d.split;
         const __nv_bfloat16* src = d.w + ((size_t)tile * kc + (size_t)slice * nc) * kChunk;
         for (int c = 0; c < nc; ++c) {
+          if (ahead) pf_next();
           mbar_wait(&sm.w_empty[g][r.slot], r.phase ^ 1);
           mbar_expect_tx(&sm.w_full[g][r.slot], kChunkBytes);
           bulk_copy(sm.w[g][r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.w_full[g][r.slot], policy);
@@ -421,7 +451,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // Run a program (see the header): prog int64 [P, 16] on the device, done int32 [P] and exit_ticket int32
 // [1] zeroed once at allocation (the kernel leaves them zeroed), grid <= SM count.
-// flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic.
+// flags: bits 8+: weight chunks pulled into L2 ahead of the ring; diagnostics (0 in use): 1 inputs do not
+// wait for their products, 2 no arithmetic.
 void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor done, torch::Tensor exit_ticket, int64_t grid,
          int64_t flags) {
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");

@@ -25,7 +25,7 @@ import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v4", "decode_stream.cu")
+_EXT = JitExtension("reallm_decode_stream_v5", "decode_stream.cu")
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per task (``kBN``); chunk columns.
 ROWS, TILE, CHUNK = 64, 64, 128
 #: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``).
@@ -167,9 +167,10 @@ class StreamProgram:
                        "exit": torch.zeros(1, dtype=torch.int32, device=dev), "T": task0}
         return self._built
 
-    def run(self, grid: Optional[int] = None, flags: int = 0) -> None:
+    def run(self, grid: Optional[int] = None, ahead: int = 0, flags: int = 0) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
+        ``ahead``: weight chunks (16 KB) each SM pulls into L2 in front of its shared-memory rings.
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
         arithmetic (the two streams alone).
         """
@@ -178,7 +179,7 @@ class StreamProgram:
             raise RuntimeError(f"decode_stream kernel unavailable: {_EXT.error}")
         b = self._build()
         sms = torch.cuda.get_device_properties(self.products[0].w.device).multi_processor_count
-        ext.run(b["prog"], len(self.products), b["T"], b["done"], b["exit"], min(grid or sms, sms), flags)
+        ext.run(b["prog"], len(self.products), b["T"], b["done"], b["exit"], min(grid or sms, sms), flags | (ahead << 8))
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""
