@@ -85,8 +85,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="*", default=["4,4,1,4,1", "2,2,1,2,1", "4,4,2,4,2", "8,8,2,4,1"],
                     help="split of qkv,o,gate_up,down,head")
-    ap.add_argument("--ahead", nargs="*", type=int, default=[0, 8, 16, 32],
-                    help="weight chunks (16 KB) each SM pulls into L2 ahead of its rings")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
     args = ap.parse_args(argv)
@@ -112,14 +110,12 @@ def main(argv=None) -> int:
         prog.run()
         torch.cuda.synchronize()
         err = check(prog)
-        for ahead in args.ahead:
-            t = graph_us(lambda: prog.run(ahead=ahead))
-            err2 = check(prog)  # after 25 replays: the counters were reset every launch
-            rows.append((f"stream, splits {cfg}, {ahead} chunks ahead in L2 ({sum(prog.tasks())} tasks)", t,
-                         max(err, err2)))
-            diag = {f: graph_us(lambda f=f: prog.run(ahead=ahead, flags=f)) for f in args.diagnose}
-            print(f"{cfg}, ahead {ahead}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
-                  + ", ".join(f"flags {f}: {u:.0f} µs" for f, u in diag.items()), flush=True)
+        t = graph_us(prog.run)
+        err2 = check(prog)  # after 25 replays: the counters were reset every launch
+        rows.append((f"stream, splits {cfg} ({sum(prog.tasks())} tasks)", t, max(err, err2)))
+        diag = {f: graph_us(lambda f=f: prog.run(flags=f)) for f in args.diagnose}
+        print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
+              + ", ".join(f"flags {f}: {u:.0f} µs" for f, u in diag.items()), flush=True)
     print(f"\n| chain of {4 * LAYERS + 1} products, with their "
           f"dependencies ({chain.bytes / 1e9:.2f} GB) | µs | TB/s | × floor | max rel. error |")
     print("|---|---|---|---|---|")

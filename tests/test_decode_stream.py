@@ -72,6 +72,8 @@ def test_program_rejects_bad_products():
     with pytest.raises(ValueError, match="earlier product"):
         prog.add(w, x, y, dep=0)
     assert prog.add(w, x, y) == 0
+    with pytest.raises(ValueError, match="product 0's chunked output"):
+        prog.add(w, x, y, dep=0)
 
 
 needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -88,7 +90,7 @@ def test_kernel_matches_the_reference_and_replays(splits, grid):
     for launch in range(3):  # the counters and tickets must be back to zero after every launch
         for p in prog.products:
             p.y.zero_()
-        prog.run(grid=grid, ahead=8 if grid is None else 2)
+        prog.run(grid=grid)
         torch.cuda.synchronize()
         for i in range(len(prog.products)):  # each product against torch on the kernel's own input
             torch.testing.assert_close(prog.output(i).float(), prog.reference_output(i).float(), rtol=2e-2,

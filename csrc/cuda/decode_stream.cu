@@ -29,9 +29,12 @@
 //   y_layout 0: chunked activation (the next product's input); 1: row-major, y_stride apart.
 //   split > 1: each slice writes its fp32 partial tile to `partial` [split, 64, N], takes a ticket on the
 //   tile's counter (acq-rel); the last slice sums the partials, writes y, and resets the counter.
-//   dep >= 0: a task's input is copied only once done[dep] counts all of product dep's tasks (each task adds
-//   one after its output, or its partial and ticket, is written and fenced). Counters return to 0 at the
-//   end of the launch (the last CTA out resets them), so the kernel replays from a CUDA graph.
+//   dep >= 0: x is product dep's chunked output, and each input chunk is copied only once its readiness
+//   counter counts every tile writing into it (2 per chunk, 4 for SwiGLU outputs; a tile adds one after its
+//   output is written and fenced): a product starts on the chunks that are ready while the previous one
+//   finishes its other tiles. Outputs must not alias the inputs of products that may still run (distinct
+//   buffers per product are the safe rule). Counters return to 0 at the end of the launch (the last CTA
+//   out resets them), so the kernel replays from a CUDA graph.
 // Progress: tasks depend only on earlier products and every CTA takes its tasks in increasing order, so
 // the lowest unfinished product can always proceed; the grid must be co-resident (one CTA per SM, grid <=
 // SM count, which `run` enforces).
@@ -57,7 +60,7 @@ constexpr int kTileStride = kBN + 4;    // fp32 epilogue tile row (padded)
 
 // Program row fields.
 enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, F_OUT, F_YLAYOUT, F_DEP,
-             F_TASKS, F_TASK0, F_TILES, F_COUNT = 16 };
+             F_READY_IN, F_NEED, F_READY_OUT, F_TASK0, F_TILES, F_COUNT = 18 };
 
 struct Smem {
   __nv_bfloat16 w[kGroups][kWStages][kChunk];
@@ -105,11 +108,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       "%4;" ::"r"(smem_u32(dst)),
       "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
       : "memory");
-}
-
-// Ask L2 for `bytes` at `src` (no completion tracking): the weight stream runs ahead of the ring this way.
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 
 __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
@@ -162,7 +160,9 @@ struct Product {
   __nv_bfloat16* y;
   float* partial;
   int* tickets;
-  int N, K, y_stride, split, out, y_layout, dep, tasks, task0, tiles;
+  const int* ready_in;  // the dep's output-chunk counters (null: input ready before the launch)
+  int* ready_out;       // this product's output-chunk counters (null: nobody waits on the output)
+  int N, K, y_stride, split, out, y_layout, need, task0, tiles;
 };
 
 __device__ __forceinline__ Product read_product(const int64_t* __restrict__ prog, int p) {
@@ -179,8 +179,9 @@ __device__ __forceinline__ Product read_product(const int64_t* __restrict__ prog
   d.split = (int)__ldg(r + F_SPLIT);
   d.out = (int)__ldg(r + F_OUT);
   d.y_layout = (int)__ldg(r + F_YLAYOUT);
-  d.dep = (int)__ldg(r + F_DEP);
-  d.tasks = (int)__ldg(r + F_TASKS);
+  d.ready_in = reinterpret_cast<const int*>(__ldg(r + F_READY_IN));
+  d.ready_out = reinterpret_cast<int*>(__ldg(r + F_READY_OUT));
+  d.need = (int)__ldg(r + F_NEED);
   d.task0 = (int)__ldg(r + F_TASK0);
   d.tiles = (int)__ldg(r + F_TILES);
   return d;
@@ -232,7 +233,8 @@ __device__ __forceinline__ void write_output(const Product& d, int tile, const f
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    stream_kernel(const int64_t* __restrict__ prog, int P, int T, int* done, int* exit_ticket, int flags) {
+    stream_kernel(const int64_t* __restrict__ prog, int P, int T, int* counters, int n_counters, int* exit_ticket,
+                  int flags) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -254,30 +256,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp == kWeightWarp) {  // -------------------------------------------------------- weight stream
     if (lane == 0) {
       const uint64_t policy = l2_policy(true);  // read once per step
-      // A second cursor over the same chunks, `ahead` chunks in front, pulls them into L2 early: the rings
-      // hold 128 KB, L2 can hold more of the stream while consumers wait at a dependency.
-      const int ahead = flags >> 8;
-      int pt = blockIdx.x, pc = 0, pp = 0, pnc = 0;
-      const __nv_bfloat16* psrc = nullptr;
-      auto pf_task = [&]() {
-        if (pt >= T) return;
-        pp = advance_product(prog, P, pp, pt);
-        const Product d = read_product(prog, pp);
-        const int local = pt - d.task0, kc = d.K / kBK;
-        pnc = kc / d.split;
-        psrc = d.w + ((size_t)(local % d.tiles) * kc + (size_t)(local / d.tiles) * pnc) * kChunk;
-      };
-      auto pf_next = [&]() {
-        if (pt >= T) return;
-        prefetch_l2(psrc + (size_t)pc * kChunk, kChunkBytes);
-        if (++pc == pnc) {
-          pc = 0;
-          pt += gridDim.x;
-          pf_task();
-        }
-      };
-      pf_task();
-      for (int i = 0; i < ahead; ++i) pf_next();
       Ring rings[kGroups];
       int p = 0, mine = 0;
       for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
@@ -289,7 +267,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int kc = d.K / kBK, nc = kc / d.split;
         const __nv_bfloat16* src = d.w + ((size_t)tile * kc + (size_t)slice * nc) * kChunk;
         for (int c = 0; c < nc; ++c) {
-          if (ahead) pf_next();
           mbar_wait(&sm.w_empty[g][r.slot], r.phase ^ 1);
           mbar_expect_tx(&sm.w_full[g][r.slot], kChunkBytes);
           bulk_copy(sm.w[g][r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.w_full[g][r.slot], policy);
@@ -298,30 +275,38 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else if (warp == kInputWarp) {  // ---------------------------------------------------- input stream
-    if (lane == 0) {
-      const uint64_t policy = l2_policy(false);  // activations are read by many SMs
-      Ring rings[kGroups];
-      int p = 0, ready = -1, mine = 0;
-      for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
-        const int g = mine % kGroups;
-        Ring& r = rings[g];
-        p = advance_product(prog, P, p, t);
-        const Product d = read_product(prog, p);
-        const int slice = (t - d.task0) / d.tiles;
-        const int nc = d.K / kBK / d.split;
-        if (d.dep > ready && !(flags & 1)) {
-          const int target = (int)__ldg(prog + (size_t)d.dep * F_COUNT + F_TASKS);
-          while (load_acquire(done + d.dep) < target) __nanosleep(20);
-          fence_proxy_async();
-          ready = d.dep;
+    // The whole warp polls up to 32 chunk counters at once; lane 0 copies the ready run of chunks.
+    const uint64_t policy = l2_policy(false);  // activations are read by many SMs
+    Ring rings[kGroups];
+    int p = 0, mine = 0;
+    for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
+      const int g = mine % kGroups;
+      Ring& r = rings[g];
+      p = advance_product(prog, P, p, t);
+      const Product d = read_product(prog, p);
+      const int nc = d.K / kBK / d.split, first = (t - d.task0) / d.tiles * nc;
+      const bool wait = d.ready_in != nullptr && !(flags & 1);
+      for (int c = 0; c < nc;) {
+        const bool ok = !wait || c + lane >= nc || load_acquire(d.ready_in + first + c + lane) >= d.need;
+        const unsigned not_ready = ~__ballot_sync(0xffffffffu, ok);
+        __syncwarp();  // lane 0's copies are ordered after every lane's acquire
+        const int run = not_ready ? __ffs(not_ready) - 1 : 32;
+        if (run == 0) {
+          __nanosleep(20);
+          continue;
         }
-        const __nv_bfloat16* src = d.x + (size_t)slice * nc * kChunk;
-        for (int c = 0; c < nc; ++c) {
-          mbar_wait(&sm.x_empty[g][r.slot], r.phase ^ 1);
-          mbar_expect_tx(&sm.x_full[g][r.slot], kChunkBytes);
-          bulk_copy(sm.x[g][r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.x_full[g][r.slot], policy);
-          r.step(kXStages);
+        if (lane == 0) {
+          if (wait) fence_proxy_async();
+          for (int i = 0; i < run && c + i < nc; ++i) {
+            mbar_wait(&sm.x_empty[g][r.slot], r.phase ^ 1);
+            mbar_expect_tx(&sm.x_full[g][r.slot], kChunkBytes);
+            bulk_copy(sm.x[g][r.slot], d.x + (size_t)(first + c + i) * kChunk, kChunkBytes, &sm.x_full[g][r.slot],
+                      policy);
+            r.step(kXStages);
+          }
         }
+        __syncwarp();
+        c += run;
       }
     }
   } else {  // ------------------------------------------------------------------------------ consumers
@@ -429,34 +414,35 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_proxy_async();
       }
       group_sync(group);  // also: the tile buffer is free for this group's next task
-      if (tid == 0) {
+      if (tid == 0 && last && d.ready_out != nullptr) {
         __threadfence();
-        atomicAdd(done + p, 1);
+        atomicAdd(d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK, 1);
       }
     }
   }
 
-  __syncthreads();
-  if (threadIdx.x == 0) {  // the last CTA out resets the counters for the next launch
+  __syncthreads();  // the last CTA out resets the counters for the next launch
+  if (threadIdx.x == 0) {
     __threadfence();
-    if (atomicAdd(exit_ticket, 1) == (int)gridDim.x - 1) {
-      for (int i = 0; i < P; ++i) done[i] = 0;
-      *exit_ticket = 0;
-      __threadfence();
-    }
+    sm.flag[0] = atomicAdd(exit_ticket, 1) == (int)gridDim.x - 1;
+  }
+  __syncthreads();
+  if (sm.flag[0]) {
+    for (int i = threadIdx.x; i < n_counters; i += kThreads) counters[i] = 0;
+    if (threadIdx.x == 0) *exit_ticket = 0;
+    __threadfence();
   }
 }
 
 }  // namespace
 
-// Run a program (see the header): prog int64 [P, 16] on the device, done int32 [P] and exit_ticket int32
-// [1] zeroed once at allocation (the kernel leaves them zeroed), grid <= SM count.
-// flags: bits 8+: weight chunks pulled into L2 ahead of the ring; diagnostics (0 in use): 1 inputs do not
-// wait for their products, 2 no arithmetic.
-void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor done, torch::Tensor exit_ticket, int64_t grid,
+// Run a program (see the header): prog int64 [P, 18] on the device; counters int32 (every product's output
+// chunk counters) and exit_ticket int32 [1] zeroed once at allocation (the kernel leaves them zeroed);
+// grid <= SM count. flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic.
+void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch::Tensor exit_ticket, int64_t grid,
          int64_t flags) {
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
-  TORCH_CHECK(done.scalar_type() == torch::kInt32 && exit_ticket.scalar_type() == torch::kInt32, "int32 counters");
+  TORCH_CHECK(counters.scalar_type() == torch::kInt32 && exit_ticket.scalar_type() == torch::kInt32, "int32 counters");
   const c10::cuda::CUDAGuard guard(prog.device());
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, prog.device().index()));
@@ -467,7 +453,8 @@ void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor done, torch::Te
     configured = true;
   }
   stream_kernel<<<(unsigned)grid, kThreads, sizeof(Smem), at::cuda::getCurrentCUDAStream()>>>(
-      prog.data_ptr<int64_t>(), (int)P, (int)T, done.data_ptr<int>(), exit_ticket.data_ptr<int>(), (int)flags);
+      prog.data_ptr<int64_t>(), (int)P, (int)T, counters.data_ptr<int>(), (int)counters.numel(),
+      exit_ticket.data_ptr<int>(), (int)flags);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

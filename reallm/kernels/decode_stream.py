@@ -25,12 +25,13 @@ import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v5", "decode_stream.cu")
+_EXT = JitExtension("reallm_decode_stream_v6", "decode_stream.cu")
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per task (``kBN``); chunk columns.
 ROWS, TILE, CHUNK = 64, 64, 128
 #: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``).
 _FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "split", "out", "y_layout", "dep",
-           "tasks", "task0", "tiles")
+           "ready_in", "need", "ready_out", "task0", "tiles")
+_ROW = 18
 _OUTS = {"plain": 0, "swiglu": 1}
 
 
@@ -112,8 +113,9 @@ class StreamProgram:
         """Append ``y = x[:, :K] @ w.T`` (or its SwiGLU); returns the product's index.
 
         ``x``: a chunked buffer with at least K columns. ``y``: a chunked buffer, or a [64, ≥ N'] bf16 view
-        with unit column stride (N' = N, or N / 2 for SwiGLU). ``dep``: the product that writes ``x`` (None:
-        ``x`` is ready before the launch); the kernel orders nothing else.
+        with unit column stride (N' = N, or N / 2 for SwiGLU). ``dep``: the product whose output buffer ``x``
+        is (None: ``x`` is ready before the launch); each input chunk is read once the dep's tiles writing it
+        are done, and the kernel orders nothing else — give every product its own output buffer.
         """
         n, k = w.shape
         where = f"product {len(self.products)} (w {list(w.shape)})"
@@ -133,8 +135,12 @@ class StreamProgram:
         elif y.shape[0] != ROWS or y.shape[1] < cols or y.stride(1) != 1 or y.stride(0) % 8 or y.data_ptr() % 16:
             raise ValueError(f"{where}: y rows must be a [{ROWS}, ≥{cols}] view, unit column stride, 16-byte "
                              f"aligned rows; got {list(y.shape)} strides {y.stride()}")
-        if dep is not None and not 0 <= dep < len(self.products):
-            raise ValueError(f"{where}: dep {dep} must name an earlier product")
+        if dep is not None:
+            if not 0 <= dep < len(self.products):
+                raise ValueError(f"{where}: dep {dep} must name an earlier product")
+            src = self.products[dep].y
+            if src.dim() != 1 or src.data_ptr() != x.data_ptr():
+                raise ValueError(f"{where}: x must be product {dep}'s chunked output buffer (dep={dep})")
         self.products.append(_Product(w, pack_weight(w, glu=out == "swiglu"), x, y, out, split,
                                       -1 if dep is None else dep))
         self._built = None
@@ -151,26 +157,34 @@ class StreamProgram:
         partial_elems = max([ROWS * p.w.shape[0] * p.split for p in self.products if p.split > 1] or [4])
         partial = torch.empty(partial_elems, dtype=torch.float32, device=dev)
         tickets = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
+        # readiness counters of every chunked output, one per 128-column chunk
+        starts, n_counters = [], 0
+        for p in self.products:
+            starts.append(n_counters if p.y.dim() == 1 else None)
+            n_counters += -(-p.out_cols // CHUNK) if p.y.dim() == 1 else 0
+        counters = torch.zeros(max(n_counters, 1), dtype=torch.int32, device=dev)
         rows, task0, tick0 = [], 0, 0
-        for p, nt in zip(self.products, tiles):
+        for i, (p, nt) in enumerate(zip(self.products, tiles)):
+            ready_in = 0 if p.dep < 0 else counters.data_ptr() + 4 * starts[p.dep]
+            need = 0 if p.dep < 0 else (4 if self.products[p.dep].out == "swiglu" else 2)
+            ready_out = 0 if starts[i] is None else counters.data_ptr() + 4 * starts[i]
             n, k = p.w.shape
             f = {"w": p.packed.data_ptr(), "x": p.x.data_ptr(), "y": p.y.data_ptr(), "partial": partial.data_ptr(),
                  "tickets": tickets.data_ptr() + 4 * tick0, "N": n, "K": k,
                  "y_stride": p.y.stride(0) if p.y.dim() == 2 else 0, "split": p.split, "out": _OUTS[p.out],
-                 "y_layout": 0 if p.y.dim() == 1 else 1, "dep": p.dep, "tasks": nt * p.split, "task0": task0,
-                 "tiles": nt}
-            rows.append([f[name] for name in _FIELDS] + [0] * (16 - len(_FIELDS)))
+                 "y_layout": 0 if p.y.dim() == 1 else 1, "dep": p.dep, "ready_in": ready_in, "need": need,
+                 "ready_out": ready_out, "task0": task0, "tiles": nt}
+            rows.append([f[name] for name in _FIELDS] + [0] * (_ROW - len(_FIELDS)))
             task0 += nt * p.split
             tick0 += nt
         self._built = {"prog": torch.tensor(rows, dtype=torch.int64, device=dev), "partial": partial,
-                       "tickets": tickets, "done": torch.zeros(len(rows), dtype=torch.int32, device=dev),
+                       "tickets": tickets, "counters": counters,
                        "exit": torch.zeros(1, dtype=torch.int32, device=dev), "T": task0}
         return self._built
 
-    def run(self, grid: Optional[int] = None, ahead: int = 0, flags: int = 0) -> None:
+    def run(self, grid: Optional[int] = None, flags: int = 0) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
-        ``ahead``: weight chunks (16 KB) each SM pulls into L2 in front of its shared-memory rings.
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
         arithmetic (the two streams alone).
         """
@@ -179,7 +193,7 @@ class StreamProgram:
             raise RuntimeError(f"decode_stream kernel unavailable: {_EXT.error}")
         b = self._build()
         sms = torch.cuda.get_device_properties(self.products[0].w.device).multi_processor_count
-        ext.run(b["prog"], len(self.products), b["T"], b["done"], b["exit"], min(grid or sms, sms), flags | (ahead << 8))
+        ext.run(b["prog"], len(self.products), b["T"], b["counters"], b["exit"], min(grid or sms, sms), flags)
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""
