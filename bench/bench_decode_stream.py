@@ -81,12 +81,40 @@ def check(prog: decode_stream.StreamProgram) -> float:
     return worst
 
 
+def trace_table(prog: decode_stream.StreamProgram, layer: int) -> str:
+    """Where a launch's time goes: per product kind, the time from the previous product's last tile to its
+    own (summed over layers), and per task the median wait for the input, products and epilogue (µs)."""
+    tasks = prog.tasks()
+    trace = torch.zeros(sum(tasks), 4, dtype=torch.int64, device="cuda")
+    prog.run()
+    prog.run(trace=trace)
+    torch.cuda.synchronize()
+    tr = (trace - trace[:, 0].min()).double().cpu() / 1e3
+    bounds = torch.tensor([0] + tasks).cumsum(0)
+    end = [float(tr[bounds[i]:bounds[i + 1], 3].max()) for i in range(len(tasks))]
+    lines = [f"launch (first task start to last task end): {max(end):.0f} µs",
+             "| kind | Σ time after the previous product's last tile µs | median wait for input | median products"
+             " | max products | median epilogue |", "|---|---|---|---|---|---|"]
+    for j, kind in enumerate(KINDS):
+        idx = [4 * i + j for i in range(LAYERS)] if kind != "head" else [len(tasks) - 1]
+        gap = sum(end[i] - (end[i - 1] if i else 0.0) for i in idx)
+        rows = torch.cat([tr[bounds[i]:bounds[i + 1]] for i in idx])
+        med = rows.diff(dim=1).median(dim=0).values
+        lines.append(f"| {kind} | {gap:.0f} | {med[0]:.2f} | {med[1]:.2f} | {rows.diff(dim=1)[:, 1].max():.2f} "
+                     f"| {med[2]:.2f} |")
+    i0 = 4 * layer
+    lines.append(f"layer {layer}: product ends " + ", ".join(f"{end[i] - end[i0 - 1]:.1f}" for i in range(i0, i0 + 4))
+                 + " µs after the previous layer's down")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="*", default=["4,4,1,4,1", "2,2,1,2,1", "4,4,2,4,2", "8,8,2,4,1"],
                     help="split of qkv,o,gate_up,down,head")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
+    ap.add_argument("--trace", nargs="*", default=[], help="configurations to trace (per-task timers)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("needs an sm_90+ CUDA GPU", file=sys.stderr)
@@ -116,6 +144,9 @@ def main(argv=None) -> int:
         diag = {f: graph_us(lambda f=f: prog.run(flags=f)) for f in args.diagnose}
         print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
               + ", ".join(f"flags {f}: {u:.0f} µs" for f, u in diag.items()), flush=True)
+    for cfg in args.trace:
+        prog = chain.program(dict(zip(KINDS, (int(v) for v in cfg.split(",")))))
+        print(f"\ntrace of splits {cfg}:\n" + trace_table(prog, LAYERS // 2), flush=True)
     print(f"\n| chain of {4 * LAYERS + 1} products, with their "
           f"dependencies ({chain.bytes / 1e9:.2f} GB) | µs | TB/s | × floor | max rel. error |")
     print("|---|---|---|---|---|")

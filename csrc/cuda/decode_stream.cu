@@ -133,6 +133,12 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ int64_t global_ns() {
+  int64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 __device__ __forceinline__ int load_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -234,7 +240,7 @@ __device__ __forceinline__ void write_output(const Product& d, int tile, const f
 
 __global__ void __launch_bounds__(kThreads, 1)
     stream_kernel(const int64_t* __restrict__ prog, int P, int T, int* counters, int n_counters, int* exit_ticket,
-                  int flags) {
+                  int flags, int64_t* trace) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -321,6 +327,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int local = t - d.task0, tile = local % d.tiles, slice = local / d.tiles;
       const int nc = d.K / kBK / d.split;
       if (mine % kGroups != group) continue;  // the other group's task (and rings)
+      int64_t* tr = trace != nullptr && tid == 0 ? trace + (size_t)t * 4 : nullptr;  // timing: [start, first
+      if (tr) tr[0] = global_ns();                                                 // input, products, end]
       float acc[2][4][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -330,6 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
       for (int c = 0; c < nc; ++c) {
         mbar_wait(&sm.x_full[group][xr.slot], xr.phase);
+        if (tr && c == 0) tr[1] = global_ns();
         mbar_wait(&sm.w_full[group][wr.slot], wr.phase);
         if (!(flags & 2)) {
           const __nv_bfloat16* xb = sm.x[group][xr.slot];
@@ -364,6 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         xr.step(kXStages);
       }
 
+      if (tr) tr[2] = global_ns();
       // Epilogue: the fp32 tile into shared memory, then the output (split 1) or partial + ticket.
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
@@ -418,6 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         __threadfence();
         atomicAdd(d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK, 1);
       }
+      if (tr) tr[3] = global_ns();
     }
   }
 
@@ -439,8 +450,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Run a program (see the header): prog int64 [P, 18] on the device; counters int32 (every product's output
 // chunk counters) and exit_ticket int32 [1] zeroed once at allocation (the kernel leaves them zeroed);
 // grid <= SM count. flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic.
+// trace (optional, int64 [T, 4]): per task the global timer (ns) at its start, first input chunk, end of its
+// products and end of its epilogue.
 void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch::Tensor exit_ticket, int64_t grid,
-         int64_t flags) {
+         int64_t flags, c10::optional<torch::Tensor> trace) {
+  TORCH_CHECK(!trace || (trace->scalar_type() == torch::kInt64 && trace->numel() >= 4 * T), "trace: int64 [T, 4]");
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
   TORCH_CHECK(counters.scalar_type() == torch::kInt32 && exit_ticket.scalar_type() == torch::kInt32, "int32 counters");
   const c10::cuda::CUDAGuard guard(prog.device());
@@ -454,7 +468,7 @@ void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch
   }
   stream_kernel<<<(unsigned)grid, kThreads, sizeof(Smem), at::cuda::getCurrentCUDAStream()>>>(
       prog.data_ptr<int64_t>(), (int)P, (int)T, counters.data_ptr<int>(), (int)counters.numel(),
-      exit_ticket.data_ptr<int>(), (int)flags);
+      exit_ticket.data_ptr<int>(), (int)flags, trace ? trace->data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
