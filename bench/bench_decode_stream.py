@@ -81,13 +81,13 @@ def check(prog: decode_stream.StreamProgram) -> float:
     return worst
 
 
-def trace_table(prog: decode_stream.StreamProgram, layer: int) -> str:
+def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0) -> str:
     """Where a launch's time goes: per product kind, the time from the previous product's last tile to its
     own (summed over layers), and per task the median wait for the input, products and epilogue (µs)."""
     tasks = prog.tasks()
     trace = torch.zeros(sum(tasks), 4, dtype=torch.int64, device="cuda")
-    prog.run()
-    prog.run(trace=trace)
+    prog.run(flags=flags)
+    prog.run(flags=flags, trace=trace)
     torch.cuda.synchronize()
     tr = (trace - trace[:, 0].min()).double().cpu() / 1e3
     bounds = torch.tensor([0] + tasks).cumsum(0)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                     help="split of qkv,o,gate_up,down,head")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
-    ap.add_argument("--trace", nargs="*", default=[], help="configurations to trace (per-task timers)")
+    ap.add_argument("--trace", nargs="*", default=[], help="configurations to trace (per-task timers), SPLITS[/FLAGS]")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("needs an sm_90+ CUDA GPU", file=sys.stderr)
@@ -145,8 +145,10 @@ def main(argv=None) -> int:
         print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
               + ", ".join(f"flags {f}: {u:.0f} µs" for f, u in diag.items()), flush=True)
     for cfg in args.trace:
+        cfg, _, flags = cfg.partition("/")
         prog = chain.program(dict(zip(KINDS, (int(v) for v in cfg.split(",")))))
-        print(f"\ntrace of splits {cfg}:\n" + trace_table(prog, LAYERS // 2), flush=True)
+        print(f"\ntrace of splits {cfg}, flags {flags or 0}:\n" + trace_table(prog, LAYERS // 2, int(flags or 0)),
+              flush=True)
     print(f"\n| chain of {4 * LAYERS + 1} products, with their "
           f"dependencies ({chain.bytes / 1e9:.2f} GB) | µs | TB/s | × floor | max rel. error |")
     print("|---|---|---|---|---|")

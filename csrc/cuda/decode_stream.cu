@@ -5,14 +5,13 @@
 // 2.07 GB at 1.7-2.0 TB/s back to back with cuBLASLt, against 2.98 TB/s of copy bandwidth). Weights do not
 // depend on activations, so nothing forces a pause between products: here one CTA per SM runs a static
 // program of product *tasks*. In each CTA
-//   - a weight warp streams the weight chunks of all the CTA's tasks, in order, into a ring of shared-memory
-//     slots (one 16 KB cp.async.bulk per slot, completion on mbarriers), never waiting for activations;
-//   - an input warp waits for each task's input (a per-product counter of finished tasks) and copies its
-//     input chunks into a second ring the same way;
 //   - two groups of four consumer warps take alternate tasks: multiply (mma.sync, bf16 in, fp32
-//     accumulate), release the slots, and write the task's output. Each group has its own two rings
-//     (the streams alternate between them), so each ring's slots are consumed in order: an mbarrier's
-//     parity wait is only sound for a waiter at most one phase ahead.
+//     accumulate), release the slots, and write the task's output;
+//   - per group, a weight warp streams the weight chunks of the group's tasks, in order, into a ring of
+//     shared-memory slots (one 16 KB cp.async.bulk per slot, completion on mbarriers), never waiting for
+//     activations, and an input warp copies each task's input chunks into a second ring once they are
+//     written (readiness counters, below). One stream per ring keeps both groups' copies in flight and
+//     each ring consumed in order (an mbarrier parity wait is only sound one phase ahead).
 // While the consumers wait at a dependency the weight warp keeps filling the ring with later products'
 // weights, so the memory system stays busy across product boundaries.
 //
@@ -53,8 +52,9 @@ constexpr int kChunk = kM * kBK;        // elements per chunk (= kBN * kBK)
 constexpr int kChunkBytes = kChunk * 2;
 constexpr int kGroups = 2;              // consumer groups (4 warps each, alternate tasks)
 constexpr int kGroupThreads = 128;
-constexpr int kWeightWarp = kGroups * 4, kInputWarp = kWeightWarp + 1;
-constexpr int kThreads = 32 * (kInputWarp + 1);
+constexpr int kWeightWarp = kGroups * 4;          // kWeightWarp + g: group g's weight stream
+constexpr int kInputWarp = kWeightWarp + kGroups;  // kInputWarp + g: group g's input stream
+constexpr int kThreads = 32 * (kInputWarp + kGroups);
 constexpr int kWStages = 4, kXStages = 2;  // per group: a group's rings are consumed in order only
 constexpr int kTileStride = kBN + 4;    // fp32 epilogue tile row (padded)
 
@@ -259,14 +259,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  if (warp == kWeightWarp) {  // -------------------------------------------------------- weight stream
+  if (warp >= kWeightWarp && warp < kInputWarp) {  // ------------------------------------- weight streams
     if (lane == 0) {
+      const int g = warp - kWeightWarp;
       const uint64_t policy = l2_policy(true);  // read once per step
-      Ring rings[kGroups];
+      Ring r;
       int p = 0, mine = 0;
       for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
-        const int g = mine % kGroups;
-        Ring& r = rings[g];
+        if (mine % kGroups != g) continue;
         p = advance_product(prog, P, p, t);
         const Product d = read_product(prog, p);
         const int local = t - d.task0, tile = local % d.tiles, slice = local / d.tiles;
@@ -280,14 +280,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-  } else if (warp == kInputWarp) {  // ---------------------------------------------------- input stream
+  } else if (warp >= kInputWarp) {  // ---------------------------------------------------- input streams
     // The whole warp polls up to 32 chunk counters at once; lane 0 copies the ready run of chunks.
+    const int g = warp - kInputWarp;
     const uint64_t policy = l2_policy(false);  // activations are read by many SMs
-    Ring rings[kGroups];
+    Ring r;
     int p = 0, mine = 0;
     for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
-      const int g = mine % kGroups;
-      Ring& r = rings[g];
+      if (mine % kGroups != g) continue;
       p = advance_product(prog, P, p, t);
       const Product d = read_product(prog, p);
       const int nc = d.K / kBK / d.split, first = (t - d.task0) / d.tiles * nc;
