@@ -81,12 +81,14 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 
 @needs_sm90
-@pytest.mark.parametrize("splits,grid", [((1, 1, 1, 1, 1), None), ((2, 2, 1, 3, 2), None), ((1, 2, 2, 1, 1), 3),
-                                         ((2, 2, 1, 3, 2), 1)])
-def test_kernel_matches_the_reference_and_replays(splits, grid):
-    """Few CTAs (grid 1, 3) give each many tasks: the rings wrap, both consumer groups and every wait run."""
+@pytest.mark.parametrize("splits,grid,size", [((1, 1, 1, 1, 1), None, 1), ((2, 2, 1, 3, 2), None, 1),
+                                              ((1, 2, 2, 1, 1), 3, 1), ((2, 2, 1, 3, 2), 1, 1),
+                                              ((2, 4, 2, 3, 2), None, 4)])
+def test_kernel_matches_the_reference_and_replays(splits, grid, size):
+    """Few CTAs (grid 1, 3) give each many tasks: the rings wrap, both consumer groups and every wait run;
+    a wider chain (size 4) keeps consecutive split products in flight together on every SM."""
     assert decode_stream.available(verbose=True), decode_stream._EXT.error
-    prog = _chain("cuda", splits)
+    prog = _chain("cuda", splits, layers=2 + size, hidden=256 * size, inter=384 * size, vocab=512 * size)
     for launch in range(3):  # the counters and tickets must be back to zero after every launch
         for p in prog.products:
             p.y.zero_()

@@ -55,8 +55,7 @@ constexpr int kGroupThreads = 128;
 constexpr int kWeightWarp = kGroups * 4;          // kWeightWarp + g: group g's weight stream
 constexpr int kInputWarp = kWeightWarp + kGroups;  // kInputWarp + g: group g's input stream
 constexpr int kThreads = 32 * (kInputWarp + kGroups);
-constexpr int kWStages = 4, kXStages = 2;  // per group: a group's rings are consumed in order only
-constexpr int kTileStride = kBN + 4;    // fp32 epilogue tile row (padded)
+constexpr int kWStages = 4, kXStages = 3;  // per group: a group's rings are consumed in order only
 
 // Program row fields.
 enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, F_OUT, F_YLAYOUT, F_DEP,
@@ -65,7 +64,6 @@ enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, 
 struct Smem {
   __nv_bfloat16 w[kGroups][kWStages][kChunk];
   __nv_bfloat16 x[kGroups][kXStages][kChunk];
-  float tile[kGroups][kM * kTileStride];
   uint64_t w_full[kGroups][kWStages], w_empty[kGroups][kWStages], x_full[kGroups][kXStages],
       x_empty[kGroups][kXStages];
   int flag[kGroups];
@@ -210,32 +208,11 @@ struct Ring {
   }
 };
 
-// The task's output from the fp32 tile in shared memory: bf16 (or SwiGLU of its halves), chunked or rows.
-__device__ __forceinline__ void write_output(const Product& d, int tile, const float* T, int tid) {
-  if (d.out == 1) {  // 64 rows x 32 outputs = 256 units of 8
-    for (int e = tid; e < kM * 4; e += kGroupThreads) {
-      const int row = e >> 2, u = e & 3;
-      __align__(16) __nv_bfloat16 v[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        v[i] = __float2bfloat16_rn(silu(T[row * kTileStride + u * 8 + i]) * T[row * kTileStride + 32 + u * 8 + i]);
-      const int col = tile * 32 + u * 8;
-      __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kChunk + swz(row, col % kBK)
-                                           : d.y + (size_t)row * d.y_stride + col;
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
-    }
-  } else {  // 64 rows x 64 outputs = 512 units of 8
-    for (int e = tid; e < kM * 8; e += kGroupThreads) {
-      const int row = e >> 3, u = e & 7;
-      __align__(16) __nv_bfloat16 v[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = __float2bfloat16_rn(T[row * kTileStride + u * 8 + i]);
-      const int col = tile * kBN + u * 8;
-      __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kChunk + swz(row, col % kBK)
-                                           : d.y + (size_t)row * d.y_stride + col;
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
-    }
-  }
+// Column (0..63) of a consumer thread's accumulator acc[mt][nt][e] within its task's tile: warp_n's n8 tiles
+// are {2 warp_n, 2 warp_n + 1} and {4 + 2 warp_n, 5 + 2 warp_n}, so a SwiGLU tile's gate column j (j < 32)
+// and its up column j + 32 sit in the same thread (acc[.][nt] and acc[.][nt + 2]).
+__device__ __forceinline__ int acc_col(int warp_n, int nt, int lane) {
+  return (nt >> 1) * 32 + warp_n * 16 + (nt & 1) * 8 + (lane & 3) * 2;
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
@@ -318,7 +295,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {  // ------------------------------------------------------------------------------ consumers
     const int group = warp / 4, gw = warp % 4, tid = threadIdx.x % kGroupThreads;
     const int warp_m = gw & 1, warp_n = gw >> 1;
-    float* Tl = sm.tile[group];
     Ring wr, xr;
     int p = 0, mine = 0;
     for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
@@ -354,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
               uint32_t b[4];
-              const int n = warp_n * 32 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+              const int n = np * 32 + warp_n * 16 + (lane & 7) + ((lane >> 4) << 3);
               ldmatrix_x4(b, wb + swz(n, kk * 16 + ((lane >> 3) & 1) * 8));
 #pragma unroll
               for (int mt = 0; mt < 2; ++mt) {
@@ -374,25 +350,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 
       if (tr) tr[2] = global_ns();
-      // Epilogue: the fp32 tile into shared memory, then the output (split 1) or partial + ticket.
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = warp_m * 32 + mt * 16 + (lane >> 2) + h * 8;
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-            *reinterpret_cast<float2*>(Tl + row * kTileStride + warp_n * 32 + nt * 8 + (lane & 3) * 2) =
-                make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
-        }
-      group_sync(group);
+      // Epilogue, from registers: the output (split 1), or the partial tile, a ticket, and for the last
+      // slice the sum of the partials (read past L1) and the output.
       bool last = true;
       if (d.split > 1) {
-        for (int e = tid; e < kM * kBN / 4; e += kGroupThreads) {
-          const int row = e / (kBN / 4), c4 = (e % (kBN / 4)) * 4;
-          __stcg(reinterpret_cast<float4*>(d.partial + ((size_t)slice * kM + row) * d.N + tile * kBN + c4),
-                 *reinterpret_cast<const float4*>(Tl + row * kTileStride + c4));
-        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int row = warp_m * 32 + mt * 16 + (lane >> 2) + h * 8;
+              __stcg(reinterpret_cast<float2*>(d.partial + ((size_t)slice * kM + row) * d.N + tile * kBN +
+                                               acc_col(warp_n, nt, lane)),
+                     make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]));
+            }
         group_sync(group);
         if (tid == 0) {
           __threadfence();
@@ -402,28 +374,47 @@ __global__ void __launch_bounds__(kThreads, 1)
         group_sync(group);
         last = sm.flag[group];
         if (last) {
-          for (int e = tid; e < kM * kBN / 4; e += kGroupThreads) {
-            const int row = e / (kBN / 4), c4 = (e % (kBN / 4)) * 4;
-            float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int sl = 0; sl < d.split; ++sl) {
-              const float4 q =
-                  __ldcg(reinterpret_cast<const float4*>(d.partial + ((size_t)sl * kM + row) * d.N + tile * kBN + c4));
-              s.x += q.x;
-              s.y += q.y;
-              s.z += q.z;
-              s.w += q.w;
-            }
-            *reinterpret_cast<float4*>(Tl + row * kTileStride + c4) = s;
+          for (int sl = 0; sl < d.split; ++sl) {
+            if (sl == slice) continue;
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+              for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                  const int row = warp_m * 32 + mt * 16 + (lane >> 2) + h * 8;
+                  const float2 q = __ldcg(reinterpret_cast<const float2*>(
+                      d.partial + ((size_t)sl * kM + row) * d.N + tile * kBN + acc_col(warp_n, nt, lane)));
+                  acc[mt][nt][2 * h] += q.x;
+                  acc[mt][nt][2 * h + 1] += q.y;
+                }
           }
           if (tid == 0) d.tickets[tile] = 0;
-          group_sync(group);
         }
       }
       if (last) {
-        write_output(d, tile, Tl, tid);
+        const int width = d.out == 1 ? 32 : kBN;  // output columns of a tile
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              if (d.out == 1 && nt >= 2) continue;  // up columns: consumed with their gate columns
+              const int row = warp_m * 32 + mt * 16 + (lane >> 2) + h * 8;
+              float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+              if (d.out == 1) {
+                v0 = silu(v0) * acc[mt][nt + 2][2 * h];
+                v1 = silu(v1) * acc[mt][nt + 2][2 * h + 1];
+              }
+              const int col = tile * width + acc_col(warp_n, nt, lane);
+              __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kChunk + swz(row, col % kBK)
+                                                   : d.y + (size_t)row * d.y_stride + col;
+              *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+            }
         fence_proxy_async();
       }
-      group_sync(group);  // also: the tile buffer is free for this group's next task
+      group_sync(group);
       if (tid == 0 && last && d.ready_out != nullptr) {
         __threadfence();
         atomicAdd(d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK, 1);

@@ -25,7 +25,7 @@ import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v8", "decode_stream.cu")
+_EXT = JitExtension("reallm_decode_stream_v10", "decode_stream.cu")
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per task (``kBN``); chunk columns.
 ROWS, TILE, CHUNK = 64, 64, 128
 #: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``).
@@ -154,8 +154,11 @@ class StreamProgram:
             return self._built
         dev = self.products[0].w.device
         tiles = [p.w.shape[0] // TILE for p in self.products]
-        partial_elems = max([ROWS * p.w.shape[0] * p.split for p in self.products if p.split > 1] or [4])
-        partial = torch.empty(partial_elems, dtype=torch.float32, device=dev)
+        # fp32 partial tiles, a region per split product: consecutive products overlap in time (a product
+        # starts on the input chunks that are ready), so one product's slices must not overwrite another's
+        sizes = [ROWS * p.w.shape[0] * p.split if p.split > 1 else 0 for p in self.products]
+        partial = torch.empty(max(sum(sizes), 4), dtype=torch.float32, device=dev)
+        partial_at = [0] + torch.tensor(sizes).cumsum(0).tolist()[:-1]
         tickets = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
         # readiness counters of every chunked output, one per 128-column chunk
         starts, n_counters = [], 0
@@ -169,7 +172,8 @@ class StreamProgram:
             need = 0 if p.dep < 0 else (4 if self.products[p.dep].out == "swiglu" else 2)
             ready_out = 0 if starts[i] is None else counters.data_ptr() + 4 * starts[i]
             n, k = p.w.shape
-            f = {"w": p.packed.data_ptr(), "x": p.x.data_ptr(), "y": p.y.data_ptr(), "partial": partial.data_ptr(),
+            f = {"w": p.packed.data_ptr(), "x": p.x.data_ptr(), "y": p.y.data_ptr(),
+                 "partial": partial.data_ptr() + 4 * partial_at[i],
                  "tickets": tickets.data_ptr() + 4 * tick0, "N": n, "K": k,
                  "y_stride": p.y.stride(0) if p.y.dim() == 2 else 0, "split": p.split, "out": _OUTS[p.out],
                  "y_layout": 0 if p.y.dim() == 1 else 1, "dep": p.dep, "ready_in": ready_in, "need": need,
