@@ -141,9 +141,9 @@ def main(argv=None) -> int:
         t = graph_us(prog.run)
         err2 = check(prog)  # after 25 replays: the counters were reset every launch
         rows.append((f"stream, splits {cfg} ({sum(prog.tasks())} tasks)", t, max(err, err2)))
-        diag = {f: graph_us(lambda f=f: prog.run(flags=f)) for f in args.diagnose}
+        diag = {f: (graph_us(lambda f=f: prog.run(flags=f)), check(prog)) for f in args.diagnose}
         print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
-              + ", ".join(f"flags {f}: {u:.0f} µs" for f, u in diag.items()), flush=True)
+              + ", ".join(f"flags {f}: {u:.0f} µs (error {e:.1e})" for f, (u, e) in diag.items()), flush=True)
     for cfg in args.trace:
         cfg, _, flags = cfg.partition("/")
         prog = chain.program(dict(zip(KINDS, (int(v) for v in cfg.split(",")))))

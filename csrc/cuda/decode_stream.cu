@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncwarp();  // lane 0's copies are ordered after every lane's acquire
         const int run = not_ready ? __ffs(not_ready) - 1 : 32;
         if (run == 0) {
-          __nanosleep(20);
+          if (!(flags & 16)) __nanosleep(20);
           continue;
         }
         if (lane == 0) {
@@ -412,12 +412,17 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                    : d.y + (size_t)row * d.y_stride + col;
               *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
             }
-        fence_proxy_async();
+        if (!(flags & 4)) fence_proxy_async();
       }
       group_sync(group);
       if (tid == 0 && last && d.ready_out != nullptr) {
-        __threadfence();
-        atomicAdd(d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK, 1);
+        int* counter = d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK;
+        if (flags & 8) {
+          asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
+        } else {
+          __threadfence();
+          atomicAdd(counter, 1);
+        }
       }
       if (tr) tr[3] = global_ns();
     }
@@ -440,7 +445,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // Run a program (see the header): prog int64 [P, 18] on the device; counters int32 (every product's output
 // chunk counters) and exit_ticket int32 [1] zeroed once at allocation (the kernel leaves them zeroed);
-// grid <= SM count. flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic.
+// grid <= SM count. flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic,
+// 4 no writer-side proxy fence, 8 readiness counters by red.release, 16 no sleep while polling.
 // trace (optional, int64 [T, 4]): per task the global timer (ns) at its start, first input chunk, end of its
 // products and end of its epilogue.
 void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch::Tensor exit_ticket, int64_t grid,
