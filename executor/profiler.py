@@ -35,7 +35,8 @@ with ``K`` cached tokens)::
                        ``DecodeRunner`` on the model with its blocks and head bypassed: embedding, rope,
                        input copies and the replay launch; its first two calls once: ``capture``), and the
                        draw of the next token: gather over tp + ``reallm.parallel.generate._sample`` with
-                       greedy settings (``greedy``) and with ``sampling`` (``sample``), device and host
+                       greedy settings (``greedy``), with ``sampling`` (``sample``) and with temperature only
+                       (``sample_plain``), device and host
   score_head forward / backward / prefill / decode: final norm + the critic's score
   optimizer  ParallelModel.optimizer_step (global norm, clipping, AdamW, write-back) / parameters
   host       pinned device -> host copy (``host_copy``, as ``offload``) and host -> device (``reload``)
@@ -104,6 +105,7 @@ from planner.cost_model.profile import (
     DECODE_OPS,
     GRAPHED_OPS,
     PROFILE_FORMAT,
+    PLAIN_SAMPLING_MODE,
     PROFILE_VERSION,
     SAMPLING_MODES,
     TOKEN_OPS,
@@ -147,6 +149,9 @@ PPO_SAMPLING = GenerationConfig(max_new_tokens=2, min_new_tokens=0, greedy=False
                                 top_p=0.9, return_logits_mask=True)
 #: Greedy generation (no logits mask): the ``decode_step`` tables ``greedy`` and ``greedy_host``.
 GREEDY_SAMPLING = GenerationConfig(max_new_tokens=2, greedy=True)
+#: Temperature-only sampling (top-k 0, top-p 1, no mask): the tables ``sample_plain`` and ``sample_plain_host``.
+PLAIN_SAMPLING = GenerationConfig(max_new_tokens=2, min_new_tokens=0, greedy=False, temperature=1.0, top_k=0,
+                                  top_p=1.0)
 #: Block token ops on CUDA: chains of up to ``CHAIN_MAX`` calls of up to this many tokens in all
 #: (``ProfileSettings.chain_tokens``): 8 calls up to 4096 tokens, 1 from 32768.
 CUDA_CHAIN_TOKENS = 32768
@@ -640,7 +645,7 @@ def points_per_config(g: Grids, graphed: bool = False) -> int:
     too (``prefill_graphed``, ``train_graphed[_ckpt]``: CUDA, tp = 1, compiled blocks)."""
     nt, ns, nb, nk = len(g.tokens), len(g.seqlens), len(g.batches), len(g.kv_lens)
     # embedding; block (forward, backward, prefill, checkpointed forward and backward; decode); head;
-    # decode step (launch, 2 sampling modes); score head; optimizer
+    # decode step (launch, 3 sampling modes); score head; optimizer
     return ((3 * nt) + (5 * ns * nt + nb * nk) + (2 * nt + ns * nt + nb) + 3 * nb + (3 * nt + nb) + 1
             + (3 * ns * nt if graphed else 0))
 
@@ -955,7 +960,8 @@ class LayerBench:
 
         out.update(self.tables("decode_step", ("launch", "launch_host", "capture"), "batch", g.batches, "kv_len",
                                (K,), launch))
-        for mode, cfg in zip(SAMPLING_MODES, (GREEDY_SAMPLING, self.s.sampling), strict=True):
+        modes = SAMPLING_MODES + (PLAIN_SAMPLING_MODE,)
+        for mode, cfg in zip(modes, (GREEDY_SAMPLING, self.s.sampling, PLAIN_SAMPLING), strict=True):
             def draw(b, _K, cfg=cfg):
                 logits = torch.randn(b, model.lm_head.weight.shape[0], dtype=self.s.dtype, device=self.dev)
                 state = _SamplerState(b, self.dev)
@@ -1175,6 +1181,7 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
            "compile_blocks": settings.compile_blocks,
            "sampling": dataclasses.asdict(settings.sampling),
            "greedy_sampling": dataclasses.asdict(GREEDY_SAMPLING),
+           "plain_sampling": dataclasses.asdict(PLAIN_SAMPLING),
            "decode_graph_copies": DECODE_GRAPH_COPIES,
            # the executor's chunking that the decode-step and prefill tables depend on (``reallm.working_set``;
            # sampling is timed with all rows at once, the default policy)

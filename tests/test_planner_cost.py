@@ -1,16 +1,18 @@
 """Cost model sanity: call times, memory, collectives, reallocation, transfers."""
 
+import copy
 import dataclasses
+import types
 
 import pytest
 
-from planner.cost_model.call_time import sum_over_steps_s, t_call
+from planner.cost_model.call_time import sampling_mode, sum_over_steps_s, t_call
 from planner.cost_model.collectives import all_gather_time_s, all_reduce_time_s
 from planner.cost_model.memory import call_memory
 from planner.cost_model.profile import PROFILE_DIR, LinkRate, load_profile
 from planner.cost_model.realloc import realloc_estimate_s, realloc_time_s
-from planner.cost_model.shapes import ModelOptions, max_params_per_device
-from planner.cost_model.tables import candidate_meshes, enumerate_candidates
+from planner.cost_model.shapes import ModelOptions, max_params_per_device, seqs_per_micro_batch
+from planner.cost_model.tables import candidate_meshes, enumerate_candidates, model_options
 from planner.cost_model.transfer import edge_bytes
 from reallm.cluster import load_cluster
 from reallm.dataflow import ppo_calls
@@ -328,3 +330,36 @@ def test_generation_candidate_charges_its_capture_only_where_it_shares_its_devic
         assert cand.time_s == pytest.approx(ct.time_s - capture)
         assert cand.host_load_s == pytest.approx(capture)
         assert dict(cand.terms)["capture_s"] == 0.0
+
+
+def test_unfiltered_sampling_reads_the_plain_tables_and_old_profiles_fall_back():
+    call = dataclasses.replace(CALLS["actor_gen"], max_new_tokens=64)
+    p = Placement(tuple(range(8)), 8, 1, 1, False, 1)
+    filtered = ModelOptions(filtered_sampling=True)
+    plain = ModelOptions(filtered_sampling=False)
+    assert sampling_mode(plain, PROF, S7, 1) == "sample_plain" and sampling_mode(filtered, PROF, S7, 1) == "sample"
+    assert sampling_mode(ModelOptions(greedy=True, filtered_sampling=False), PROF, S7, 1) == "greedy"
+    t_filtered = t_call(call, p, S7, PROF, NODE, filtered).time_s
+    t_plain = t_call(call, p, S7, PROF, NODE, plain).time_s
+    # no sort over the vocabulary: per step the difference is the two tables' (device-bound at tp 1)
+    b = seqs_per_micro_batch(call, p)
+    per_step = (PROF.decode_time_s(S7, "decode_step", 1, b, 0, "sample")
+                - PROF.decode_time_s(S7, "decode_step", 1, b, 0, "sample_plain"))
+    assert per_step > 0 and t_plain < t_filtered
+    # a profile without the plain tables (made before them) prices such calls as filtered sampling
+    old = copy.deepcopy(PROF)
+    for tps in old.layers.values():
+        for ops in tps["decode_step"].values():
+            ops.pop("sample_plain"), ops.pop("sample_plain_host")
+    assert sampling_mode(plain, old, S7, 1) == "sample"
+    assert t_call(call, p, S7, old, NODE, plain).time_s == pytest.approx(t_filtered)
+
+
+def test_model_options_read_the_sampling_filter_from_the_experiment():
+    def exp(**gen):
+        return types.SimpleNamespace(kind="ppo", config=types.SimpleNamespace(ppo=types.SimpleNamespace(**gen)))
+
+    assert model_options(exp(greedy=False, top_k=200, top_p=0.9), "actor").filtered_sampling
+    assert model_options(exp(greedy=False, top_k=0, top_p=0.95), "actor").filtered_sampling
+    assert not model_options(exp(greedy=False, top_k=0, top_p=1.0), "actor").filtered_sampling
+    assert model_options(exp(greedy=True), "actor").filtered_sampling  # unknown filters: assume the sort

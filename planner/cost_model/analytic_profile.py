@@ -32,7 +32,9 @@ Per tp rank, with T tokens per micro-batch in sequences of length s, tp degree t
               6 ops · H, capture = 2 · launch_host;
               greedy = b·V'·12 bytes / (η_mem·B) + 8 kernels · 2 µs, greedy_host = 8 ops · H;
               sample = b·V'·48 bytes / (η_mem·B) (softmax, top-k, top-p sort, cumsum, mask) + 50 kernels ·
-              2 µs, sample_host = 50 ops · H; H = 25 µs per eagerly launched op (Python dispatch + launch).
+              2 µs, sample_host = 50 ops · H; sample_plain (temperature only: softmax, draw) = b·V'·24 bytes
+              / (η_mem·B) + 25 kernels · 2 µs, sample_plain_host = 25 ops · H; H = 25 µs per eagerly
+              launched op (Python dispatch + launch).
   embedding:  a row gather (4·T·h bytes), backward a scatter-add (12·T·h bytes).
   score head: h → 1, elementwise-bound.
   optimizer:  Adam over fp32 master + 2 moments, bf16 grads and weights: 28 bytes / (η_mem·B) per parameter.
@@ -58,7 +60,7 @@ KV_GRID = (1, 128, 512, 2048, 8192, 32768)
 BLOCK_KERNELS = 12
 #: Eagerly launched ops of one decode step's parts (host side, module docstring).
 EAGER_BLOCK_OPS, EAGER_HEAD_OPS = 30, 6
-GREEDY_OPS, SAMPLE_OPS = 8, 50
+GREEDY_OPS, SAMPLE_OPS, PLAIN_SAMPLE_OPS = 8, 50, 25
 ADAM_BYTES_PER_PARAM = 28
 
 
@@ -205,11 +207,14 @@ def decode_capture_s(tp: int, ops: int, r: AnalyticRates) -> float:
     return 2 * ops * r.host_op_s if tp == 1 else 0.0
 
 
-def sampling_s(spec: ModelSpec, tp: int, batch: float, greedy: bool, r: AnalyticRates) -> float:
-    """Device time of drawing the next token from ``batch`` rows of padded-vocabulary logits."""
+def sampling_s(spec: ModelSpec, tp: int, batch: float, mode: str, r: AnalyticRates) -> float:
+    """Device time of drawing the next token from ``batch`` rows of padded-vocabulary logits; ``mode``:
+    greedy, sample (top-k / top-p: sorts), sample_plain (temperature only)."""
     v = vocab_rows_per_rank(spec, tp) * tp
-    if greedy:
+    if mode == "greedy":
         return memory_time_s(12 * batch * v, r) + GREEDY_OPS * r.decode_kernel_overhead_s
+    if mode == "sample_plain":
+        return memory_time_s(24 * batch * v, r) + PLAIN_SAMPLE_OPS * r.decode_kernel_overhead_s
     return memory_time_s(48 * batch * v, r) + SAMPLE_OPS * r.decode_kernel_overhead_s
 
 
@@ -286,10 +291,12 @@ def analytic_layer_dicts(spec: ModelSpec, r: AnalyticRates, tps=TP_DEGREES) -> d
             "launch": _step_table(lambda b: 4 * r.decode_kernel_overhead_s),
             "launch_host": _step_table(lambda b, tp=tp: launch_host_s(tp, r)),
             "capture": _step_table(lambda b, tp=tp: 2 * launch_host_s(tp, r)),
-            "greedy": _step_table(lambda b, tp=tp: sampling_s(spec, tp, b, True, r)),
+            "greedy": _step_table(lambda b, tp=tp: sampling_s(spec, tp, b, "greedy", r)),
             "greedy_host": _step_table(lambda b: GREEDY_OPS * r.host_op_s),
-            "sample": _step_table(lambda b, tp=tp: sampling_s(spec, tp, b, False, r)),
+            "sample": _step_table(lambda b, tp=tp: sampling_s(spec, tp, b, "sample", r)),
             "sample_host": _step_table(lambda b: SAMPLE_OPS * r.host_op_s),
+            "sample_plain": _step_table(lambda b, tp=tp: sampling_s(spec, tp, b, "sample_plain", r)),
+            "sample_plain_host": _step_table(lambda b: PLAIN_SAMPLE_OPS * r.host_op_s),
         }
     return out
 

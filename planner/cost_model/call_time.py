@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from planner.cost_model.collectives import all_gather_time_s, all_reduce_time_s, p2p_time_s, reduce_scatter_time_s
-from planner.cost_model.profile import LinkRate, Profile
+from planner.cost_model.profile import PLAIN_SAMPLING_MODE, LinkRate, Profile
 from planner.cost_model.shapes import (
     DTYPE_BYTES,
     ModelOptions,
@@ -213,9 +213,16 @@ def stage_backward_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile,
     return t
 
 
-def sampling_mode(opts: ModelOptions) -> str:
-    """Which ``decode_step`` sampling tables a generate call reads (``profile.SAMPLING_MODES``)."""
-    return "greedy" if opts.greedy else "sample"
+def sampling_mode(opts: ModelOptions, profile: Optional[Profile] = None, spec: Optional[ModelSpec] = None,
+                  tp: int = 1) -> str:
+    """Which ``decode_step`` sampling tables a generate call reads: ``greedy``, ``sample_plain`` (no top-k /
+    top-p filter, where ``profile`` has those tables for ``spec`` at ``tp``) or ``sample``."""
+    if opts.greedy:
+        return "greedy"
+    if (not opts.filtered_sampling and profile is not None
+            and profile.has_op(spec, "decode_step", PLAIN_SAMPLING_MODE, tp)):
+        return PLAIN_SAMPLING_MODE
+    return "sample"
 
 
 def stage_decode_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, batch: float, kv_len: float,
@@ -321,7 +328,7 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
     slots = pipeline_slots(p)
     if call.kind == "generate":
         P, N = prompt_len(call), call.max_new_tokens
-        mode = sampling_mode(opts)
+        mode = sampling_mode(opts, profile, spec, p.tp)
         tok = b * P
         p2p = pipeline_p2p_s(tok, spec, p, links.pp)
         groups = prefill_groups(b, P, prefill_chunk_tokens(spec, p.tp, opts.dtype_bytes, opts.lean_memory)) if p.pp == 1 else [(tok, 1)]

@@ -78,7 +78,9 @@ copied into the graph, embedding, positions, the replay launch, the ring's bookk
 share of the one-off warm-up and capture, and the sampling of the next token from the logits (tp
 gather, ``reallm.parallel.generate._sample``): device and host time, greedy (``greedy``, ``greedy_host``)
 and sampling (``sample``, ``sample_host``: the measuring run's ``sampling`` settings, PPO's top-k/top-p
-with the logits mask by default). ``decode_step`` tables have one ``kv_len`` column. On a CPU the host
+with the logits mask by default; optionally ``sample_plain``, ``sample_plain_host``: temperature only, no
+top-k / top-p filter, as a call with ``top_k=0, top_p=1`` samples — without them such calls read
+``sample``). ``decode_step`` tables have one ``kv_len`` column. On a CPU the host
 does the work: device tables hold the wall time and the host and capture tables are 0.
 
 Version 1 (no ``decode_host``, ``decode_capture``, ``decode_step``; the head's decode included the
@@ -123,6 +125,9 @@ CKPT_OPS = ("forward_ckpt", "backward_ckpt")
 DECODE_OPS = ("decode", "decode_host", "decode_capture")
 #: How the next token is drawn: ``greedy`` (argmax) or ``sample`` (the profile's sampling settings).
 SAMPLING_MODES = ("greedy", "sample")
+#: Optional: sampling from the temperature-scaled distribution with no top-k / top-p filter (no sort over
+#: the vocabulary); profiles without it use ``sample`` for such calls.
+PLAIN_SAMPLING_MODE = "sample_plain"
 STEP_OPS = ("launch", "launch_host", "capture") + tuple(op for m in SAMPLING_MODES for op in (m, f"{m}_host"))
 #: Ops each layer kind must provide; every op outside ``TOKEN_OPS`` is a decode table (batch × kv_len).
 REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + DECODE_OPS, "head": TOKEN_OPS + DECODE_OPS,
@@ -130,7 +135,8 @@ REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + DECODE_OPS, "head":
 #: Ops a kind may provide (the cost model falls back to others without them).
 #: A block's no-grad forward replayed from a CUDA graph (optional, module docstring).
 GRAPHED_OPS = ("prefill_graphed", "train_graphed", "train_graphed_ckpt")
-OPTIONAL_OPS = {"block": CKPT_OPS + GRAPHED_OPS}
+OPTIONAL_OPS = {"block": CKPT_OPS + GRAPHED_OPS,
+                "decode_step": (PLAIN_SAMPLING_MODE, f"{PLAIN_SAMPLING_MODE}_host")}
 LINK_TYPES = ("nvlink", "ib", "host")
 
 

@@ -47,6 +47,9 @@ class ModelOptions:
     #: Generation draws greedily (argmax) rather than sampling (the PPO / gen config's ``greedy``): which
     #: ``decode_step`` sampling tables a generate call reads.
     greedy: bool = False
+    #: Sampling filters the distribution (top-k > 0 or top-p < 1: a sort over the vocabulary per step);
+    #: False: temperature only (the ``decode_step`` tables ``sample_plain`` where the profile has them).
+    filtered_sampling: bool = True
     #: The model config's ``compile``: on a GPU with tp = 1 the executor runs the blocks as torch.compile'd
     #: regions and each chunk of the vocab-parallel log-softmax as one fused kernel (``blocks_compiled``).
     compile_blocks: bool = True

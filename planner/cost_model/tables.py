@@ -64,11 +64,12 @@ class Candidate:
 
 def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOptions:
     """Gradient checkpointing and ZeRO stage of a role from the experiment config (defaults if absent);
-    the element size from the profile's dtype (fp32 on CPU); greedy generation from the PPO or gen
-    settings (``ppo.greedy``, ``gen.greedy``)."""
+    the element size from the profile's dtype (fp32 on CPU); greedy or filtered sampling from the PPO or gen
+    settings (``greedy``, ``top_k``, ``top_p`` of ``ppo`` / ``gen``)."""
     dtype_bytes = 4 if profile is not None and profile.dtype == "fp32" else 2
     gen = getattr(getattr(exp, "config", None), "ppo", None) or getattr(getattr(exp, "config", None), "gen", None)
     greedy = bool(getattr(gen, "greedy", False))
+    filtered = int(getattr(gen, "top_k", 1) or 0) > 0 or float(getattr(gen, "top_p", 0.0)) < 1.0
     try:
         from reallm.config.resolve import model_config_of
 
@@ -77,11 +78,12 @@ def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOpt
         return ModelOptions(gradient_checkpointing=bool(m.gradient_checkpointing),
                             zero_stage=int(getattr(m.optimizer, "zero_stage", 0)), dtype_bytes=dtype_bytes,
                             offload_train_state=bool(getattr(memory, "offload_train_state", True)), greedy=greedy,
+                            filtered_sampling=filtered,
                             compile_blocks=bool(getattr(m, "compile", True)),
                             train_graphs=bool(getattr(m, "train_cuda_graphs", True)),
                             lean_memory=bool(getattr(memory, "offload_idle_train_states", False)))
     except (AttributeError, KeyError, TypeError):
-        return ModelOptions(dtype_bytes=dtype_bytes, greedy=greedy)
+        return ModelOptions(dtype_bytes=dtype_bytes, greedy=greedy, filtered_sampling=filtered)
 
 
 def _pow2_upto(n: int) -> list[int]:
