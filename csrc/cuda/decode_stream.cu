@@ -50,17 +50,22 @@ constexpr int kBN = 64;                 // weight rows per task
 constexpr int kBK = 128;                // columns per chunk
 constexpr int kChunk = kM * kBK;        // elements per chunk (= kBN * kBK)
 constexpr int kChunkBytes = kChunk * 2;
-constexpr int kGroups = 2;              // consumer groups (4 warps each, alternate tasks)
 constexpr int kGroupThreads = 128;
-constexpr int kWeightWarp = kGroups * 4;          // kWeightWarp + g: group g's weight stream
-constexpr int kInputWarp = kWeightWarp + kGroups;  // kInputWarp + g: group g's input stream
-constexpr int kThreads = 32 * (kInputWarp + kGroups);
-constexpr int kWStages = 4, kXStages = 3;  // per group: a group's rings are consumed in order only
 
 // Program row fields.
 enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, F_OUT, F_YLAYOUT, F_DEP,
              F_READY_IN, F_NEED, F_READY_OUT, F_TASK0, F_TILES, F_COUNT = 18 };
 
+// Ring shape: kGroups consumer groups (4 warps each, alternate tasks), each with kWStages weight and kXStages
+// input slots (a group's rings are consumed in order only); warps 4 kGroups + g and 5 kGroups + g are
+// group g's weight and input streams.
+template <int kGroups, int kWStages, int kXStages>
+struct Config {
+  static constexpr int kWeightWarp = kGroups * 4, kInputWarp = kWeightWarp + kGroups;
+  static constexpr int kThreads = 32 * (kInputWarp + kGroups);
+};
+
+template <int kGroups, int kWStages, int kXStages>
 struct Smem {
   __nv_bfloat16 w[kGroups][kWStages][kChunk];
   __nv_bfloat16 x[kGroups][kXStages][kChunk];
@@ -215,11 +220,14 @@ __device__ __forceinline__ int acc_col(int warp_n, int nt, int lane) {
   return (nt >> 1) * 32 + warp_n * 16 + (nt & 1) * 8 + (lane & 3) * 2;
 }
 
-__global__ void __launch_bounds__(kThreads, 1)
+template <int kGroups, int kWStages, int kXStages>
+__global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads), 1)
     stream_kernel(const int64_t* __restrict__ prog, int P, int T, int* counters, int n_counters, int* exit_ticket,
                   int flags, int64_t* trace) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  using C = Config<kGroups, kWStages, kXStages>;
+  constexpr int kWeightWarp = C::kWeightWarp, kInputWarp = C::kInputWarp, kThreads = C::kThreads;
+  Smem<kGroups, kWStages, kXStages>& sm = *reinterpret_cast<Smem<kGroups, kWStages, kXStages>*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int g = 0; g < kGroups; ++g) {
@@ -449,8 +457,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 // 4 no writer-side proxy fence, 8 readiness counters by red.release, 16 no sleep while polling.
 // trace (optional, int64 [T, 4]): per task the global timer (ns) at its start, first input chunk, end of its
 // products and end of its epilogue.
+template <int G, int WS, int XS>
+void launch(const torch::Tensor& prog, int64_t P, int64_t T, torch::Tensor& counters, torch::Tensor& exit_ticket,
+            int64_t grid, int64_t flags, const c10::optional<torch::Tensor>& trace) {
+  using S = Smem<G, WS, XS>;
+  auto kernel = stream_kernel<G, WS, XS>;
+  static bool configured = false;  // once per process, outside any graph capture that follows
+  if (!configured) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(S)));
+    configured = true;
+  }
+  kernel<<<(unsigned)grid, Config<G, WS, XS>::kThreads, sizeof(S), at::cuda::getCurrentCUDAStream()>>>(
+      prog.data_ptr<int64_t>(), (int)P, (int)T, counters.data_ptr<int>(), (int)counters.numel(),
+      exit_ticket.data_ptr<int>(), (int)flags, trace ? trace->data_ptr<int64_t>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch::Tensor exit_ticket, int64_t grid,
-         int64_t flags, c10::optional<torch::Tensor> trace) {
+         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant) {
   TORCH_CHECK(!trace || (trace->scalar_type() == torch::kInt64 && trace->numel() >= 4 * T), "trace: int64 [T, 4]");
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
   TORCH_CHECK(counters.scalar_type() == torch::kInt32 && exit_ticket.scalar_type() == torch::kInt32, "int32 counters");
@@ -458,18 +482,16 @@ void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, prog.device().index()));
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
-  static bool configured = false;  // once per process, outside any graph capture that follows
-  if (!configured) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(Smem)));
-    configured = true;
+  switch (variant) {
+    case 0: launch<2, 4, 3>(prog, P, T, counters, exit_ticket, grid, flags, trace); break;
+    case 1: launch<2, 5, 2>(prog, P, T, counters, exit_ticket, grid, flags, trace); break;
+    case 2: launch<1, 10, 3>(prog, P, T, counters, exit_ticket, grid, flags, trace); break;
+    default: TORCH_CHECK(false, "variant must be 0, 1 or 2, got ", variant);
   }
-  stream_kernel<<<(unsigned)grid, kThreads, sizeof(Smem), at::cuda::getCurrentCUDAStream()>>>(
-      prog.data_ptr<int64_t>(), (int)P, (int)T, counters.data_ptr<int>(), (int)counters.numel(),
-      exit_ticket.data_ptr<int>(), (int)flags, trace ? trace->data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-int64_t smem_bytes() { return sizeof(Smem); }
+int64_t smem_bytes() { return sizeof(Smem<2, 4, 3>); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "run a decode product program (persistent, weight-streaming)");

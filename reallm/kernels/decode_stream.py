@@ -25,7 +25,7 @@ import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v11", "decode_stream.cu")
+_EXT = JitExtension("reallm_decode_stream_v12", "decode_stream.cu")
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per task (``kBN``); chunk columns.
 ROWS, TILE, CHUNK = 64, 64, 128
 #: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``).
@@ -186,19 +186,22 @@ class StreamProgram:
                        "exit": torch.zeros(1, dtype=torch.int32, device=dev), "T": task0}
         return self._built
 
-    def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None) -> None:
+    def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None,
+            variant: int = 0) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
         arithmetic (the two streams alone). ``trace``: int64 [tasks, 4] to receive each task's global timer
-        (ns) at its start, first input chunk, end of products, end of epilogue.
+        (ns) at its start, first input chunk, end of products, end of epilogue. ``variant``: the rings per
+        SM — 0: two consumer groups with 4 weight and 3 input slots each; 1: two groups, 5 + 2; 2: one
+        group, 10 + 3.
         """
         ext = _EXT.load()
         if ext is None:
             raise RuntimeError(f"decode_stream kernel unavailable: {_EXT.error}")
         b = self._build()
         sms = torch.cuda.get_device_properties(self.products[0].w.device).multi_processor_count
-        ext.run(b["prog"], len(self.products), b["T"], b["counters"], b["exit"], min(grid or sms, sms), flags, trace)
+        ext.run(b["prog"], len(self.products), b["T"], b["counters"], b["exit"], min(grid or sms, sms), flags, trace, variant)
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""
