@@ -220,6 +220,18 @@ __device__ __forceinline__ int acc_col(int warp_n, int nt, int lane) {
   return (nt >> 1) * 32 + warp_n * 16 + (nt & 1) * 8 + (lane & 3) * 2;
 }
 
+// f(mt, nt, h, row, col) for each pair acc[mt][nt][2h], acc[mt][nt][2h + 1] of a consumer thread: the pair's
+// tile row and its first column (acc_col).
+template <typename F>
+__device__ __forceinline__ void for_each_pair(int warp_m, int warp_n, int lane, F&& f) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) f(mt, nt, h, warp_m * 32 + mt * 16 + (lane >> 2) + h * 8, acc_col(warp_n, nt, lane));
+}
+
 template <int kGroups, int kWStages, int kXStages>
 __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads), 1)
     stream_kernel(const int64_t* __restrict__ prog, int P, int T, int* counters, int n_counters, int* exit_ticket,
@@ -362,17 +374,11 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
       // slice the sum of the partials (read past L1) and the output.
       bool last = true;
       if (d.split > 1) {
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int row = warp_m * 32 + mt * 16 + (lane >> 2) + h * 8;
-              __stcg(reinterpret_cast<float2*>(d.partial + ((size_t)slice * kM + row) * d.N + tile * kBN +
-                                               acc_col(warp_n, nt, lane)),
-                     make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]));
-            }
+        float* part = d.partial + tile * kBN;  // + (slice * kM + row) * N + column
+        for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int col) {
+          __stcg(reinterpret_cast<float2*>(part + ((size_t)slice * kM + row) * d.N + col),
+                 make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]));
+        });
         group_sync(group);
         if (tid == 0) {
           __threadfence();
@@ -384,42 +390,29 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
         if (last) {
           for (int sl = 0; sl < d.split; ++sl) {
             if (sl == slice) continue;
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-              for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                  const int row = warp_m * 32 + mt * 16 + (lane >> 2) + h * 8;
-                  const float2 q = __ldcg(reinterpret_cast<const float2*>(
-                      d.partial + ((size_t)sl * kM + row) * d.N + tile * kBN + acc_col(warp_n, nt, lane)));
-                  acc[mt][nt][2 * h] += q.x;
-                  acc[mt][nt][2 * h + 1] += q.y;
-                }
+            for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int col) {
+              const float2 q = __ldcg(reinterpret_cast<const float2*>(part + ((size_t)sl * kM + row) * d.N + col));
+              acc[mt][nt][2 * h] += q.x;
+              acc[mt][nt][2 * h + 1] += q.y;
+            });
           }
           if (tid == 0) d.tickets[tile] = 0;
         }
       }
       if (last) {
         const int width = d.out == 1 ? 32 : kBN;  // output columns of a tile
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              if (d.out == 1 && nt >= 2) continue;  // up columns: consumed with their gate columns
-              const int row = warp_m * 32 + mt * 16 + (lane >> 2) + h * 8;
-              float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
-              if (d.out == 1) {
-                v0 = silu(v0) * acc[mt][nt + 2][2 * h];
-                v1 = silu(v1) * acc[mt][nt + 2][2 * h + 1];
-              }
-              const int col = tile * width + acc_col(warp_n, nt, lane);
-              __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kChunk + swz(row, col % kBK)
-                                                   : d.y + (size_t)row * d.y_stride + col;
-              *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
-            }
+        for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int tile_col) {
+          if (d.out == 1 && nt >= 2) return;  // up columns: consumed with their gate columns
+          float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+          if (d.out == 1) {
+            v0 = silu(v0) * acc[mt][(nt + 2) & 3][2 * h];
+            v1 = silu(v1) * acc[mt][(nt + 2) & 3][2 * h + 1];
+          }
+          const int col = tile * width + tile_col;
+          __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kChunk + swz(row, col % kBK)
+                                               : d.y + (size_t)row * d.y_stride + col;
+          *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+        });
         if (!(flags & 4)) fence_proxy_async();
       }
       group_sync(group);
