@@ -202,6 +202,25 @@ __device__ __forceinline__ int advance_product(const int64_t* __restrict__ prog,
   return p;
 }
 
+// Global task t of the program: its product (searched forward from `p`, which it updates: tasks only
+// increase), weight tile, K slice and chunk count.
+struct Task {
+  Product d;
+  int p, tile, slice, nc;
+};
+
+__device__ __forceinline__ Task task_at(const int64_t* __restrict__ prog, int P, int& p, int t) {
+  p = advance_product(prog, P, p, t);
+  Task k;
+  k.d = read_product(prog, p);
+  k.p = p;
+  const int local = t - k.d.task0;
+  k.tile = local % k.d.tiles;
+  k.slice = local / k.d.tiles;
+  k.nc = k.d.K / kBK / k.d.split;
+  return k;
+}
+
 struct Ring {
   int slot = 0;
   uint32_t phase = 0;
@@ -264,11 +283,9 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
       int p = 0, mine = 0;
       for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
         if (mine % kGroups != g) continue;
-        p = advance_product(prog, P, p, t);
-        const Product d = read_product(prog, p);
-        const int local = t - d.task0, tile = local % d.tiles, slice = local / d.tiles;
-        const int kc = d.K / kBK, nc = kc / d.split;
-        const __nv_bfloat16* src = d.w + ((size_t)tile * kc + (size_t)slice * nc) * kChunk;
+        const Task k = task_at(prog, P, p, t);
+        const int nc = k.nc;
+        const __nv_bfloat16* src = k.d.w + ((size_t)k.tile * (k.d.K / kBK) + (size_t)k.slice * nc) * kChunk;
         for (int c = 0; c < nc; ++c) {
           mbar_wait(&sm.w_empty[g][r.slot], r.phase ^ 1);
           mbar_expect_tx(&sm.w_full[g][r.slot], kChunkBytes);
@@ -285,9 +302,9 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
     int p = 0, mine = 0;
     for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
       if (mine % kGroups != g) continue;
-      p = advance_product(prog, P, p, t);
-      const Product d = read_product(prog, p);
-      const int nc = d.K / kBK / d.split, first = (t - d.task0) / d.tiles * nc;
+      const Task k = task_at(prog, P, p, t);
+      const Product& d = k.d;
+      const int nc = k.nc, first = k.slice * nc;
       const bool wait = d.ready_in != nullptr && !(flags & 1);
       for (int c = 0; c < nc;) {
         const bool ok = !wait || c + lane >= nc || load_acquire(d.ready_in + first + c + lane) >= d.need;
@@ -318,10 +335,9 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
     Ring wr, xr;
     int p = 0, mine = 0;
     for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
-      p = advance_product(prog, P, p, t);
-      const Product d = read_product(prog, p);
-      const int local = t - d.task0, tile = local % d.tiles, slice = local / d.tiles;
-      const int nc = d.K / kBK / d.split;
+      const Task k = task_at(prog, P, p, t);
+      const Product& d = k.d;
+      const int tile = k.tile, slice = k.slice, nc = k.nc;
       if (mine % kGroups != group) continue;  // the other group's task (and rings)
       int64_t* tr = trace != nullptr && tid == 0 ? trace + (size_t)t * 4 : nullptr;  // timing: [start, first
       if (tr) tr[0] = global_ns();                                                 // input, products, end]
