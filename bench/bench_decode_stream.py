@@ -110,13 +110,10 @@ def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="*", default=["4,4,1,4,1", "2,2,1,2,1", "4,4,2,4,2", "8,8,2,4,1"],
+    ap.add_argument("--configs", nargs="*", default=["2,2,1,4,1", "4,4,1,4,1", "2,2,1,2,1"],
                     help="split of qkv,o,gate_up,down,head")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
-    ap.add_argument("--variants", nargs="*", type=int, default=[],
-                    help="also time these ring variants (StreamProgram.run: 1 two groups 5 + 2 slots, 2 one "
-                         "group 10 + 3)")
     ap.add_argument("--trace", nargs="*", default=[], help="configurations to trace (per-task timers), SPLITS[/FLAGS]")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
@@ -144,10 +141,6 @@ def main(argv=None) -> int:
         t = graph_us(prog.run)
         err2 = check(prog)  # after 25 replays: the counters were reset every launch
         rows.append((f"stream, splits {cfg} ({sum(prog.tasks())} tasks)", t, max(err, err2)))
-        for v in args.variants:
-            tv = graph_us(lambda v=v: prog.run(variant=v))
-            rows.append((f"stream, splits {cfg}, ring variant {v}", tv, check(prog)))
-            print(f"{cfg} variant {v}: {tv:.0f} µs", flush=True)
         diag = {f: (graph_us(lambda f=f: prog.run(flags=f)), check(prog)) for f in args.diagnose}
         print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
               + ", ".join(f"flags {f}: {u:.0f} µs (error {e:.1e})" for f, (u, e) in diag.items()), flush=True)

@@ -53,8 +53,8 @@ constexpr int kChunkBytes = kChunk * 2;
 constexpr int kGroupThreads = 128;
 
 // Program row fields.
-enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, F_OUT, F_YLAYOUT, F_DEP,
-             F_READY_IN, F_NEED, F_READY_OUT, F_TASK0, F_TILES, F_COUNT = 18 };
+enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, F_OUT, F_YLAYOUT, F_READY_IN,
+             F_NEED, F_READY_OUT, F_TASK0, F_TILES, F_COUNT = 16 };
 
 // Ring shape: kGroups consumer groups (4 warps each, alternate tasks), each with kWStages weight and kXStages
 // input slots (a group's rings are consumed in order only); warps 4 kGroups + g and 5 kGroups + g are
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
         __syncwarp();  // lane 0's copies are ordered after every lane's acquire
         const int run = not_ready ? __ffs(not_ready) - 1 : 32;
         if (run == 0) {
-          if (!(flags & 16)) __nanosleep(20);
+          __nanosleep(20);
           continue;
         }
         if (lane == 0) {
@@ -429,17 +429,12 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
                                                : d.y + (size_t)row * d.y_stride + col;
           *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
         });
-        if (!(flags & 4)) fence_proxy_async();
+        fence_proxy_async();
       }
       group_sync(group);
       if (tid == 0 && last && d.ready_out != nullptr) {
-        int* counter = d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK;
-        if (flags & 8) {
-          asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
-        } else {
-          __threadfence();
-          atomicAdd(counter, 1);
-        }
+        __threadfence();
+        atomicAdd(d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK, 1);
       }
       if (tr) tr[3] = global_ns();
     }
@@ -460,10 +455,9 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
 
 }  // namespace
 
-// Run a program (see the header): prog int64 [P, 18] on the device; counters int32 (every product's output
+// Run a program (see the header): prog int64 [P, 16] on the device; counters int32 (every product's output
 // chunk counters) and exit_ticket int32 [1] zeroed once at allocation (the kernel leaves them zeroed);
-// grid <= SM count. flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic,
-// 4 no writer-side proxy fence, 8 readiness counters by red.release, 16 no sleep while polling.
+// grid <= SM count. flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic.
 // trace (optional, int64 [T, 4]): per task the global timer (ns) at its start, first input chunk, end of its
 // products and end of its epilogue.
 template <int G, int WS, int XS>
@@ -483,7 +477,7 @@ void launch(const torch::Tensor& prog, int64_t P, int64_t T, torch::Tensor& coun
 }
 
 void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch::Tensor exit_ticket, int64_t grid,
-         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant) {
+         int64_t flags, c10::optional<torch::Tensor> trace) {
   TORCH_CHECK(!trace || (trace->scalar_type() == torch::kInt64 && trace->numel() >= 4 * T), "trace: int64 [T, 4]");
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
   TORCH_CHECK(counters.scalar_type() == torch::kInt32 && exit_ticket.scalar_type() == torch::kInt32, "int32 counters");
@@ -491,18 +485,11 @@ void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, prog.device().index()));
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
-  switch (variant) {
-    case 0: launch<2, 4, 3>(prog, P, T, counters, exit_ticket, grid, flags, trace); break;
-    case 1: launch<2, 5, 2>(prog, P, T, counters, exit_ticket, grid, flags, trace); break;
-    case 2: launch<1, 10, 3>(prog, P, T, counters, exit_ticket, grid, flags, trace); break;
-    default: TORCH_CHECK(false, "variant must be 0, 1 or 2, got ", variant);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // two groups of 4 + 3 slots: measured against 5 + 2 and one group of 10 + 3 (BENCHMARKS.md, session 8)
+  launch<2, 4, 3>(prog, P, T, counters, exit_ticket, grid, flags, trace);
 }
 
-int64_t smem_bytes() { return sizeof(Smem<2, 4, 3>); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "run a decode product program (persistent, weight-streaming)");
-  m.def("smem_bytes", &smem_bytes, "shared memory per CTA");
 }

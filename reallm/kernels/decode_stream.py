@@ -25,13 +25,12 @@ import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v14", "decode_stream.cu")
+_EXT = JitExtension("reallm_decode_stream_v15", "decode_stream.cu")
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per task (``kBN``); chunk columns.
 ROWS, TILE, CHUNK = 64, 64, 128
 #: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``).
-_FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "split", "out", "y_layout", "dep",
-           "ready_in", "need", "ready_out", "task0", "tiles")
-_ROW = 18
+_FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "split", "out", "y_layout", "ready_in",
+           "need", "ready_out", "task0", "tiles")
 _OUTS = {"plain": 0, "swiglu": 1}
 
 
@@ -176,9 +175,9 @@ class StreamProgram:
                  "partial": partial.data_ptr() + 4 * partial_at[i],
                  "tickets": tickets.data_ptr() + 4 * tick0, "N": n, "K": k,
                  "y_stride": p.y.stride(0) if p.y.dim() == 2 else 0, "split": p.split, "out": _OUTS[p.out],
-                 "y_layout": 0 if p.y.dim() == 1 else 1, "dep": p.dep, "ready_in": ready_in, "need": need,
+                 "y_layout": 0 if p.y.dim() == 1 else 1, "ready_in": ready_in, "need": need,
                  "ready_out": ready_out, "task0": task0, "tiles": nt}
-            rows.append([f[name] for name in _FIELDS] + [0] * (_ROW - len(_FIELDS)))
+            rows.append([f[name] for name in _FIELDS])
             task0 += nt * p.split
             tick0 += nt
         self._built = {"prog": torch.tensor(rows, dtype=torch.int64, device=dev), "partial": partial,
@@ -186,22 +185,19 @@ class StreamProgram:
                        "exit": torch.zeros(1, dtype=torch.int32, device=dev), "T": task0}
         return self._built
 
-    def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None,
-            variant: int = 0) -> None:
+    def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
         arithmetic (the two streams alone). ``trace``: int64 [tasks, 4] to receive each task's global timer
-        (ns) at its start, first input chunk, end of products, end of epilogue. ``variant``: the rings per
-        SM — 0: two consumer groups with 4 weight and 3 input slots each; 1: two groups, 5 + 2; 2: one
-        group, 10 + 3.
+        (ns) at its start, first input chunk, end of products, end of epilogue.
         """
         ext = _EXT.load()
         if ext is None:
             raise RuntimeError(f"decode_stream kernel unavailable: {_EXT.error}")
         b = self._build()
         sms = torch.cuda.get_device_properties(self.products[0].w.device).multi_processor_count
-        ext.run(b["prog"], len(self.products), b["T"], b["counters"], b["exit"], min(grid or sms, sms), flags, trace, variant)
+        ext.run(b["prog"], len(self.products), b["T"], b["counters"], b["exit"], min(grid or sms, sms), flags, trace)
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""
