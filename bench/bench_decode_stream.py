@@ -1,17 +1,16 @@
 """The decode step's 89 products as one persistent, weight-streaming kernel, against cuBLASLt.
 
-    python bench/bench_decode_stream.py [--configs 4,4,1,4,1 8,8,2,4,1 ...] [--diagnose 1 2]
+    python bench/bench_decode_stream.py [--variants 0 1] [--inflight 1 2 0] [--diagnose 1 3] [--trace 0 0/1]
 
 The 1.1B model's products with the step's real dependencies (each product reads the previous one's
 output: qkv → o (its q columns) → gate/up → SwiGLU → down → next qkv … → LM head), 22 distinct copies of
 each block's weights (nothing served from L2), replayed from CUDA graphs:
 
   cuBLASLt   torch.mm per product + the SwiGLU as torch ops (the library route of the executor)
-  stream     ``reallm.kernels.decode_stream``: one launch, each SM streaming its share of every product's
-             weights into shared memory ahead of the activations (config = split of qkv, o, gate/up, down,
-             head: the K slices per 64-row tile)
+  stream     ``reallm.kernels.decode_stream``: one launch, each SM streaming an equal share of every
+             product's weights into shared memory ahead of the activations (variant = ring shape)
 
-Each stream configuration is checked product by product against an fp32 product of the kernel's own
+Each stream variant is checked product by product against an fp32 product of the kernel's own
 inputs (max |error| / max |reference|). Floor = weight bytes / measured copy bandwidth. CUDA sm_90 only.
 """
 
@@ -41,7 +40,7 @@ class Chain:
         self.x0 = torch.randn(rows, SHAPES["qkv"][0], device="cuda", dtype=torch.bfloat16)
         self.bytes = sum(w.numel() * 2 for ws in self.W.values() for w in ws)
 
-    def program(self, split: dict) -> decode_stream.StreamProgram:
+    def program(self) -> decode_stream.StreamProgram:
         """The step's products in one program: each layer's outputs in their own chunked buffers."""
         def buf(cols):
             return decode_stream.chunked_buffer(cols, "cuda")
@@ -51,13 +50,13 @@ class Chain:
         hidden, inter = SHAPES["o"][1], SHAPES["down"][0]
         for i in range(LAYERS):
             qkv, o, act, down = buf(SHAPES["qkv"][1]), buf(hidden), buf(inter), buf(hidden)
-            q = prog.add(self.W["qkv"][i], x, qkv, split=split["qkv"], dep=dep)
-            o_i = prog.add(self.W["o"][i], qkv, o, split=split["o"], dep=q)
-            g = prog.add(self.W["gate_up"][i], o, act, out="swiglu", split=split["gate_up"], dep=o_i)
-            dep = prog.add(self.W["down"][i], act, down, split=split["down"], dep=g)
+            q = prog.add(self.W["qkv"][i], x, qkv, dep=dep)
+            o_i = prog.add(self.W["o"][i], qkv, o, dep=q)
+            g = prog.add(self.W["gate_up"][i], o, act, out="swiglu", dep=o_i)
+            dep = prog.add(self.W["down"][i], act, down, dep=g)
             x = down
         logits = torch.zeros(decode_stream.ROWS, SHAPES["head"][1], device="cuda", dtype=torch.bfloat16)
-        prog.add(self.W["head"][0], x, logits, split=split["head"], dep=dep)
+        prog.add(self.W["head"][0], x, logits, dep=dep)
         return prog
 
     def torch_chain(self) -> None:
@@ -81,26 +80,31 @@ def check(prog: decode_stream.StreamProgram) -> float:
     return worst
 
 
-def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0) -> str:
-    """Where a launch's time goes: per product kind, the time from the previous product's last tile to its
-    own (summed over layers), and per task the median wait for the input, products and epilogue (µs)."""
-    tasks = prog.tasks()
-    trace = torch.zeros(sum(tasks), 4, dtype=torch.int64, device="cuda")
-    prog.run(flags=flags)
-    prog.run(flags=flags, trace=trace)
+def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0, variant: int = 0) -> str:
+    """Where a launch's time goes: per product kind, the time from the previous product's last segment to its
+    own (summed over layers), and per segment the median wait for the input, products and epilogue (µs)."""
+    lists = prog.segments()
+    trace = torch.zeros(len(lists), max(len(x) for x in lists), 8, dtype=torch.int64, device="cuda")
+    prog.run(flags=flags, variant=variant)
+    prog.run(flags=flags, trace=trace, variant=variant)
     torch.cuda.synchronize()
-    tr = (trace - trace[:, 0].min()).double().cpu() / 1e3
-    bounds = torch.tensor([0] + tasks).cumsum(0)
-    end = [float(tr[bounds[i]:bounds[i + 1], 3].max()) for i in range(len(tasks))]
-    lines = [f"launch (first task start to last task end): {max(end):.0f} µs",
-             "| kind | Σ time after the previous product's last tile µs | median wait for input | median products"
+    tr = trace.cpu()
+    t0 = min(int(tr[c, 0, 0]) for c, x in enumerate(lists) if x)
+    rows = {}  # product -> [segments, 4] µs since the launch's first segment
+    for c, segs in enumerate(lists):
+        for i, s in enumerate(segs):
+            rows.setdefault(s.p, []).append((tr[c, i] - t0).double() / 1e3)
+    rows = {p: torch.stack(r) for p, r in rows.items()}
+    end = [float(rows[p][:, 3].max()) for p in range(len(prog.products))]
+    lines = [f"launch (first segment start to last segment end): {max(end):.0f} µs",
+             "| kind | Σ time after the previous product's last segment µs | median wait for input | median products"
              " | max products | median epilogue |", "|---|---|---|---|---|---|"]
     for j, kind in enumerate(KINDS):
-        idx = [4 * i + j for i in range(LAYERS)] if kind != "head" else [len(tasks) - 1]
+        idx = [4 * i + j for i in range(LAYERS)] if kind != "head" else [len(prog.products) - 1]
         gap = sum(end[i] - (end[i - 1] if i else 0.0) for i in idx)
-        rows = torch.cat([tr[bounds[i]:bounds[i + 1]] for i in idx])
-        med = rows.diff(dim=1).median(dim=0).values
-        lines.append(f"| {kind} | {gap:.0f} | {med[0]:.2f} | {med[1]:.2f} | {rows.diff(dim=1)[:, 1].max():.2f} "
+        r = torch.cat([rows[i] for i in idx])
+        med = r[:, :4].diff(dim=1).median(dim=0).values
+        lines.append(f"| {kind} | {gap:.0f} | {med[0]:.2f} | {med[1]:.2f} | {r[:, :4].diff(dim=1)[:, 1].max():.2f} "
                      f"| {med[2]:.2f} |")
     i0 = 4 * layer
     lines.append(f"layer {layer}: product ends " + ", ".join(f"{end[i] - end[i0 - 1]:.1f}" for i in range(i0, i0 + 4))
@@ -110,11 +114,13 @@ def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="*", default=["2,2,1,4,1", "4,4,1,4,1", "2,2,1,2,1"],
-                    help="split of qkv,o,gate_up,down,head")
+    ap.add_argument("--variants", nargs="*", type=int, default=list(decode_stream.VARIANTS),
+                    help="ring shapes to time (decode_stream.VARIANTS)")
+    ap.add_argument("--inflight", nargs="*", type=int, default=[1, 2, 0],
+                    help="weight copies (32 KB) in flight per SM to time (0: up to the free slots)")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
-    ap.add_argument("--trace", nargs="*", default=[], help="configurations to trace (per-task timers), SPLITS[/FLAGS]")
+    ap.add_argument("--trace", nargs="*", default=[], help="variants to trace (per-segment timers), VARIANT[/FLAGS]")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("needs an sm_90+ CUDA GPU", file=sys.stderr)
@@ -132,23 +138,29 @@ def main(argv=None) -> int:
     t = graph_us(chain.torch_chain)
     rows.append(("cuBLASLt products + torch SwiGLU", t, float("nan")))
     print(f"cuBLASLt chain {t:.0f} µs", flush=True)
-    for cfg in args.configs:
-        split = dict(zip(KINDS, (int(v) for v in cfg.split(","))))
-        prog = chain.program(split)
-        prog.run()
+    prog = chain.program()
+
+    def measure(v: int, inflight: int) -> None:
+        kw = dict(variant=v, max_inflight=inflight)
+        prog.run(**kw)
         torch.cuda.synchronize()
         err = check(prog)
-        t = graph_us(prog.run)
+        t = graph_us(lambda: prog.run(**kw))
         err2 = check(prog)  # after 25 replays: the counters were reset every launch
-        rows.append((f"stream, splits {cfg} ({sum(prog.tasks())} tasks)", t, max(err, err2)))
-        diag = {f: (graph_us(lambda f=f: prog.run(flags=f)), check(prog)) for f in args.diagnose}
-        print(f"{cfg}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
+        ws, xs = decode_stream.VARIANTS[v]
+        label = f"{inflight} weight copies in flight" if inflight else "weight copies up to the free slots"
+        rows.append((f"stream, ring {ws} x 32 KB weights + {xs} x 16 KB inputs, {label}", t, max(err, err2)))
+        diag = {f: (graph_us(lambda f=f: prog.run(flags=f, **kw)), check(prog)) for f in args.diagnose}
+        print(f"variant {v}, {label}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
               + ", ".join(f"flags {f}: {u:.0f} µs (error {e:.1e})" for f, (u, e) in diag.items()), flush=True)
+
+    for v in args.variants:
+        for inflight in args.inflight:
+            measure(v, inflight)
     for cfg in args.trace:
-        cfg, _, flags = cfg.partition("/")
-        prog = chain.program(dict(zip(KINDS, (int(v) for v in cfg.split(",")))))
-        print(f"\ntrace of splits {cfg}, flags {flags or 0}:\n" + trace_table(prog, LAYERS // 2, int(flags or 0)),
-              flush=True)
+        v, _, flags = cfg.partition("/")
+        print(f"\ntrace of variant {v}, flags {flags or 0}:\n"
+              + trace_table(prog, LAYERS // 2, int(flags or 0), int(v)), flush=True)
     print(f"\n| chain of {4 * LAYERS + 1} products, with their "
           f"dependencies ({chain.bytes / 1e9:.2f} GB) | µs | TB/s | × floor | max rel. error |")
     print("|---|---|---|---|---|")

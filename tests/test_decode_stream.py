@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from reallm.kernels import decode_stream
-from reallm.kernels.decode_stream import ROWS, StreamProgram, chunked_buffer, from_chunks, pack_weight, to_chunks
+from reallm.kernels.decode_stream import (ROWS, StreamProgram, chunked_buffer, from_chunks, pack_weight, schedule,
+                                          to_chunks)
 
 
-def _chain(device, splits, layers=2, hidden=256, inter=384, vocab=512):
+def _chain(device, layers=2, hidden=256, inter=384, vocab=512):
     """A small block chain (qkv → o → gate/up + SwiGLU → down, then a head) wired like a decode step."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -20,13 +21,12 @@ def _chain(device, splits, layers=2, hidden=256, inter=384, vocab=512):
     dep = None
     for _ in range(layers):
         qkv, o, act, down = (chunked_buffer(c, device) for c in (hidden + 256, hidden, inter, hidden))
-        q = prog.add(w(hidden + 256, hidden), x, qkv, split=splits[0], dep=dep)
-        o_i = prog.add(w(hidden, hidden), qkv, o, split=splits[1], dep=q)
-        g_i = prog.add(w(2 * inter, hidden), o, act, out="swiglu", split=splits[2], dep=o_i)
-        dep = prog.add(w(hidden, inter), act, down, split=splits[3], dep=g_i)
+        q = prog.add(w(hidden + 256, hidden), x, qkv, dep=dep)
+        o_i = prog.add(w(hidden, hidden), qkv, o, dep=q)
+        g_i = prog.add(w(2 * inter, hidden), o, act, out="swiglu", dep=o_i)
+        dep = prog.add(w(hidden, inter), act, down, dep=g_i)
         x = down
-    prog.add(w(vocab, hidden), x, torch.zeros(ROWS, vocab, device=device, dtype=torch.bfloat16),
-             split=splits[4], dep=dep)
+    prog.add(w(vocab, hidden), x, torch.zeros(ROWS, vocab, device=device, dtype=torch.bfloat16), dep=dep)
     return prog
 
 
@@ -36,15 +36,52 @@ def test_chunked_layouts_round_trip_and_swizzle():
     assert torch.equal(from_chunks(buf, 384), a) and torch.equal(from_chunks(buf, 200), a[:, :200])
     chunk1 = buf[ROWS * 128:2 * ROWS * 128].view(ROWS, 16, 8)
     assert torch.equal(chunk1[3, 5 ^ 3], a[3, 128 + 40:128 + 48])  # row 3, unit 5 sits at unit 5 ^ 3
-    w = torch.randn(256, 256).to(torch.bfloat16)
-    packed = pack_weight(w).view(4, 2, 64, 16, 8)  # [tile, chunk, row, unit, 8]
-    assert torch.equal(packed[2, 1, 9, 4 ^ 1], w[128 + 9, 128 + 32:128 + 40])
-    glu = pack_weight(w, glu=True).view(4, 2, 64, 16, 8)
-    assert torch.equal(glu[1, 0, 0, 0], w[32, :8]) and torch.equal(glu[1, 0, 32, 0], w[128 + 32, :8])
+    w = torch.randn(512, 256).to(torch.bfloat16)
+    packed = pack_weight(w).view(4, 2, 2, 64, 16, 8)  # [tile, chunk, half, row, unit, 8]
+    assert torch.equal(packed[2, 1, 1, 9, 4 ^ 1], w[256 + 64 + 9, 128 + 32:128 + 40])
+    glu = pack_weight(w, glu=True).view(4, 2, 2, 64, 16, 8)  # half h: gate rows 32h.., then up rows 256 + 32h..
+    assert torch.equal(glu[0, 0, 1, 0, 0], w[32, :8]) and torch.equal(glu[0, 0, 1, 32, 0], w[256 + 32, :8])
+    assert torch.equal(glu[1, 1, 0, 5, 3 ^ 5], w[64 + 5, 128 + 24:128 + 32])
+
+
+@pytest.mark.parametrize("grid", [1, 3, 7, 132])
+def test_schedule_covers_every_unit_once_and_balances_the_ctas(grid):
+    shapes = [(20, 16), (16, 16), (88, 16), (16, 44), (3, 5), (250, 16)]
+    lists, slots = schedule(shapes, grid)
+    running = torch.zeros(grid, dtype=torch.float64)
+    for p, (tiles, chunks) in enumerate(shapes):
+        covered = torch.zeros(tiles, chunks, dtype=torch.int64)
+        for c, segs in enumerate(lists):
+            mine = [s for s in segs if s.p == p]
+            running[c] += sum(s.c1 - s.c0 for s in mine)
+            for s in mine:
+                covered[s.tile, s.c0:s.c1] += 1
+        assert torch.equal(covered, torch.ones_like(covered)), f"product {p}: a unit run twice or never"
+        # every CTA's running total stays within a chunk of its share of the program so far
+        exact = sum(t * k for t, k in shapes[:p + 1]) / grid
+        assert (running - exact).abs().max() <= 1.0 + 1e-9, f"product {p}: {(running - exact).abs().max()}"
+        # a spread tile has one sums tile; its chunk-0 piece finishes it, ends its CTA's range and waits for
+        # the tile's other pieces
+        spread = sorted({s.tile for segs in lists for s in segs if s.p == p and s.slot >= 0})
+        assert slots[p] == len(spread)
+        for tile in range(tiles):
+            segs = [s for l in lists for s in l if s.p == p and s.tile == tile]
+            final = [s for s in segs if s.slot == -1]
+            assert len(final) == 1 and final[0].c0 == 0
+            if len(segs) == 1:
+                assert final[0].nslots == 0 and final[0].c1 == chunks
+            else:
+                assert final[0].nslots == len(segs) - 1
+                assert {s.slot for s in segs if s.slot >= 0} == {final[0].slot0} and final[0].slot0 < slots[p]
+                cta = next(c for c, l in enumerate(lists) if final[0] in l)
+                assert [s for s in lists[cta] if s.p == p][-1] == final[0]
+        assert len({s.slot0 for l in lists for s in l if s.p == p and s.nslots}) == slots[p]
+    for segs in lists:  # every CTA walks its segments in product order
+        assert [s.p for s in segs] == sorted(s.p for s in segs)
 
 
 def test_reference_is_the_chain_of_products():
-    prog = _chain("cpu", (1, 1, 1, 1, 1))
+    prog = _chain("cpu")
     prog.reference()
     x0 = from_chunks(prog.products[0].x, 256).float()
     torch.testing.assert_close(prog.output(0).float(),
@@ -52,23 +89,23 @@ def test_reference_is_the_chain_of_products():
     gu = from_chunks(prog.products[1].y, 256).float() @ prog.products[2].w.float().t()
     act = torch.nn.functional.silu(gu[:, :384]) * gu[:, 384:]
     torch.testing.assert_close(prog.output(2).float(), act.to(torch.bfloat16).float())
-    assert prog.tasks() == [8, 4, 12, 4] * 2 + [8]
+    assert prog.shapes() == [(4, 2), (2, 2), (6, 2), (2, 3)] * 2 + [(4, 2)]
     assert prog.output(len(prog.products) - 1).abs().sum() > 0
 
 
 def test_program_rejects_bad_products():
     prog = StreamProgram()
-    w = torch.zeros(64, 128, dtype=torch.bfloat16)
+    w = torch.zeros(128, 128, dtype=torch.bfloat16)
     x = chunked_buffer(128, "cpu")
-    y = chunked_buffer(64, "cpu")
-    with pytest.raises(ValueError, match="multiple of 64 and K of split"):
-        prog.add(w, x, y, split=2)
-    with pytest.raises(ValueError, match="multiple of 128"):
+    y = chunked_buffer(128, "cpu")
+    with pytest.raises(ValueError, match="multiple of 128 and K of 128"):
+        prog.add(torch.zeros(64, 128, dtype=torch.bfloat16), x, y)
+    with pytest.raises(ValueError, match="needs whole chunks: 64 columns"):
         prog.add(w, x, y, out="swiglu")
     with pytest.raises(ValueError, match="chunked buffer"):
         prog.add(w, torch.zeros(ROWS, 128, dtype=torch.bfloat16), y)
     with pytest.raises(ValueError, match="y rows must be"):
-        prog.add(w, x, torch.zeros(8, 64, dtype=torch.bfloat16))
+        prog.add(w, x, torch.zeros(8, 128, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="earlier product"):
         prog.add(w, x, y, dep=0)
     assert prog.add(w, x, y) == 0
@@ -81,18 +118,18 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 
 @needs_sm90
-@pytest.mark.parametrize("splits,grid,size", [((1, 1, 1, 1, 1), None, 1), ((2, 2, 1, 3, 2), None, 1),
-                                              ((1, 2, 2, 1, 1), 3, 1), ((2, 2, 1, 3, 2), 1, 1),
-                                              ((2, 4, 2, 3, 2), None, 4)])
-def test_kernel_matches_the_reference_and_replays(splits, grid, size):
-    """Few CTAs (grid 1, 3) give each many tasks: the rings wrap, both consumer groups and every wait run;
-    a wider chain (size 4) keeps consecutive split products in flight together on every SM."""
+@pytest.mark.parametrize("grid,size,variant,inflight", [(None, 1, 0, 1), (None, 1, 1, 0), (3, 1, 0, 1), (1, 1, 1, 2),
+                                                        (7, 2, 0, 0), (None, 4, 0, 1), (None, 4, 1, 0),
+                                                        (None, 4, 1, 2), (None, 1, 1, 4)])
+def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight):
+    """Few CTAs (grid 1, 3, 7) give each many segments: the rings wrap and tiles split over CTAs at odd
+    chunk boundaries; a wider chain (size 4) keeps consecutive products in flight together on every SM."""
     assert decode_stream.available(verbose=True), decode_stream._EXT.error
-    prog = _chain("cuda", splits, layers=2 + size, hidden=256 * size, inter=384 * size, vocab=512 * size)
+    prog = _chain("cuda", layers=2 + size, hidden=256 * size, inter=384 * size, vocab=512 * size)
     for launch in range(3):  # the counters and tickets must be back to zero after every launch
         for p in prog.products:
             p.y.zero_()
-        prog.run(grid=grid)
+        prog.run(grid=grid, variant=variant, max_inflight=inflight)
         torch.cuda.synchronize()
         for i in range(len(prog.products)):  # each product against torch on the kernel's own input
             torch.testing.assert_close(prog.output(i).float(), prog.reference_output(i).float(), rtol=2e-2,

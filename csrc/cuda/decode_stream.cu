@@ -3,40 +3,48 @@
 // Why: at decode batch sizes (M = 64 rows) every product is bound by reading its weight matrix, and a
 // library GEMM per product pays its own ramp-up and tail (the 89 products of the 1.1B model's step read
 // 2.07 GB at 1.7-2.0 TB/s back to back with cuBLASLt, against 2.98 TB/s of copy bandwidth). Weights do not
-// depend on activations, so nothing forces a pause between products: here one CTA per SM runs a static
-// program of product *tasks*. In each CTA
-//   - two groups of four consumer warps take alternate tasks: multiply (mma.sync, bf16 in, fp32
-//     accumulate), release the slots, and write the task's output;
-//   - per group, a weight warp streams the weight chunks of the group's tasks, in order, into a ring of
-//     shared-memory slots (one 16 KB cp.async.bulk per slot, completion on mbarriers), never waiting for
-//     activations, and an input warp copies each task's input chunks into a second ring once they are
-//     written (readiness counters, below). One stream per ring keeps both groups' copies in flight and
-//     each ring consumed in order (an mbarrier parity wait is only sound one phase ahead).
-// While the consumers wait at a dependency the weight warp keeps filling the ring with later products'
-// weights, so the memory system stays busy across product boundaries.
+// depend on activations, so nothing forces a pause between products: one CTA per SM walks a static list
+// of *segments* (product, 128-row weight tile, K-chunk range), in product order:
+//   - a weight warp streams the list's weight chunks (32 KB, one cp.async.bulk each) into a ring of
+//     shared-memory slots, never waiting for activations, so across a product boundary the ring fills
+//     with the next products' weights while the activations are still being written. It keeps few
+//     copies in flight (one by default): 132 SMs x one 32 KB copy already cover the memory latency, and
+//     every further byte in flight only lengthens the queues to L2 that the small, latency-bound
+//     messages of a product boundary (counters, partial sums, activations) wait in;
+//   - an input warp copies each segment's input chunks (16 KB) into a second ring once readiness counters
+//     say the tiles that write them are done;
+//   - eight consumer warps multiply (mma.sync, bf16 in, fp32 accumulate): warps 0-3 the tile's first 64
+//     rows, 4-7 its second, both against the same input chunk.
+// Balance: the host cuts every product's (tile, chunk) units into contiguous ranges, one per CTA
+// (stream-K), so that every SM's running total stays within one chunk of an equal share and the SMs reach
+// each boundary together (whole tiles per SM left a third of the SMs idle at the end of the MLP product). A tile whose chunks
+// are spread over several segments is summed in fp32 at L2: the other pieces add their partials into
+// the tile's sums (red.add) and arrive on its counter; the piece from chunk 0 (the last its CTA runs in
+// the product) adds those sums to its own and writes the output. An exchange warp per CTA does the
+// waiting and publishing, so the consumers never stall on a global round trip. (Sums of three or more
+// pieces are added in arrival order: the last bit of an fp32 sum may differ between launches.)
 //
-// Layouts (reallm/kernels/decode_stream.py builds them): a *chunk* is 64 rows x 128 bf16 columns (16 KB),
-// row-major, the 16-byte units of row r permuted u -> u ^ (r % 8) so that ldmatrix reads 8 rows without
-// bank conflicts. Weights [N, K] are packed as [N/64 tiles][K/128 chunks][chunk]; activations [64, C] as
-// [C/128 chunks][chunk]. Every ring slot is then one contiguous copy.
+// Layouts (reallm/kernels/decode_stream.py builds them): an input chunk is 64 rows x 128 bf16 columns
+// (16 KB), row-major, the 16-byte units of row r permuted u -> u ^ (r % 8) so that ldmatrix reads 8 rows
+// without bank conflicts; activations [64, C] are [C/128 chunks][chunk]. Weights [N, K] are packed as
+// [N/128 tiles][K/128 chunks][2 halves][64 rows][128] (each half swizzled like an input chunk): a ring
+// slot is one contiguous copy.
 //
-// Program (int64 [P, 16] rows), per product p: y = x @ W^T over the tasks (tile, slice): tile j % tiles,
-// slice j / tiles of task j (global index task0 + j; global task t runs on CTA t % gridDim.x, in
-// increasing t); a slice covers K / split columns.
-//   out 0: y[:, tile*64 ...] = the 64 outputs; out 1 (SwiGLU): the tile's W rows are 32 gate rows then
-//   the 32 matching up rows and y[:, tile*32 ...] = silu(gate) * up.
+// Program: products (int64 [P, 16] rows: y = x @ W^T), and per CTA a segment list (int32 [S, L, 8]: p,
+// tile, c0, c1, slot, slot0, nslots, -; `lens` [S] entries each).
+//   out 0: y[:, tile*128 ...] = the tile's 128 outputs; out 1 (SwiGLU): each 64-row half of a tile holds 32
+//   gate rows and then the 32 matching up rows, and y[:, half_tile*32 ...] = silu(gate) * up.
 //   y_layout 0: chunked activation (the next product's input); 1: row-major, y_stride apart.
-//   split > 1: each slice writes its fp32 partial tile to `partial` [split, 64, N], takes a ticket on the
-//   tile's counter (acq-rel); the last slice sums the partials, writes y, and resets the counter.
-//   dep >= 0: x is product dep's chunked output, and each input chunk is copied only once its readiness
-//   counter counts every tile writing into it (2 per chunk, 4 for SwiGLU outputs; a tile adds one after its
-//   output is written and fenced): a product starts on the chunks that are ready while the previous one
-//   finishes its other tiles. Outputs must not alias the inputs of products that may still run (distinct
-//   buffers per product are the safe rule). Counters return to 0 at the end of the launch (the last CTA
-//   out resets them), so the kernel replays from a CUDA graph.
-// Progress: tasks depend only on earlier products and every CTA takes its tasks in increasing order, so
-// the lowest unfinished product can always proceed; the grid must be co-resident (one CTA per SM, grid <=
-// SM count, which `run` enforces).
+//   slot >= 0 (a piece of a tile spread over segments): the partial is added to sums tile `slot` of the
+//   product (fp32, 32 KB each, thread-major so the adds coalesce; zero between launches); nslots > 0 (the
+//   tile's finalizer): waits for nslots pieces, then reads sums tile slot0 and zeroes it.
+//   ready_in: the dep's output-chunk counters; an input chunk is copied once its counter reaches `need`
+//   (1 for a plain dep, 2 for SwiGLU: two tiles write each chunk). Outputs must not alias the inputs of
+//   products that may still run (distinct buffers per product are the safe rule). Counters and tickets
+//   return to 0 by the end of the launch (tickets by the tile's finalizer, counters by the last CTA out),
+//   so the kernel replays from a CUDA graph.
+// Progress: every list is in product order and a product waits only on earlier ones, so the lowest
+// unfinished product can always proceed; the grid must be co-resident (grid <= SM count, one CTA per SM).
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -46,32 +54,32 @@
 namespace {
 
 constexpr int kM = 64;                  // rows of a step (sequences); the caller pads to 64
-constexpr int kBN = 64;                 // weight rows per task
+constexpr int kHalf = 64;               // weight rows per consumer half
+constexpr int kTile = 2 * kHalf;        // weight rows per tile
 constexpr int kBK = 128;                // columns per chunk
-constexpr int kChunk = kM * kBK;        // elements per chunk (= kBN * kBK)
-constexpr int kChunkBytes = kChunk * 2;
-constexpr int kGroupThreads = 128;
+constexpr int kXChunk = kM * kBK;       // elements of an input chunk
+constexpr int kWChunk = kTile * kBK;    // elements of a weight chunk (two halves)
+constexpr int kConsumerWarps = 8, kConsumerThreads = 32 * kConsumerWarps;
+constexpr int kWeightWarp = kConsumerWarps, kInputWarp = kConsumerWarps + 1, kExchangeWarp = kConsumerWarps + 2;
+constexpr int kThreads = 32 * (kConsumerWarps + 3);
+constexpr int kSignalStages = 2;  // segments the consumers may finish ahead of the exchange warp's signals
+constexpr int kPartialFloats = kTile * kM;  // one partial slot (32 KB)
+constexpr int kTrace = 8;  // timers per segment (run's trace argument)
 
 // Program row fields.
-enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_SPLIT, F_OUT, F_YLAYOUT, F_READY_IN,
-             F_NEED, F_READY_OUT, F_TASK0, F_TILES, F_COUNT = 16 };
+enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_OUT, F_YLAYOUT, F_READY_IN, F_NEED,
+             F_READY_OUT, F_COUNT = 16 };
+// Segment fields.
+enum : int { S_P, S_TILE, S_C0, S_C1, S_SLOT, S_SLOT0, S_NSLOTS, S_COUNT = 8 };
 
-// Ring shape: kGroups consumer groups (4 warps each, alternate tasks), each with kWStages weight and kXStages
-// input slots (a group's rings are consumed in order only); warps 4 kGroups + g and 5 kGroups + g are
-// group g's weight and input streams.
-template <int kGroups, int kWStages, int kXStages>
-struct Config {
-  static constexpr int kWeightWarp = kGroups * 4, kInputWarp = kWeightWarp + kGroups;
-  static constexpr int kThreads = 32 * (kInputWarp + kGroups);
-};
-
-template <int kGroups, int kWStages, int kXStages>
+template <int kWStages, int kXStages>
 struct Smem {
-  __nv_bfloat16 w[kGroups][kWStages][kChunk];
-  __nv_bfloat16 x[kGroups][kXStages][kChunk];
-  uint64_t w_full[kGroups][kWStages], w_empty[kGroups][kWStages], x_full[kGroups][kXStages],
-      x_empty[kGroups][kXStages];
-  int flag[kGroups];
+  __nv_bfloat16 w[kWStages][kWChunk];
+  __nv_bfloat16 x[kXStages][kXChunk];
+  float4 sums[8][kConsumerThreads];  // the other pieces' sum for a tile this CTA finishes (thread-major)
+  uint64_t w_full[kWStages], w_empty[kWStages], x_full[kXStages], x_empty[kXStages];
+  uint64_t sums_full, sums_empty, done_full[kSignalStages], done_empty[kSignalStages];
+  int flag;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -148,12 +156,21 @@ __device__ __forceinline__ int load_acquire(const int* p) {
   return v;
 }
 
+// Add to a counter after every write of this CTA ordered before it (a barrier, then one thread: release is
+// cumulative), without waiting for the result.
+__device__ __forceinline__ void red_release(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// sums[0..3] += v, at L2, without waiting.
+__device__ __forceinline__ void red_add4(float* sums, float4 v) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(sums), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+
 // Generic-proxy writes of activations are read by other SMs' bulk copies (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
-__device__ __forceinline__ void group_sync(int group) {
-  asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "n"(kGroupThreads) : "memory");
-}
 
 // Offset of element (row, col) of a chunk (col < 128): 16-byte unit col/8 of row `row` is stored at unit
 // (col/8) ^ (row % 8).
@@ -171,7 +188,7 @@ struct Product {
   int* tickets;
   const int* ready_in;  // the dep's output-chunk counters (null: input ready before the launch)
   int* ready_out;       // this product's output-chunk counters (null: nobody waits on the output)
-  int N, K, y_stride, split, out, y_layout, need, task0, tiles;
+  int N, K, y_stride, out, y_layout, need;
 };
 
 __device__ __forceinline__ Product read_product(const int64_t* __restrict__ prog, int p) {
@@ -185,40 +202,31 @@ __device__ __forceinline__ Product read_product(const int64_t* __restrict__ prog
   d.N = (int)__ldg(r + F_N);
   d.K = (int)__ldg(r + F_K);
   d.y_stride = (int)__ldg(r + F_YSTRIDE);
-  d.split = (int)__ldg(r + F_SPLIT);
   d.out = (int)__ldg(r + F_OUT);
   d.y_layout = (int)__ldg(r + F_YLAYOUT);
   d.ready_in = reinterpret_cast<const int*>(__ldg(r + F_READY_IN));
   d.ready_out = reinterpret_cast<int*>(__ldg(r + F_READY_OUT));
   d.need = (int)__ldg(r + F_NEED);
-  d.task0 = (int)__ldg(r + F_TASK0);
-  d.tiles = (int)__ldg(r + F_TILES);
   return d;
 }
 
-// Index of the product holding global task t, searching forward from p (tasks only increase).
-__device__ __forceinline__ int advance_product(const int64_t* __restrict__ prog, int P, int p, int t) {
-  while (p + 1 < P && t >= (int)__ldg(prog + (size_t)(p + 1) * F_COUNT + F_TASK0)) ++p;
-  return p;
-}
-
-// Global task t of the program: its product (searched forward from `p`, which it updates: tasks only
-// increase), weight tile, K slice and chunk count.
-struct Task {
+// Segment i of this CTA's list, with its product.
+struct Segment {
   Product d;
-  int p, tile, slice, nc;
+  int tile, c0, c1, slot, slot0, nslots;
 };
 
-__device__ __forceinline__ Task task_at(const int64_t* __restrict__ prog, int P, int& p, int t) {
-  p = advance_product(prog, P, p, t);
-  Task k;
-  k.d = read_product(prog, p);
-  k.p = p;
-  const int local = t - k.d.task0;
-  k.tile = local % k.d.tiles;
-  k.slice = local / k.d.tiles;
-  k.nc = k.d.K / kBK / k.d.split;
-  return k;
+__device__ __forceinline__ Segment segment_at(const int64_t* __restrict__ prog, const int* __restrict__ list, int i) {
+  const int* e = list + (size_t)i * S_COUNT;
+  Segment s;
+  s.d = read_product(prog, __ldg(e + S_P));
+  s.tile = __ldg(e + S_TILE);
+  s.c0 = __ldg(e + S_C0);
+  s.c1 = __ldg(e + S_C1);
+  s.slot = __ldg(e + S_SLOT);
+  s.slot0 = __ldg(e + S_SLOT0);
+  s.nslots = __ldg(e + S_NSLOTS);
+  return s;
 }
 
 struct Ring {
@@ -232,15 +240,15 @@ struct Ring {
   }
 };
 
-// Column (0..63) of a consumer thread's accumulator acc[mt][nt][e] within its task's tile: warp_n's n8 tiles
-// are {2 warp_n, 2 warp_n + 1} and {4 + 2 warp_n, 5 + 2 warp_n}, so a SwiGLU tile's gate column j (j < 32)
-// and its up column j + 32 sit in the same thread (acc[.][nt] and acc[.][nt + 2]).
+// Column (0..63) of a consumer thread's accumulator acc[mt][nt][e] within its 64-row half: warp_n's n8
+// tiles are {2 warp_n, 2 warp_n + 1} and {4 + 2 warp_n, 5 + 2 warp_n}, so a SwiGLU half's gate column j
+// (j < 32) and its up column j + 32 sit in the same thread (acc[.][nt] and acc[.][nt + 2]).
 __device__ __forceinline__ int acc_col(int warp_n, int nt, int lane) {
   return (nt >> 1) * 32 + warp_n * 16 + (nt & 1) * 8 + (lane & 3) * 2;
 }
 
 // f(mt, nt, h, row, col) for each pair acc[mt][nt][2h], acc[mt][nt][2h + 1] of a consumer thread: the pair's
-// tile row and its first column (acc_col).
+// row (sequence) and its first column in the half (acc_col).
 template <typename F>
 __device__ __forceinline__ void for_each_pair(int warp_m, int warp_n, int lane, F&& f) {
 #pragma unroll
@@ -251,63 +259,77 @@ __device__ __forceinline__ void for_each_pair(int warp_m, int warp_n, int lane, 
       for (int h = 0; h < 2; ++h) f(mt, nt, h, warp_m * 32 + mt * 16 + (lane >> 2) + h * 8, acc_col(warp_n, nt, lane));
 }
 
-template <int kGroups, int kWStages, int kXStages>
-__global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads), 1)
-    stream_kernel(const int64_t* __restrict__ prog, int P, int T, int* counters, int n_counters, int* exit_ticket,
-                  int flags, int64_t* trace) {
+// The j-th four accumulators of a consumer thread (acc[j / 4][j % 4]) as one float4.
+__device__ __forceinline__ float4 acc4(const float (&acc)[2][4][4], int j) {
+  return make_float4(acc[j >> 2][j & 3][0], acc[j >> 2][j & 3][1], acc[j >> 2][j & 3][2], acc[j >> 2][j & 3][3]);
+}
+
+template <int kWStages, int kXStages>
+__global__ void __launch_bounds__(kThreads, 1)
+    stream_kernel(const int64_t* __restrict__ prog, const int* __restrict__ segs, const int* __restrict__ lens, int L,
+                  int* counters, int n_counters, int* exit_ticket, int flags, int64_t* trace,
+                  int max_inflight) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  using C = Config<kGroups, kWStages, kXStages>;
-  constexpr int kWeightWarp = C::kWeightWarp, kInputWarp = C::kInputWarp, kThreads = C::kThreads;
-  Smem<kGroups, kWStages, kXStages>& sm = *reinterpret_cast<Smem<kGroups, kWStages, kXStages>*>(smem_raw);
+  Smem<kWStages, kXStages>& sm = *reinterpret_cast<Smem<kWStages, kXStages>*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int cta = blockIdx.x;
+  const int* list = segs + (size_t)cta * L * S_COUNT;
+  const int n = lens[cta];
   if (threadIdx.x == 0) {
-    for (int g = 0; g < kGroups; ++g) {
-      for (int s = 0; s < kWStages; ++s) {
-        mbar_init(&sm.w_full[g][s], 1);
-        mbar_init(&sm.w_empty[g][s], 4);
-      }
-      for (int s = 0; s < kXStages; ++s) {
-        mbar_init(&sm.x_full[g][s], 1);
-        mbar_init(&sm.x_empty[g][s], 4);
-      }
+    for (int s = 0; s < kWStages; ++s) {
+      mbar_init(&sm.w_full[s], 1);
+      mbar_init(&sm.w_empty[s], kConsumerWarps);
+    }
+    for (int s = 0; s < kXStages; ++s) {
+      mbar_init(&sm.x_full[s], 1);
+      mbar_init(&sm.x_empty[s], kConsumerWarps);
+    }
+    mbar_init(&sm.sums_full, 1);
+    mbar_init(&sm.sums_empty, kConsumerWarps);
+    for (int s = 0; s < kSignalStages; ++s) {
+      mbar_init(&sm.done_full[s], kConsumerWarps);
+      mbar_init(&sm.done_empty[s], 1);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
-  if (warp >= kWeightWarp && warp < kInputWarp) {  // ------------------------------------- weight streams
+  if (warp == kWeightWarp) {  // ------------------------------------------------------------ weight stream
     if (lane == 0) {
-      const int g = warp - kWeightWarp;
       const uint64_t policy = l2_policy(true);  // read once per step
-      Ring r;
-      int p = 0, mine = 0;
-      for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
-        if (mine % kGroups != g) continue;
-        const Task k = task_at(prog, P, p, t);
-        const int nc = k.nc;
-        const __nv_bfloat16* src = k.d.w + ((size_t)k.tile * (k.d.K / kBK) + (size_t)k.slice * nc) * kChunk;
-        for (int c = 0; c < nc; ++c) {
-          mbar_wait(&sm.w_empty[g][r.slot], r.phase ^ 1);
-          mbar_expect_tx(&sm.w_full[g][r.slot], kChunkBytes);
-          bulk_copy(sm.w[g][r.slot], src + (size_t)c * kChunk, kChunkBytes, &sm.w_full[g][r.slot], policy);
+      Ring r, landed;  // the next slot to fill; the oldest copy that may still be in flight
+      int issued = 0;
+      for (int i = 0; i < n; ++i) {
+        const Segment s = segment_at(prog, list, i);
+        const __nv_bfloat16* src = s.d.w + ((size_t)s.tile * (s.d.K / kBK) + s.c0) * kWChunk;
+        int64_t* tr = trace != nullptr ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
+        for (int c = s.c0; c < s.c1; ++c, src += kWChunk) {
+          mbar_wait(&sm.w_empty[r.slot], r.phase ^ 1);
+          // at most max_inflight copies in flight (a cap of the ring size or more is the ring's own, and
+          // waiting on a slot's barrier a whole ring back would wait for a later phase)
+          if (max_inflight > 0 && max_inflight < kWStages && issued >= max_inflight) {
+            mbar_wait(&sm.w_full[landed.slot], landed.phase);
+            landed.step(kWStages);
+          }
+          ++issued;
+          if (tr && c == s.c0) tr[4] = global_ns();
+          if (tr && c == s.c1 - 1) tr[5] = global_ns();
+          mbar_expect_tx(&sm.w_full[r.slot], kWChunk * 2);
+          bulk_copy(sm.w[r.slot], src, kWChunk * 2, &sm.w_full[r.slot], policy);
           r.step(kWStages);
         }
       }
     }
-  } else if (warp >= kInputWarp) {  // ---------------------------------------------------- input streams
+  } else if (warp == kInputWarp) {  // ------------------------------------------------------- input stream
     // The whole warp polls up to 32 chunk counters at once; lane 0 copies the ready run of chunks.
-    const int g = warp - kInputWarp;
     const uint64_t policy = l2_policy(false);  // activations are read by many SMs
     Ring r;
-    int p = 0, mine = 0;
-    for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
-      if (mine % kGroups != g) continue;
-      const Task k = task_at(prog, P, p, t);
-      const Product& d = k.d;
-      const int nc = k.nc, first = k.slice * nc;
+    for (int i = 0; i < n; ++i) {
+      const Segment s = segment_at(prog, list, i);
+      const Product& d = s.d;
       const bool wait = d.ready_in != nullptr && !(flags & 1);
-      for (int c = 0; c < nc;) {
-        const bool ok = !wait || c + lane >= nc || load_acquire(d.ready_in + first + c + lane) >= d.need;
+      for (int c = s.c0; c < s.c1;) {
+        const bool ok = !wait || c + lane >= s.c1 || load_acquire(d.ready_in + c + lane) >= d.need;
         const unsigned not_ready = ~__ballot_sync(0xffffffffu, ok);
         __syncwarp();  // lane 0's copies are ordered after every lane's acquire
         const int run = not_ready ? __ffs(not_ready) - 1 : 32;
@@ -317,11 +339,11 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
         }
         if (lane == 0) {
           if (wait) fence_proxy_async();
-          for (int i = 0; i < run && c + i < nc; ++i) {
-            mbar_wait(&sm.x_empty[g][r.slot], r.phase ^ 1);
-            mbar_expect_tx(&sm.x_full[g][r.slot], kChunkBytes);
-            bulk_copy(sm.x[g][r.slot], d.x + (size_t)(first + c + i) * kChunk, kChunkBytes, &sm.x_full[g][r.slot],
-                      policy);
+          if (trace != nullptr && c == s.c0) trace[((size_t)cta * L + i) * kTrace + 6] = global_ns();
+          for (int j = 0; j < run && c + j < s.c1; ++j) {
+            mbar_wait(&sm.x_empty[r.slot], r.phase ^ 1);
+            mbar_expect_tx(&sm.x_full[r.slot], kXChunk * 2);
+            bulk_copy(sm.x[r.slot], d.x + (size_t)(c + j) * kXChunk, kXChunk * 2, &sm.x_full[r.slot], policy);
             r.step(kXStages);
           }
         }
@@ -329,32 +351,64 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
         c += run;
       }
     }
+  } else if (warp == kExchangeWarp) {  // --------------------------------------------------- exchange
+    // Keeps global round trips off the consumers: per segment, for a tile this CTA finishes, waits for the
+    // other pieces and sums their slots into shared memory (while the consumers multiply); then, once
+    // the consumers have stored the segment's partial or output, publishes it (a release on the tile's
+    // counter or the output chunk's readiness counter).
+    Ring sums, done;
+    for (int i = 0; i < n; ++i) {
+      const Segment s = segment_at(prog, list, i);
+      const Product& d = s.d;
+      if (s.nslots > 0) {  // once the other pieces have added theirs: the tile's sums, one bulk copy
+        float4* sums_tile = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
+        mbar_wait(&sm.sums_empty, sums.phase ^ 1);
+        if (lane == 0) {
+          while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
+          d.tickets[s.tile] = 0;  // nobody else touches it again in this launch
+          fence_proxy_async();
+          mbar_expect_tx(&sm.sums_full, kPartialFloats * 4);
+          bulk_copy(sm.sums, sums_tile, kPartialFloats * 4, &sm.sums_full, l2_policy(true));
+        }
+        mbar_wait(&sm.sums_full, sums.phase);  // read: zero it for the next launch
+        for (int k = lane; k < kPartialFloats / 4; k += 32) __stcg(sums_tile + k, make_float4(0.f, 0.f, 0.f, 0.f));
+        sums.step(1);
+      }
+      mbar_wait(&sm.done_full[done.slot], done.phase);
+      if (lane == 0) {
+        if (s.slot >= 0)
+          red_release(d.tickets + s.tile, 1);
+        else if (d.ready_out != nullptr)
+          red_release(d.ready_out + s.tile * (d.out == 1 ? kHalf : kTile) / kBK, 1);
+        mbar_arrive(&sm.done_empty[done.slot]);
+        if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 7] = global_ns();
+      }
+      __syncwarp();
+      done.step(kSignalStages);
+    }
   } else {  // ------------------------------------------------------------------------------ consumers
-    const int group = warp / 4, gw = warp % 4, tid = threadIdx.x % kGroupThreads;
-    const int warp_m = gw & 1, warp_n = gw >> 1;
-    Ring wr, xr;
-    int p = 0, mine = 0;
-    for (int t = blockIdx.x; t < T; t += gridDim.x, ++mine) {
-      const Task k = task_at(prog, P, p, t);
-      const Product& d = k.d;
-      const int tile = k.tile, slice = k.slice, nc = k.nc;
-      if (mine % kGroups != group) continue;  // the other group's task (and rings)
-      int64_t* tr = trace != nullptr && tid == 0 ? trace + (size_t)t * 4 : nullptr;  // timing: [start, first
-      if (tr) tr[0] = global_ns();                                                 // input, products, end]
+    const int half = warp >> 2, hw = warp & 3, tid = threadIdx.x;
+    const int warp_m = hw & 1, warp_n = hw >> 1;
+    Ring wr, xr, sums, done;
+    for (int i = 0; i < n; ++i) {
+      const Segment s = segment_at(prog, list, i);
+      const Product& d = s.d;
+      int64_t* tr = trace != nullptr && tid == 0 ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
+      if (tr) tr[0] = global_ns();  // timing: [start, first input, products, end]
       float acc[2][4][4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int b = 0; b < 4; ++b)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-      for (int c = 0; c < nc; ++c) {
-        mbar_wait(&sm.x_full[group][xr.slot], xr.phase);
-        if (tr && c == 0) tr[1] = global_ns();
-        mbar_wait(&sm.w_full[group][wr.slot], wr.phase);
+          for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+      for (int c = s.c0; c < s.c1; ++c) {
+        mbar_wait(&sm.x_full[xr.slot], xr.phase);
+        if (tr && c == s.c0) tr[1] = global_ns();
+        mbar_wait(&sm.w_full[wr.slot], wr.phase);
         if (!(flags & 2)) {
-          const __nv_bfloat16* xb = sm.x[group][xr.slot];
-          const __nv_bfloat16* wb = sm.w[group][wr.slot];
+          const __nv_bfloat16* xb = sm.x[xr.slot];
+          const __nv_bfloat16* wb = sm.w[wr.slot] + half * kHalf * kBK;
 #pragma unroll
           for (int kk = 0; kk < kBK / 16; ++kk) {
             uint32_t a[2][4];
@@ -366,8 +420,8 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
               uint32_t b[4];
-              const int n = np * 32 + warp_n * 16 + (lane & 7) + ((lane >> 4) << 3);
-              ldmatrix_x4(b, wb + swz(n, kk * 16 + ((lane >> 3) & 1) * 8));
+              const int nrow = np * 32 + warp_n * 16 + (lane & 7) + ((lane >> 4) << 3);
+              ldmatrix_x4(b, wb + swz(nrow, kk * 16 + ((lane >> 3) & 1) * 8));
 #pragma unroll
               for (int mt = 0; mt < 2; ++mt) {
                 mma_bf16(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -378,64 +432,58 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
         }
         __syncwarp();
         if (lane == 0) {
-          mbar_arrive(&sm.x_empty[group][xr.slot]);
-          mbar_arrive(&sm.w_empty[group][wr.slot]);
+          mbar_arrive(&sm.x_empty[xr.slot]);
+          mbar_arrive(&sm.w_empty[wr.slot]);
         }
         wr.step(kWStages);
         xr.step(kXStages);
       }
 
       if (tr) tr[2] = global_ns();
-      // Epilogue, from registers: the output (split 1), or the partial tile, a ticket, and for the last
-      // slice the sum of the partials (read past L1) and the output.
-      bool last = true;
-      if (d.split > 1) {
-        float* part = d.partial + tile * kBN;  // + (slice * kM + row) * N + column
-        for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int col) {
-          __stcg(reinterpret_cast<float2*>(part + ((size_t)slice * kM + row) * d.N + col),
-                 make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]));
-        });
-        group_sync(group);
-        if (tid == 0) {
-          __threadfence();
-          sm.flag[group] = atomicAdd(d.tickets + tile, 1) == d.split - 1;
-          __threadfence();
-        }
-        group_sync(group);
-        last = sm.flag[group];
-        if (last) {
-          for (int sl = 0; sl < d.split; ++sl) {
-            if (sl == slice) continue;
-            for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int col) {
-              const float2 q = __ldcg(reinterpret_cast<const float2*>(part + ((size_t)sl * kM + row) * d.N + col));
-              acc[mt][nt][2 * h] += q.x;
-              acc[mt][nt][2 * h + 1] += q.y;
-            });
+      // Epilogue, from registers: a piece of a spread tile stores its partial; a whole tile, or a spread
+      // tile's finalizer after adding the other pieces' sums (gathered by the exchange warp), writes the
+      // output. The exchange warp publishes either (done ring), so no consumer waits on a round trip.
+      mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
+      if (s.slot >= 0) {
+        float* sums_tile = d.partial + (size_t)s.slot * kPartialFloats;
+#pragma unroll
+        if (!(flags & 4))
+          for (int j = 0; j < 8; ++j) red_add4(sums_tile + (j * kConsumerThreads + tid) * 4, acc4(acc, j));  // coalesced
+      } else {
+        if (s.nslots > 0) {
+          mbar_wait(&sm.sums_full, sums.phase);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const float4 v = sm.sums[j][tid];
+            float* a = acc[j >> 2][j & 3];
+            a[0] += v.x;
+            a[1] += v.y;
+            a[2] += v.z;
+            a[3] += v.w;
           }
-          if (tid == 0) d.tickets[tile] = 0;
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&sm.sums_empty);
+          sums.step(1);
         }
-      }
-      if (last) {
-        const int width = d.out == 1 ? 32 : kBN;  // output columns of a tile
-        for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int tile_col) {
+        const int width = d.out == 1 ? kHalf / 2 : kHalf;  // output columns of a half
+        const int col0 = (2 * s.tile + half) * width;
+        for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int half_col) {
           if (d.out == 1 && nt >= 2) return;  // up columns: consumed with their gate columns
           float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
           if (d.out == 1) {
             v0 = silu(v0) * acc[mt][(nt + 2) & 3][2 * h];
             v1 = silu(v1) * acc[mt][(nt + 2) & 3][2 * h + 1];
           }
-          const int col = tile * width + tile_col;
-          __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kChunk + swz(row, col % kBK)
+          const int col = col0 + half_col;
+          __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kXChunk + swz(row, col % kBK)
                                                : d.y + (size_t)row * d.y_stride + col;
           *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
         });
         fence_proxy_async();
       }
-      group_sync(group);
-      if (tid == 0 && last && d.ready_out != nullptr) {
-        __threadfence();
-        atomicAdd(d.ready_out + tile * (d.out == 1 ? 32 : kBN) / kBK, 1);
-      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&sm.done_full[done.slot]);
+      done.step(kSignalStages);
       if (tr) tr[3] = global_ns();
     }
   }
@@ -443,10 +491,10 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
   __syncthreads();  // the last CTA out resets the counters for the next launch
   if (threadIdx.x == 0) {
     __threadfence();
-    sm.flag[0] = atomicAdd(exit_ticket, 1) == (int)gridDim.x - 1;
+    sm.flag = atomicAdd(exit_ticket, 1) == (int)gridDim.x - 1;
   }
   __syncthreads();
-  if (sm.flag[0]) {
+  if (sm.flag) {
     for (int i = threadIdx.x; i < n_counters; i += kThreads) counters[i] = 0;
     if (threadIdx.x == 0) *exit_ticket = 0;
     __threadfence();
@@ -455,40 +503,52 @@ __global__ void __launch_bounds__((Config<kGroups, kWStages, kXStages>::kThreads
 
 }  // namespace
 
-// Run a program (see the header): prog int64 [P, 16] on the device; counters int32 (every product's output
-// chunk counters) and exit_ticket int32 [1] zeroed once at allocation (the kernel leaves them zeroed);
-// grid <= SM count. flags (diagnostics, 0 in use): 1 inputs do not wait for their products, 2 no arithmetic.
-// trace (optional, int64 [T, 4]): per task the global timer (ns) at its start, first input chunk, end of its
-// products and end of its epilogue.
-template <int G, int WS, int XS>
-void launch(const torch::Tensor& prog, int64_t P, int64_t T, torch::Tensor& counters, torch::Tensor& exit_ticket,
-            int64_t grid, int64_t flags, const c10::optional<torch::Tensor>& trace) {
-  using S = Smem<G, WS, XS>;
-  auto kernel = stream_kernel<G, WS, XS>;
+// Run a program (see the header): prog int64 [P, 16] and segs int32 [grid, L, 8] (lens int32 [grid]) on the
+// device; counters int32 (every product's output-chunk counters) and exit_ticket int32 [1] zeroed once at
+// allocation (the kernel leaves them zeroed). flags (diagnostics, 0 in use): 1 inputs do not wait for their
+// products, 2 no arithmetic, 4 no partial sums. trace (optional, int64 [grid, L, 8]): per segment the global timer (ns) at its
+// start, first input chunk, end of its products, end of its epilogue (consumers), first and last weight
+// copy issued (weight warp), first input copy issued (input warp) and its publication (exchange warp).
+// variant: the ring shape (weight x input slots), 0: 5 x 2, 1: 4 x 3. max_inflight: weight
+// copies (32 KB) in flight per SM (0: up to the free slots).
+template <int WS, int XS>
+void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::Tensor& lens, torch::Tensor& counters,
+            torch::Tensor& exit_ticket, int64_t grid, int64_t flags, const c10::optional<torch::Tensor>& trace,
+            int64_t max_inflight) {
+  using S = Smem<WS, XS>;
+  auto kernel = stream_kernel<WS, XS>;
   static bool configured = false;  // once per process, outside any graph capture that follows
   if (!configured) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(S)));
     configured = true;
   }
-  kernel<<<(unsigned)grid, Config<G, WS, XS>::kThreads, sizeof(S), at::cuda::getCurrentCUDAStream()>>>(
-      prog.data_ptr<int64_t>(), (int)P, (int)T, counters.data_ptr<int>(), (int)counters.numel(),
-      exit_ticket.data_ptr<int>(), (int)flags, trace ? trace->data_ptr<int64_t>() : nullptr);
+  kernel<<<(unsigned)grid, kThreads, sizeof(S), at::cuda::getCurrentCUDAStream()>>>(
+      prog.data_ptr<int64_t>(), segs.data_ptr<int>(), lens.data_ptr<int>(), (int)segs.size(1),
+      counters.data_ptr<int>(), (int)counters.numel(), exit_ticket.data_ptr<int>(), (int)flags,
+      trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void run(torch::Tensor prog, int64_t P, int64_t T, torch::Tensor counters, torch::Tensor exit_ticket, int64_t grid,
-         int64_t flags, c10::optional<torch::Tensor> trace) {
-  TORCH_CHECK(!trace || (trace->scalar_type() == torch::kInt64 && trace->numel() >= 4 * T), "trace: int64 [T, 4]");
+void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tensor counters, torch::Tensor exit_ticket,
+         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight) {
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
+  TORCH_CHECK(segs.dim() == 3 && segs.size(2) == S_COUNT && segs.scalar_type() == torch::kInt32 && segs.is_contiguous(),
+              "segs: int32 [grid, L, 8]");
+  const int64_t grid = segs.size(0);
+  TORCH_CHECK(lens.numel() == grid && lens.scalar_type() == torch::kInt32, "lens: int32 [grid]");
+  TORCH_CHECK(!trace || (trace->scalar_type() == torch::kInt64 && trace->numel() >= grid * segs.size(1) * kTrace),
+              "trace: int64 [grid, L, 8]");
   TORCH_CHECK(counters.scalar_type() == torch::kInt32 && exit_ticket.scalar_type() == torch::kInt32, "int32 counters");
   const c10::cuda::CUDAGuard guard(prog.device());
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, prog.device().index()));
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
-  // two groups of 4 + 3 slots: measured against 5 + 2 and one group of 10 + 3 (BENCHMARKS.md, session 8)
-  launch<2, 4, 3>(prog, P, T, counters, exit_ticket, grid, flags, trace);
+  // 5 x 2 measured against 4 x 3, 4 x 4 and 3 x 6 (BENCHMARKS.md, session 9): within 3 %, 5 x 2 ahead
+  if (variant == 0)
+    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+  else
+    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
 }
-
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "run a decode product program (persistent, weight-streaming)");

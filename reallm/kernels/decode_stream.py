@@ -7,6 +7,10 @@ not idle at product boundaries (the reason a chain of library GEMMs reads a deco
 of copy bandwidth). A product may end in SwiGLU: ``out="swiglu"`` takes W = [gate; up] (2I rows) and
 writes ``silu(gate) * up`` (I columns), from the fp32 sums.
 
+Work is split stream-K style (:func:`schedule`): each product's (128-row tile, 128-column chunk) units are
+cut into one equal contiguous range per SM, so every SM reads the same bytes of every product; tiles
+spread over several SMs are summed through fp32 partial slots.
+
 Layouts: weights are packed once (:func:`pack_weight`) and activations live in *chunked* buffers
 (:func:`chunked_buffer`, :func:`to_chunks`, :func:`from_chunks`): 64 × 128 blocks, each one contiguous
 16 KB copy into shared memory, swizzled so that the tensor-core loads hit distinct banks. A product's
@@ -19,19 +23,91 @@ rounding of each output): the definition the kernel is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v15", "decode_stream.cu")
-#: Rows (sequences) of a step the kernel computes (``kM``); weight rows per task (``kBN``); chunk columns.
-ROWS, TILE, CHUNK = 64, 64, 128
-#: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``).
-_FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "split", "out", "y_layout", "ready_in",
-           "need", "ready_out", "task0", "tiles")
+_EXT = JitExtension("reallm_decode_stream_v28", "decode_stream.cu")
+#: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
+#: half (``kHalf``); chunk columns (``kBK``).
+ROWS, TILE, HALF, CHUNK = 64, 128, 64, 128
+#: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``; 16 int64 per row).
+_FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "out", "y_layout", "ready_in", "need",
+           "ready_out")
 _OUTS = {"plain": 0, "swiglu": 1}
+#: Floats of one sums tile (a weight tile's fp32 sums over the 64 rows).
+_SLOT_FLOATS = TILE * ROWS
+#: Ring shapes (weight × input slots) the kernel is built with, by ``variant``.
+VARIANTS = {0: (5, 2), 1: (4, 3)}
+
+
+class Segment(NamedTuple):
+    """Chunks [c0, c1) of one weight tile of product p, run by one CTA. A tile spread over several segments
+    owns a sums tile of the product (fp32): its pieces add their partials into sums tile ``slot``, and its
+    piece from chunk 0 (the *finalizer*: ``slot`` −1) waits for those ``nslots`` pieces, adds sums tile
+    ``slot0`` to its own and writes the output. A whole tile: ``slot`` −1, ``nslots`` 0."""
+    p: int
+    tile: int
+    c0: int
+    c1: int
+    slot: int
+    slot0: int
+    nslots: int
+
+
+def schedule(shapes: list[tuple[int, int]], grid: int) -> tuple[list[list[Segment]], list[int]]:
+    """Stream-K split of products of (tiles, chunks per tile) over ``grid`` CTAs.
+
+    Each product's units (tile-major) are cut into ``grid`` contiguous ranges, rounded so that every CTA's
+    running total over the program stays within one unit of an equal share: CTAs stream without pausing,
+    so the running totals set when each one reaches a product boundary. (Shares scaled to per-SM rates
+    measured with the weight streams alone — SMs differ by up to 25 %, the same SMs every launch — did
+    not shorten the dependent chain: BENCHMARKS.md, session 9.) A range becomes one segment per tile it
+    touches; a spread tile's chunk-0 piece ends its CTA's range, so it runs last among the tile's pieces
+    and finishes the tile. Returns every CTA's segments (in product order) and the sums tiles each product
+    needs.
+    """
+    lists: list[list[Segment]] = [[] for _ in range(grid)]
+    slots = []
+    done = [0] * grid       # units each CTA has been given so far
+    exact = [0.0] * grid    # its exact share so far
+    for p, (tiles, chunks) in enumerate(shapes):
+        units = tiles * chunks
+        counts, total, target = [], 0, 0.0
+        for cta in range(grid):  # cumulative rounding of (exact share to date − units to date)
+            exact[cta] += units / grid
+            target += exact[cta] - done[cta]
+            upto = min(units, max(total, round(target)))
+            counts.append(upto - total)
+            total = upto
+        counts[-1] += units - total
+        pieces: dict[int, list[tuple[int, int, int]]] = {}  # tile -> (cta, c0, c1) in chunk order
+        order = []  # (cta, tile, c0, c1) in unit order
+        u = 0
+        for cta, count in enumerate(counts):
+            done[cta] += count
+            end = u + count
+            while u < end:
+                tile, c0 = divmod(u, chunks)
+                c1 = min(chunks, c0 + end - u)
+                pieces.setdefault(tile, []).append((cta, c0, c1))
+                order.append((cta, tile, c0, c1))
+                u += c1 - c0
+        sums = {}  # spread tile -> its sums tile
+        for tile, group in pieces.items():
+            if len(group) > 1:
+                sums[tile] = len(sums)
+        for cta, tile, c0, c1 in order:
+            if tile not in sums:
+                lists[cta].append(Segment(p, tile, c0, c1, -1, -1, 0))
+            elif c0 == 0:
+                lists[cta].append(Segment(p, tile, c0, c1, -1, sums[tile], len(pieces[tile]) - 1))
+            else:
+                lists[cta].append(Segment(p, tile, c0, c1, sums[tile], -1, 0))
+        slots.append(len(sums))
+    return lists, slots
 
 
 def available(verbose: bool = False) -> bool:
@@ -69,20 +145,19 @@ def chunked_buffer(cols: int, device, dtype=torch.bfloat16) -> torch.Tensor:
 
 
 def pack_weight(w: torch.Tensor, glu: bool = False) -> torch.Tensor:
-    """W [N, K] → tiles of 64 rows × chunks of 128 columns, each chunk swizzled (contiguous copies).
+    """W [N, K] → tiles of 128 rows × chunks of 128 columns, a chunk = two swizzled 64-row halves (one copy).
 
-    ``glu``: W is [gate; up]; each tile gets 32 gate rows and then the 32 matching up rows.
+    ``glu``: W is [gate; up]; each 64-row half of a tile gets 32 gate rows and then the 32 matching up rows.
     """
     n, k = w.shape
-    if n % (2 * TILE if glu else TILE) or k % CHUNK:
-        raise ValueError(f"pack_weight: N must be a multiple of {2 * TILE if glu else TILE} and K of {CHUNK}, "
-                         f"got {list(w.shape)}")
+    if n % TILE or k % CHUNK:
+        raise ValueError(f"pack_weight: N must be a multiple of {TILE} and K of {CHUNK}, got {list(w.shape)}")
     if glu:
-        gate, up = w.view(2, n // TILE, TILE // 2, k).unbind(0)
+        gate, up = w.view(2, n // HALF, HALF // 2, k).unbind(0)
         w = torch.cat([gate, up], dim=1).reshape(n, k)
-    units = w.reshape(n // TILE, TILE, k // CHUNK, CHUNK // 8, 8).permute(0, 2, 1, 3, 4)  # [tile, chunk, row, u, 8]
-    idx = _swizzle_index(w.device)[None, None, :, :, None].expand_as(units)
-    return units.gather(3, idx).contiguous().view(-1)
+    units = w.reshape(n // TILE, 2, HALF, k // CHUNK, CHUNK // 8, 8).permute(0, 3, 1, 2, 4, 5)
+    idx = _swizzle_index(w.device)[None, None, None, :, :, None].expand_as(units)  # [tile, chunk, half, row, u, 8]
+    return units.gather(4, idx).contiguous().view(-1)
 
 
 @dataclass
@@ -92,7 +167,6 @@ class _Product:
     x: torch.Tensor        # chunked input
     y: torch.Tensor        # chunked output, or a [64, N'] row view
     out: str
-    split: int
     dep: int
 
     @property
@@ -105,9 +179,9 @@ class StreamProgram:
 
     def __init__(self):
         self.products: list[_Product] = []
-        self._built: Optional[dict] = None
+        self._built: dict[int, dict] = {}
 
-    def add(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, out: str = "plain", split: int = 1,
+    def add(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, out: str = "plain",
             dep: Optional[int] = None) -> int:
         """Append ``y = x[:, :K] @ w.T`` (or its SwiGLU); returns the product's index.
 
@@ -122,14 +196,16 @@ class StreamProgram:
             raise ValueError(f"{where}: out must be one of {sorted(_OUTS)}, got {out!r}")
         if any(t.dtype != torch.bfloat16 for t in (w, x, y)):
             raise ValueError(f"{where}: w, x and y must be bfloat16")
-        if n % (2 * TILE if out == "swiglu" else TILE) or k % (split * CHUNK):
-            raise ValueError(f"{where}: N must be a multiple of {2 * TILE if out == 'swiglu' else TILE} and K "
-                             f"of split*{CHUNK} = {split * CHUNK}")
+        if n % TILE or k % CHUNK:
+            raise ValueError(f"{where}: N must be a multiple of {TILE} and K of {CHUNK}")
         if x.dim() != 1 or x.numel() < k * ROWS or x.data_ptr() % 16:
             raise ValueError(f"{where}: x must be a chunked buffer (chunked_buffer) of at least {k} columns")
         cols = n // 2 if out == "swiglu" else n
         if y.dim() == 1:
-            if y.numel() < -(-cols // CHUNK) * CHUNK * ROWS or y.data_ptr() % 16:
+            if cols % CHUNK:
+                raise ValueError(f"{where}: a chunked output needs whole chunks: {cols} columns is not a multiple "
+                                 f"of {CHUNK} (write rows instead, or pad N)")
+            if y.numel() < cols * ROWS or y.data_ptr() % 16:
                 raise ValueError(f"{where}: y must be a chunked buffer of at least {cols} columns")
         elif y.shape[0] != ROWS or y.shape[1] < cols or y.stride(1) != 1 or y.stride(0) % 8 or y.data_ptr() % 16:
             raise ValueError(f"{where}: y rows must be a [{ROWS}, ≥{cols}] view, unit column stride, 16-byte "
@@ -140,64 +216,84 @@ class StreamProgram:
             src = self.products[dep].y
             if src.dim() != 1 or src.data_ptr() != x.data_ptr():
                 raise ValueError(f"{where}: x must be product {dep}'s chunked output buffer (dep={dep})")
-        self.products.append(_Product(w, pack_weight(w, glu=out == "swiglu"), x, y, out, split,
-                                      -1 if dep is None else dep))
-        self._built = None
+        self.products.append(_Product(w, pack_weight(w, glu=out == "swiglu"), x, y, out, -1 if dep is None else dep))
+        self._built = {}
         return len(self.products) - 1
 
-    def tasks(self) -> list[int]:
-        return [p.w.shape[0] // TILE * p.split for p in self.products]
+    def shapes(self) -> list[tuple[int, int]]:
+        """(tiles, chunks per tile) of every product: the units :func:`schedule` splits."""
+        return [(p.w.shape[0] // TILE, p.w.shape[1] // CHUNK) for p in self.products]
 
-    def _build(self) -> dict:
-        if self._built is not None:
-            return self._built
+    def _build(self, grid: int) -> dict:
+        if grid in self._built:
+            return self._built[grid]
         dev = self.products[0].w.device
-        tiles = [p.w.shape[0] // TILE for p in self.products]
-        # fp32 partial tiles, a region per split product: consecutive products overlap in time (a product
-        # starts on the input chunks that are ready), so one product's slices must not overwrite another's
-        sizes = [ROWS * p.w.shape[0] * p.split if p.split > 1 else 0 for p in self.products]
-        partial = torch.empty(max(sum(sizes), 4), dtype=torch.float32, device=dev)
-        partial_at = [0] + torch.tensor(sizes).cumsum(0).tolist()[:-1]
+        lists, slots = schedule(self.shapes(), grid)
+        tiles = [t for t, _ in self.shapes()]
+        # fp32 sums tiles of the spread tiles, a region per product (zeroed here, left zeroed by the kernel)
+        partial = torch.zeros(max(sum(slots), 1) * _SLOT_FLOATS, dtype=torch.float32, device=dev)
+        slot_at = [0] + torch.tensor(slots).cumsum(0).tolist()[:-1]
         tickets = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
+        tick_at = [0] + torch.tensor(tiles).cumsum(0).tolist()[:-1]
         # readiness counters of every chunked output, one per 128-column chunk
         starts, n_counters = [], 0
         for p in self.products:
             starts.append(n_counters if p.y.dim() == 1 else None)
-            n_counters += -(-p.out_cols // CHUNK) if p.y.dim() == 1 else 0
+            n_counters += p.out_cols // CHUNK if p.y.dim() == 1 else 0
         counters = torch.zeros(max(n_counters, 1), dtype=torch.int32, device=dev)
-        rows, task0, tick0 = [], 0, 0
-        for i, (p, nt) in enumerate(zip(self.products, tiles)):
-            ready_in = 0 if p.dep < 0 else counters.data_ptr() + 4 * starts[p.dep]
-            need = 0 if p.dep < 0 else (4 if self.products[p.dep].out == "swiglu" else 2)
-            ready_out = 0 if starts[i] is None else counters.data_ptr() + 4 * starts[i]
+        rows = []
+        for i, p in enumerate(self.products):
             n, k = p.w.shape
             f = {"w": p.packed.data_ptr(), "x": p.x.data_ptr(), "y": p.y.data_ptr(),
-                 "partial": partial.data_ptr() + 4 * partial_at[i],
-                 "tickets": tickets.data_ptr() + 4 * tick0, "N": n, "K": k,
-                 "y_stride": p.y.stride(0) if p.y.dim() == 2 else 0, "split": p.split, "out": _OUTS[p.out],
-                 "y_layout": 0 if p.y.dim() == 1 else 1, "ready_in": ready_in, "need": need,
-                 "ready_out": ready_out, "task0": task0, "tiles": nt}
-            rows.append([f[name] for name in _FIELDS])
-            task0 += nt * p.split
-            tick0 += nt
-        self._built = {"prog": torch.tensor(rows, dtype=torch.int64, device=dev), "partial": partial,
-                       "tickets": tickets, "counters": counters,
-                       "exit": torch.zeros(1, dtype=torch.int32, device=dev), "T": task0}
-        return self._built
+                 "partial": partial.data_ptr() + 4 * _SLOT_FLOATS * slot_at[i],
+                 "tickets": tickets.data_ptr() + 4 * tick_at[i], "N": n, "K": k,
+                 "y_stride": p.y.stride(0) if p.y.dim() == 2 else 0, "out": _OUTS[p.out],
+                 "y_layout": 0 if p.y.dim() == 1 else 1,
+                 "ready_in": 0 if p.dep < 0 else counters.data_ptr() + 4 * starts[p.dep],
+                 "need": 0 if p.dep < 0 else (2 if self.products[p.dep].out == "swiglu" else 1),
+                 "ready_out": 0 if starts[i] is None else counters.data_ptr() + 4 * starts[i]}
+            rows.append([f[name] for name in _FIELDS] + [0] * (16 - len(_FIELDS)))
+        length = max(1, max(len(segs) for segs in lists))
+        table = torch.zeros(grid, length, 8, dtype=torch.int32)
+        for cta, segs in enumerate(lists):
+            if segs:
+                table[cta, :len(segs), :7] = torch.tensor(segs, dtype=torch.int32)
+        self._built[grid] = {"prog": torch.tensor(rows, dtype=torch.int64, device=dev), "segs": table.to(dev),
+                             "lens": torch.tensor([len(x) for x in lists], dtype=torch.int32, device=dev),
+                             "lists": lists, "partial": partial, "tickets": tickets, "counters": counters,
+                             "exit": torch.zeros(1, dtype=torch.int32, device=dev)}
+        return self._built[grid]
 
-    def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None) -> None:
+    def grid(self, grid: Optional[int] = None) -> int:
+        sms = torch.cuda.get_device_properties(self.products[0].w.device).multi_processor_count
+        return min(grid or sms, sms)
+
+    def segments(self, grid: Optional[int] = None) -> list[list[Segment]]:
+        """Every CTA's segments at this grid (the rows of a trace)."""
+        return self._build(self.grid(grid))["lists"]
+
+    def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None,
+            variant: int = 0, max_inflight: int = 1) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
-        arithmetic (the two streams alone). ``trace``: int64 [tasks, 4] to receive each task's global timer
-        (ns) at its start, first input chunk, end of products, end of epilogue.
+        arithmetic (3: the two streams alone). ``trace``: int64 [grid, segments, 8] to receive each segment's
+        global timers (ns): consumers' start, first input chunk, end of products, end of epilogue; first and
+        last weight copy issued; first input copy issued; publication (csrc/cuda/decode_stream.cu). ``variant``:
+        the ring shape, :data:`VARIANTS`. ``max_inflight``: weight copies (32 KB) an SM keeps in flight (0: as
+        many as the ring has free slots). One is enough for full bandwidth (16 KB is not: its copies
+        alone take 1070 µs), and more only lengthens every queue on the way to L2 — the readiness
+        counters, partial sums and activation copies of the next product wait in the same queues
+        (measured: 1153 µs with one, 1239 µs with two, 1262 µs unlimited).
         """
         ext = _EXT.load()
         if ext is None:
             raise RuntimeError(f"decode_stream kernel unavailable: {_EXT.error}")
-        b = self._build()
-        sms = torch.cuda.get_device_properties(self.products[0].w.device).multi_processor_count
-        ext.run(b["prog"], len(self.products), b["T"], b["counters"], b["exit"], min(grid or sms, sms), flags, trace)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant}")
+        grid = self.grid(grid)
+        b = self._build(grid)
+        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight)
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""
