@@ -446,8 +446,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
       if (s.slot >= 0) {
         float* sums_tile = d.partial + (size_t)s.slot * kPartialFloats;
-#pragma unroll
         if (!(flags & 4))
+#pragma unroll
           for (int j = 0; j < 8; ++j) red_add4(sums_tile + (j * kConsumerThreads + tid) * 4, acc4(acc, j));  // coalesced
       } else {
         if (s.nslots > 0) {

@@ -29,7 +29,7 @@ import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v28", "decode_stream.cu")
+_EXT = JitExtension("reallm_decode_stream_v29", "decode_stream.cu")
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
 ROWS, TILE, HALF, CHUNK = 64, 128, 64, 128
