@@ -57,8 +57,9 @@ the device runs the group back to back (events around it: the device time). Grap
 graphs of 1 and ``DECODE_GRAPH_COPIES`` copies (``_decode_point``): the device time per copy, the host
 time a copy adds to a replay, and the capture's cost per copy. On CPU the host does the work: host and
 capture times are 0. Each row of a device or capture table is then made non-decreasing in tokens / K (and
-decode tables in batch) by isotonic regression (``monotone``): a larger size never looks cheaper because of
-noise; the points it moved are listed in the run's ``adjusted``. Host tables are stored as measured.
+decode tables in batch): a point over twice the time of a larger size is interpolated over between its
+neighbours (``drop_bumps``: larger work bounds smaller work), then isotonic regression (``monotone``) takes
+out the noise that makes a larger size look cheaper; the points moved are listed in the run's ``adjusted``. Host tables are stored as measured.
 
 Grids: tables are ``seqlen × tokens`` (token ops) and ``batch × kv_len`` (decode); ops that do not
 depend on the sequence length (embedding, head forward/backward, score head) get one seqlen row, head,
@@ -568,11 +569,47 @@ def isotonic(values: Sequence[float]) -> list[float]:
     return [s_ / n_ for s_, n_ in blocks for _ in range(n_)]
 
 
-def monotone(values: list[list[Optional[float]]], along_x: bool) -> list[list[Optional[float]]]:
+#: A point measured over this many times a larger size's time is an artifact, not the op's cost.
+BUMP_RATIO = 2.0
+
+
+def drop_bumps(values: Sequence[float], ys: Sequence[float], ratio: float = BUMP_RATIO) -> list[float]:
+    """Points that took over ``ratio`` × the time of some larger size, replaced by linear interpolation (in y)
+    between their nearest kept neighbours. Larger work bounds smaller work from above (pad it), so such a
+    point measured something else: a transient slow path, allocator churn or interference (the Qwen2-0.5B
+    head forward at 2048-8192 tokens once measured 35-140 ms against 12 ms at 16384). Isotonic regression
+    alone would average the bump into every larger size."""
+    v = list(values)
+    n = len(v)
+    later_min = [float("inf")] * n
+    for j in range(n - 2, -1, -1):
+        later_min[j] = min(later_min[j + 1], v[j + 1])
+    kept = [v[j] <= ratio * later_min[j] for j in range(n)]
+    out = list(v)
+    for j in range(n):
+        if kept[j]:
+            continue
+        lo = next((i for i in range(j - 1, -1, -1) if kept[i]), None)
+        hi = next(i for i in range(j + 1, n) if kept[i])  # the smallest later point is always kept
+        if lo is None:
+            out[j] = v[hi]
+        else:
+            f = (ys[j] - ys[lo]) / (ys[hi] - ys[lo])
+            out[j] = v[lo] + f * (v[hi] - v[lo])
+    return out
+
+
+def monotone(values: list[list[Optional[float]]], along_x: bool,
+             ys: Optional[Sequence[float]] = None) -> list[list[Optional[float]]]:
     """Each row's measured points made non-decreasing (``isotonic``) in y (tokens, kv_len), and for decode
     tables (``along_x``) each column in x (batch) too, then the rows again. Time never falls when the work
-    grows; seqlen is left alone (a prefill head selects fewer rows from longer sequences)."""
+    grows; seqlen is left alone (a prefill head selects fewer rows from longer sequences). With the row
+    coordinates ``ys``, bumps (``drop_bumps``) are interpolated over first."""
     out = [list(r) for r in values]
+    if ys is not None:
+        for r in out:
+            n = sum(v is not None for v in r)
+            r[:n] = drop_bumps(r[:n], ys[:n])
 
     def rows():
         for r in out:
@@ -695,7 +732,7 @@ class LayerBench:
             # Host times are left as measured: launching does not get dearer with the sizes, and a call the
             # host cannot get ahead of records 0 (``Timer.device_host_s``).
             along_x = op not in TOKEN_OPS + CKPT_OPS + GRAPHED_OPS
-            smooth = values[op] if op.endswith("_host") else monotone(values[op], along_x=along_x)
+            smooth = values[op] if op.endswith("_host") else monotone(values[op], along_x=along_x, ys=ys)
             self.log.adjusted += [f"{where} {op} {x_name}={x} {y_name}={y}: {v:.4g} -> {w:.4g} s"
                                   for x, rv, rw in zip(xs, values[op], smooth) for y, v, w in zip(ys, rv, rw)
                                   if v is not None and abs(w - v) > 1e-3 * v]
