@@ -80,13 +80,13 @@ def check(prog: decode_stream.StreamProgram) -> float:
     return worst
 
 
-def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0, variant: int = 0) -> str:
+def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0, **kw) -> str:
     """Where a launch's time goes: per product kind, the time from the previous product's last segment to its
     own (summed over layers), and per segment the median wait for the input, products and epilogue (µs)."""
     lists = prog.segments()
     trace = torch.zeros(len(lists), max(len(x) for x in lists), 8, dtype=torch.int64, device="cuda")
-    prog.run(flags=flags, variant=variant)
-    prog.run(flags=flags, trace=trace, variant=variant)
+    prog.run(flags=flags, **kw)
+    prog.run(flags=flags, trace=trace, **kw)
     torch.cuda.synchronize()
     tr = trace.cpu()
     t0 = min(int(tr[c, 0, 0]) for c, x in enumerate(lists) if x)
@@ -96,16 +96,19 @@ def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0, v
             rows.setdefault(s.p, []).append((tr[c, i] - t0).double() / 1e3)
     rows = {p: torch.stack(r) for p, r in rows.items()}
     end = [float(rows[p][:, 3].max()) for p in range(len(prog.products))]
+    last_products = [float(rows[p][:, 2].max()) for p in range(len(prog.products))]
     lines = [f"launch (first segment start to last segment end): {max(end):.0f} µs",
              "| kind | Σ time after the previous product's last segment µs | median wait for input | median products"
-             " | max products | median epilogue |", "|---|---|---|---|---|---|"]
+             " | max products | median epilogue | median boundary (previous product's last arithmetic → first input,"
+             " median over SMs) |", "|---|---|---|---|---|---|---|"]
     for j, kind in enumerate(KINDS):
         idx = [4 * i + j for i in range(LAYERS)] if kind != "head" else [len(prog.products) - 1]
         gap = sum(end[i] - (end[i - 1] if i else 0.0) for i in idx)
         r = torch.cat([rows[i] for i in idx])
         med = r[:, :4].diff(dim=1).median(dim=0).values
+        bound = torch.tensor([float(rows[i][:, 1].median()) - last_products[i - 1] for i in idx if i])
         lines.append(f"| {kind} | {gap:.0f} | {med[0]:.2f} | {med[1]:.2f} | {r[:, :4].diff(dim=1)[:, 1].max():.2f} "
-                     f"| {med[2]:.2f} |")
+                     f"| {med[2]:.2f} | {float(bound.median()):.2f} |")
     i0 = 4 * layer
     lines.append(f"layer {layer}: product ends " + ", ".join(f"{end[i] - end[i0 - 1]:.1f}" for i in range(i0, i0 + 4))
                  + " µs after the previous layer's down")
@@ -118,9 +121,13 @@ def main(argv=None) -> int:
                     help="ring shapes to time (decode_stream.VARIANTS)")
     ap.add_argument("--inflight", nargs="*", type=int, default=[1, 2, 0],
                     help="weight copies (32 KB) in flight per SM to time (0: up to the free slots)")
+    ap.add_argument("--prefetch", nargs="*", default=["0"],
+                    help="L2 leads to time, AHEAD[/GAP]: weight chunks pulled into L2 beyond the next copy, at most "
+                         "one per GAP SM cycles")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
-    ap.add_argument("--trace", nargs="*", default=[], help="variants to trace (per-segment timers), VARIANT[/FLAGS]")
+    ap.add_argument("--trace", nargs="*", default=[],
+                    help="runs to trace (per-segment timers), VARIANT[/FLAGS[/AHEAD[/GAP]]] (one weight copy in flight)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("needs an sm_90+ CUDA GPU", file=sys.stderr)
@@ -140,8 +147,9 @@ def main(argv=None) -> int:
     print(f"cuBLASLt chain {t:.0f} µs", flush=True)
     prog = chain.program()
 
-    def measure(v: int, inflight: int) -> None:
-        kw = dict(variant=v, max_inflight=inflight)
+    def measure(v: int, inflight: int, lead: str) -> None:
+        ahead, _, gap = lead.partition("/")
+        kw = dict(variant=v, max_inflight=inflight, prefetch=int(ahead), prefetch_gap=int(gap or 0))
         prog.run(**kw)
         torch.cuda.synchronize()
         err = check(prog)
@@ -149,6 +157,8 @@ def main(argv=None) -> int:
         err2 = check(prog)  # after 25 replays: the counters were reset every launch
         ws, xs = decode_stream.VARIANTS[v]
         label = f"{inflight} weight copies in flight" if inflight else "weight copies up to the free slots"
+        if int(ahead):
+            label += f", L2 lead {ahead} chunks" + (f" (one per {gap} cycles)" if gap else "")
         rows.append((f"stream, ring {ws} x 32 KB weights + {xs} x 16 KB inputs, {label}", t, max(err, err2)))
         diag = {f: (graph_us(lambda f=f: prog.run(flags=f, **kw)), check(prog)) for f in args.diagnose}
         print(f"variant {v}, {label}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
@@ -156,11 +166,13 @@ def main(argv=None) -> int:
 
     for v in args.variants:
         for inflight in args.inflight:
-            measure(v, inflight)
+            for lead in args.prefetch:
+                measure(v, inflight, lead)
     for cfg in args.trace:
-        v, _, flags = cfg.partition("/")
-        print(f"\ntrace of variant {v}, flags {flags or 0}:\n"
-              + trace_table(prog, LAYERS // 2, int(flags or 0), int(v)), flush=True)
+        v, flags, ahead, gap = (cfg.split("/") + ["0", "0", "0"])[:4]
+        print(f"\ntrace of variant {v}, flags {flags}, L2 lead {ahead}/{gap}:\n"
+              + trace_table(prog, LAYERS // 2, int(flags), variant=int(v), prefetch=int(ahead),
+                            prefetch_gap=int(gap)), flush=True)
     print(f"\n| chain of {4 * LAYERS + 1} products, with their "
           f"dependencies ({chain.bytes / 1e9:.2f} GB) | µs | TB/s | × floor | max rel. error |")
     print("|---|---|---|---|---|")

@@ -34,14 +34,17 @@ def test_chunked_layouts_round_trip_and_swizzle():
     a = torch.randn(ROWS, 384).to(torch.bfloat16)
     buf = to_chunks(a)
     assert torch.equal(from_chunks(buf, 384), a) and torch.equal(from_chunks(buf, 200), a[:, :200])
-    chunk1 = buf[ROWS * 128:2 * ROWS * 128].view(ROWS, 16, 8)
-    assert torch.equal(chunk1[3, 5 ^ 3], a[3, 128 + 40:128 + 48])  # row 3, unit 5 sits at unit 5 ^ 3
+    chunk1 = buf[ROWS * 128:2 * ROWS * 128].view(2, ROWS, 8, 8)  # [64-column block, row, unit, 8]
+    assert torch.equal(chunk1[0, 3, 5 ^ 3], a[3, 128 + 40:128 + 48])  # row 3, unit 5 sits at unit 5 ^ 3
+    assert torch.equal(chunk1[1, 6, 2 ^ 6], a[6, 128 + 64 + 16:128 + 64 + 24])
     w = torch.randn(512, 256).to(torch.bfloat16)
-    packed = pack_weight(w).view(4, 2, 2, 64, 16, 8)  # [tile, chunk, half, row, unit, 8]
-    assert torch.equal(packed[2, 1, 1, 9, 4 ^ 1], w[256 + 64 + 9, 128 + 32:128 + 40])
-    glu = pack_weight(w, glu=True).view(4, 2, 2, 64, 16, 8)  # half h: gate rows 32h.., then up rows 256 + 32h..
-    assert torch.equal(glu[0, 0, 1, 0, 0], w[32, :8]) and torch.equal(glu[0, 0, 1, 32, 0], w[256 + 32, :8])
-    assert torch.equal(glu[1, 1, 0, 5, 3 ^ 5], w[64 + 5, 128 + 24:128 + 32])
+    packed = pack_weight(w).view(4, 2, 2, 2, 64, 8, 8)  # [tile, chunk, half, block, row, unit, 8]
+    assert torch.equal(packed[2, 1, 1, 0, 9, 4 ^ 1], w[256 + 64 + 9, 128 + 32:128 + 40])
+    assert torch.equal(packed[2, 1, 1, 1, 9, 4 ^ 1], w[256 + 64 + 9, 128 + 96:128 + 104])
+    glu = pack_weight(w, glu=True).view(4, 2, 2, 2, 64, 8, 8)  # half h: gate rows 32h.., then up rows 256 + 32h..
+    assert torch.equal(glu[0, 0, 1, 0, 0, 0], w[32, :8]) and torch.equal(glu[0, 0, 1, 0, 32, 0], w[256 + 32, :8])
+    assert torch.equal(glu[1, 1, 0, 0, 5, 3 ^ 5], w[64 + 5, 128 + 24:128 + 32])
+    assert torch.equal(glu[1, 1, 0, 1, 5, 1 ^ 5], w[64 + 5, 128 + 72:128 + 80])
 
 
 @pytest.mark.parametrize("grid", [1, 3, 7, 132])
@@ -118,10 +121,11 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 
 @needs_sm90
-@pytest.mark.parametrize("grid,size,variant,inflight", [(None, 1, 0, 1), (None, 1, 1, 0), (3, 1, 0, 1), (1, 1, 1, 2),
-                                                        (7, 2, 0, 0), (None, 4, 0, 1), (None, 4, 1, 0),
-                                                        (None, 4, 1, 2), (None, 1, 1, 4)])
-def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight):
+@pytest.mark.parametrize("grid,size,variant,inflight,lead", [
+    (None, 1, 0, 1, (0, 0)), (None, 1, 1, 0, (0, 0)), (3, 1, 0, 1, (4, 0)), (1, 1, 1, 2, (2, 500)),
+    (7, 2, 0, 0, (0, 0)), (None, 4, 0, 1, (4, 2000)), (None, 4, 1, 0, (0, 0)), (None, 4, 1, 2, (8, 0)),
+    (None, 1, 1, 4, (0, 0))])
+def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight, lead):
     """Few CTAs (grid 1, 3, 7) give each many segments: the rings wrap and tiles split over CTAs at odd
     chunk boundaries; a wider chain (size 4) keeps consecutive products in flight together on every SM."""
     assert decode_stream.available(verbose=True), decode_stream._EXT.error
@@ -129,7 +133,7 @@ def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight)
     for launch in range(3):  # the counters and tickets must be back to zero after every launch
         for p in prog.products:
             p.y.zero_()
-        prog.run(grid=grid, variant=variant, max_inflight=inflight)
+        prog.run(grid=grid, variant=variant, max_inflight=inflight, prefetch=lead[0], prefetch_gap=lead[1])
         torch.cuda.synchronize()
         for i in range(len(prog.products)):  # each product against torch on the kernel's own input
             torch.testing.assert_close(prog.output(i).float(), prog.reference_output(i).float(), rtol=2e-2,

@@ -13,8 +13,8 @@
 //     messages of a product boundary (counters, partial sums, activations) wait in;
 //   - an input warp copies each segment's input chunks (16 KB) into a second ring once readiness counters
 //     say the tiles that write them are done;
-//   - eight consumer warps multiply (mma.sync, bf16 in, fp32 accumulate): warps 0-3 the tile's first 64
-//     rows, 4-7 its second, both against the same input chunk.
+//   - two consumer warpgroups multiply (wgmma m64n64k16 from shared memory, bf16 in, fp32 accumulate):
+//     warps 0-3 the tile's first 64 rows, 4-7 its second, both against the same input chunk.
 // Balance: the host cuts every product's (tile, chunk) units into contiguous ranges, one per CTA
 // (stream-K), so that every SM's running total stays within one chunk of an equal share and the SMs reach
 // each boundary together (whole tiles per SM left a third of the SMs idle at the end of the MLP product). A tile whose chunks
@@ -25,10 +25,10 @@
 // pieces are added in arrival order: the last bit of an fp32 sum may differ between launches.)
 //
 // Layouts (reallm/kernels/decode_stream.py builds them): an input chunk is 64 rows x 128 bf16 columns
-// (16 KB), row-major, the 16-byte units of row r permuted u -> u ^ (r % 8) so that ldmatrix reads 8 rows
-// without bank conflicts; activations [64, C] are [C/128 chunks][chunk]. Weights [N, K] are packed as
-// [N/128 tiles][K/128 chunks][2 halves][64 rows][128] (each half swizzled like an input chunk): a ring
-// slot is one contiguous copy.
+// (16 KB) stored as two 64-column blocks [2][64 rows][64], each row 128 bytes with its 16-byte units permuted
+// u -> u ^ (r % 8) (wgmma's 128-byte swizzle, K-major); activations [64, C] are [C/128 chunks][chunk].
+// Weights [N, K] are packed as [N/128 tiles][K/128 chunks][2 halves][2 blocks][64 rows][64] (each half laid
+// out like an input chunk): a ring slot is one contiguous copy.
 //
 // Program: products (int64 [P, 16] rows: y = x @ W^T), and per CTA a segment list (int32 [S, L, 8]: p,
 // tile, c0, c1, slot, slot0, nslots, -; `lens` [S] entries each).
@@ -111,6 +111,26 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// Whether the barrier's phase with this parity has completed (no waiting).
+__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Pull bytes into L2 (no completion to wait for).
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
 // One contiguous asynchronous copy global -> shared, completing on `bar`'s transaction count.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
                                           uint64_t policy) {
@@ -130,18 +150,28 @@ __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
   return policy;
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+// Shared-memory matrix descriptor of a K-major 64-column block stored in 128-byte rows with the 128-byte
+// swizzle (8-row groups 1024 bytes apart; the block 1024-byte aligned).
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  return (uint64_t)((smem_u32(p) & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
 
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// d[64 x 64] += A[64 x 16] * B[64 x 16]^T, both K-major in shared memory (one warpgroup).
+__device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], uint64_t a, uint64_t b) {
   asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, 1, 1, 1, 0, 0;"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b));
 }
 
 __device__ __forceinline__ int64_t global_ns() {
@@ -172,10 +202,10 @@ __device__ __forceinline__ void red_add4(float* sums, float4 v) {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
 
-// Offset of element (row, col) of a chunk (col < 128): 16-byte unit col/8 of row `row` is stored at unit
-// (col/8) ^ (row % 8).
+// Offset of element (row, col) of a chunk (col < 128): columns 64 k .. 64 k + 63 form block k (64 rows of 128
+// bytes), and 16-byte unit u of a row r is stored at unit u ^ (r % 8): the 128-byte swizzle of wgmma operands.
 __device__ __forceinline__ int swz(int row, int col) {
-  return row * kBK + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  return (col >> 6) * (kM * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
 }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
@@ -240,37 +270,30 @@ struct Ring {
   }
 };
 
-// Column (0..63) of a consumer thread's accumulator acc[mt][nt][e] within its 64-row half: warp_n's n8
-// tiles are {2 warp_n, 2 warp_n + 1} and {4 + 2 warp_n, 5 + 2 warp_n}, so a SwiGLU half's gate column j
-// (j < 32) and its up column j + 32 sit in the same thread (acc[.][nt] and acc[.][nt + 2]).
-__device__ __forceinline__ int acc_col(int warp_n, int nt, int lane) {
-  return (nt >> 1) * 32 + warp_n * 16 + (nt & 1) * 8 + (lane & 3) * 2;
-}
-
-// f(mt, nt, h, row, col) for each pair acc[mt][nt][2h], acc[mt][nt][2h + 1] of a consumer thread: the pair's
-// row (sequence) and its first column in the half (acc_col).
+// f(j, h, row, col) for each pair d[4 j + 2 h], d[4 j + 2 h + 1] of a consumer thread's wgmma accumulators
+// (m64n64: warp w of the warpgroup holds rows 16 w ..): the pair's row (sequence) and its first column in the
+// half. A SwiGLU half's gate column c (c < 32, j < 4) and its up column c + 32 (j + 4) sit in the same thread.
 template <typename F>
-__device__ __forceinline__ void for_each_pair(int warp_m, int warp_n, int lane, F&& f) {
+__device__ __forceinline__ void for_each_pair(int wq, int lane, F&& f) {
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int j = 0; j < 8; ++j)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) f(mt, nt, h, warp_m * 32 + mt * 16 + (lane >> 2) + h * 8, acc_col(warp_n, nt, lane));
+    for (int h = 0; h < 2; ++h) f(j, h, wq * 16 + (lane >> 2) + h * 8, j * 8 + (lane & 3) * 2);
 }
 
-// The j-th four accumulators of a consumer thread (acc[j / 4][j % 4]) as one float4.
-__device__ __forceinline__ float4 acc4(const float (&acc)[2][4][4], int j) {
-  return make_float4(acc[j >> 2][j & 3][0], acc[j >> 2][j & 3][1], acc[j >> 2][j & 3][2], acc[j >> 2][j & 3][3]);
+// The j-th four accumulators of a consumer thread as one float4.
+__device__ __forceinline__ float4 acc4(const float (&acc)[32], int j) {
+  return make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
 }
 
 template <int kWStages, int kXStages>
 __global__ void __launch_bounds__(kThreads, 1)
     stream_kernel(const int64_t* __restrict__ prog, const int* __restrict__ segs, const int* __restrict__ lens, int L,
                   int* counters, int n_counters, int* exit_ticket, int flags, int64_t* trace,
-                  int max_inflight) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  Smem<kWStages, kXStages>& sm = *reinterpret_cast<Smem<kWStages, kXStages>*>(smem_raw);
+                  int max_inflight, int prefetch_ahead, long long prefetch_gap) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // wgmma's swizzle needs 1024-byte alignment
+  Smem<kWStages, kXStages>& sm =
+      *reinterpret_cast<Smem<kWStages, kXStages>*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int cta = blockIdx.x;
   const int* list = segs + (size_t)cta * L * S_COUNT;
@@ -299,16 +322,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t policy = l2_policy(true);  // read once per step
       Ring r, landed;  // the next slot to fill; the oldest copy that may still be in flight
       int issued = 0;
+      // L2 lead: while the weight warp would otherwise wait (ring full, or its copy still in flight), it
+      // pulls up to prefetch_ahead chunks beyond its next copy into L2, at most one per prefetch_gap cycles,
+      // so HBM keeps streaming while the consumers wait at a product boundary.
+      int pf_i = 0, pf_c = n > 0 ? segment_at(prog, list, 0).c0 : 0;  // next chunk to prefetch
+      int64_t pf_units = 0, units = 0;  // chunks prefetched (or skipped) / copied so far
+      long long pf_last = clock64() - prefetch_gap;
+      auto service = [&]() {
+        if (prefetch_ahead <= 0 || pf_i >= n || pf_units >= units + prefetch_ahead) return;
+        const long long now = clock64();
+        if (now - pf_last < prefetch_gap) return;
+        const Segment p = segment_at(prog, list, pf_i);
+        prefetch_l2(p.d.w + ((size_t)p.tile * (p.d.K / kBK) + pf_c) * kWChunk, kWChunk * 2);
+        pf_last = now;
+        ++pf_units;
+        if (++pf_c == p.c1 && ++pf_i < n) pf_c = segment_at(prog, list, pf_i).c0;
+      };
       for (int i = 0; i < n; ++i) {
         const Segment s = segment_at(prog, list, i);
         const __nv_bfloat16* src = s.d.w + ((size_t)s.tile * (s.d.K / kBK) + s.c0) * kWChunk;
         int64_t* tr = trace != nullptr ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
         for (int c = s.c0; c < s.c1; ++c, src += kWChunk) {
-          mbar_wait(&sm.w_empty[r.slot], r.phase ^ 1);
+          while (!mbar_test(&sm.w_empty[r.slot], r.phase ^ 1)) service();
           // at most max_inflight copies in flight (a cap of the ring size or more is the ring's own, and
           // waiting on a slot's barrier a whole ring back would wait for a later phase)
           if (max_inflight > 0 && max_inflight < kWStages && issued >= max_inflight) {
-            mbar_wait(&sm.w_full[landed.slot], landed.phase);
+            while (!mbar_test(&sm.w_full[landed.slot], landed.phase)) service();
             landed.step(kWStages);
           }
           ++issued;
@@ -317,6 +356,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_expect_tx(&sm.w_full[r.slot], kWChunk * 2);
           bulk_copy(sm.w[r.slot], src, kWChunk * 2, &sm.w_full[r.slot], policy);
           r.step(kWStages);
+          // the prefetch cursor never trails the copies
+          if (pf_units <= units && pf_i < n) {
+            pf_units = units + 1;
+            pf_i = i;
+            pf_c = c + 1;
+            if (pf_c == s.c1 && ++pf_i < n) pf_c = segment_at(prog, list, pf_i).c0;
+          }
+          ++units;
         }
       }
     }
@@ -387,21 +434,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       done.step(kSignalStages);
     }
   } else {  // ------------------------------------------------------------------------------ consumers
-    const int half = warp >> 2, hw = warp & 3, tid = threadIdx.x;
-    const int warp_m = hw & 1, warp_n = hw >> 1;
+    const int half = warp >> 2, wq = warp & 3, tid = threadIdx.x;  // warpgroup `half` multiplies tile rows 64 half ..
     Ring wr, xr, sums, done;
     for (int i = 0; i < n; ++i) {
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
       int64_t* tr = trace != nullptr && tid == 0 ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
       if (tr) tr[0] = global_ns();  // timing: [start, first input, products, end]
-      float acc[2][4][4];
+      float acc[32];
 #pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+      for (int e = 0; e < 32; ++e) acc[e] = 0.f;
       for (int c = s.c0; c < s.c1; ++c) {
         mbar_wait(&sm.x_full[xr.slot], xr.phase);
         if (tr && c == s.c0) tr[1] = global_ns();
@@ -409,26 +451,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!(flags & 2)) {
           const __nv_bfloat16* xb = sm.x[xr.slot];
           const __nv_bfloat16* wb = sm.w[wr.slot] + half * kHalf * kBK;
+          wgmma_fence();
 #pragma unroll
-          for (int kk = 0; kk < kBK / 16; ++kk) {
-            uint32_t a[2][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-              const int row = warp_m * 32 + mt * 16 + (lane & 15);
-              ldmatrix_x4(a[mt], xb + swz(row, kk * 16 + (lane >> 4) * 8));
-            }
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-              uint32_t b[4];
-              const int nrow = np * 32 + warp_n * 16 + (lane & 7) + ((lane >> 4) << 3);
-              ldmatrix_x4(b, wb + swz(nrow, kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-              for (int mt = 0; mt < 2; ++mt) {
-                mma_bf16(acc[mt][2 * np], a[mt], b[0], b[1]);
-                mma_bf16(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-              }
-            }
+          for (int kk = 0; kk < kBK / 16; ++kk) {  // 64-column blocks of 64 rows; 16 columns = 32 bytes a step
+            const int off = (kk >> 2) * (64 * 64) + (kk & 3) * 16;
+            wgmma_64x64x16(acc, smem_desc(xb + off), smem_desc(wb + off));
           }
+          wgmma_commit();
+          wgmma_wait_all();
         }
         __syncwarp();
         if (lane == 0) {
@@ -455,11 +485,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             const float4 v = sm.sums[j][tid];
-            float* a = acc[j >> 2][j & 3];
-            a[0] += v.x;
-            a[1] += v.y;
-            a[2] += v.z;
-            a[3] += v.w;
+            acc[4 * j] += v.x;
+            acc[4 * j + 1] += v.y;
+            acc[4 * j + 2] += v.z;
+            acc[4 * j + 3] += v.w;
           }
           __syncwarp();
           if (lane == 0) mbar_arrive(&sm.sums_empty);
@@ -467,12 +496,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         const int width = d.out == 1 ? kHalf / 2 : kHalf;  // output columns of a half
         const int col0 = (2 * s.tile + half) * width;
-        for_each_pair(warp_m, warp_n, lane, [&](int mt, int nt, int h, int row, int half_col) {
-          if (d.out == 1 && nt >= 2) return;  // up columns: consumed with their gate columns
-          float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+        for_each_pair(wq, lane, [&](int j, int h, int row, int half_col) {
+          if (d.out == 1 && j >= 4) return;  // up columns: consumed with their gate columns
+          float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
           if (d.out == 1) {
-            v0 = silu(v0) * acc[mt][(nt + 2) & 3][2 * h];
-            v1 = silu(v1) * acc[mt][(nt + 2) & 3][2 * h + 1];
+            v0 = silu(v0) * acc[4 * (j + 4) + 2 * h];
+            v1 = silu(v1) * acc[4 * (j + 4) + 2 * h + 1];
           }
           const int col = col0 + half_col;
           __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kXChunk + swz(row, col % kBK)
@@ -514,23 +543,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <int WS, int XS>
 void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::Tensor& lens, torch::Tensor& counters,
             torch::Tensor& exit_ticket, int64_t grid, int64_t flags, const c10::optional<torch::Tensor>& trace,
-            int64_t max_inflight) {
+            int64_t max_inflight, int64_t prefetch_ahead, int64_t prefetch_gap) {
   using S = Smem<WS, XS>;
   auto kernel = stream_kernel<WS, XS>;
   static bool configured = false;  // once per process, outside any graph capture that follows
   if (!configured) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(S)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(S) + 1024));
     configured = true;
   }
-  kernel<<<(unsigned)grid, kThreads, sizeof(S), at::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<(unsigned)grid, kThreads, sizeof(S) + 1024, at::cuda::getCurrentCUDAStream()>>>(
       prog.data_ptr<int64_t>(), segs.data_ptr<int>(), lens.data_ptr<int>(), (int)segs.size(1),
       counters.data_ptr<int>(), (int)counters.numel(), exit_ticket.data_ptr<int>(), (int)flags,
-      trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight);
+      trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight, (int)prefetch_ahead,
+      (long long)prefetch_gap);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tensor counters, torch::Tensor exit_ticket,
-         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight) {
+         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight,
+         int64_t prefetch_ahead, int64_t prefetch_gap) {
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
   TORCH_CHECK(segs.dim() == 3 && segs.size(2) == S_COUNT && segs.scalar_type() == torch::kInt32 && segs.is_contiguous(),
               "segs: int32 [grid, L, 8]");
@@ -545,9 +576,11 @@ void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tens
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
   // 5 x 2 measured against 4 x 3, 4 x 4 and 3 x 6 (BENCHMARKS.md, session 9): within 3 %, 5 x 2 ahead
   if (variant == 0)
-    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight, prefetch_ahead,
+                 prefetch_gap);
   else
-    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight, prefetch_ahead,
+                 prefetch_gap);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -29,7 +29,9 @@ import torch
 
 from reallm.kernels.jit import JitExtension
 
-_EXT = JitExtension("reallm_decode_stream_v29", "decode_stream.cu")
+# wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
+_EXT = JitExtension("reallm_decode_stream_v31", "decode_stream.cu",
+                    cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
 ROWS, TILE, HALF, CHUNK = 64, 128, 64, 128
@@ -115,9 +117,10 @@ def available(verbose: bool = False) -> bool:
 
 
 def _swizzle_index(device) -> torch.Tensor:
-    """[64, 16] unit permutation of a chunk: unit u of row r is stored at u ^ (r % 8) (an involution)."""
+    """[64, 8] unit permutation of a 64-column block: 16-byte unit u of row r is stored at u ^ (r % 8) (an
+    involution; the 128-byte swizzle the tensor cores read shared memory with)."""
     r = torch.arange(ROWS, device=device)[:, None]
-    u = torch.arange(CHUNK // 8, device=device)[None, :]
+    u = torch.arange(8, device=device)[None, :]
     return u ^ (r % 8)
 
 
@@ -126,17 +129,17 @@ def to_chunks(a: torch.Tensor) -> torch.Tensor:
     rows, cols = a.shape
     if rows != ROWS or cols % CHUNK:
         raise ValueError(f"to_chunks: need [{ROWS}, multiple of {CHUNK}], got {list(a.shape)}")
-    units = a.reshape(ROWS, cols // CHUNK, CHUNK // 8, 8).permute(1, 0, 2, 3)  # [chunk, row, unit, 8]
-    idx = _swizzle_index(a.device)[None, :, :, None].expand_as(units)
-    return units.gather(2, idx).contiguous().view(-1)
+    units = a.reshape(ROWS, cols // CHUNK, 2, 8, 8).permute(1, 2, 0, 3, 4)  # [chunk, block, row, unit, 8]
+    idx = _swizzle_index(a.device)[None, None, :, :, None].expand_as(units)
+    return units.gather(3, idx).contiguous().view(-1)
 
 
 def from_chunks(buf: torch.Tensor, cols: int) -> torch.Tensor:
     """The chunked layout → [64, cols]."""
     n = -(-cols // CHUNK)
-    units = buf[:n * ROWS * CHUNK].view(n, ROWS, CHUNK // 8, 8)
-    idx = _swizzle_index(buf.device)[None, :, :, None].expand_as(units)
-    return units.gather(2, idx).permute(1, 0, 2, 3).reshape(ROWS, n * CHUNK)[:, :cols]
+    units = buf[:n * ROWS * CHUNK].view(n, 2, ROWS, 8, 8)
+    idx = _swizzle_index(buf.device)[None, None, :, :, None].expand_as(units)
+    return units.gather(3, idx).permute(2, 0, 1, 3, 4).reshape(ROWS, n * CHUNK)[:, :cols]
 
 
 def chunked_buffer(cols: int, device, dtype=torch.bfloat16) -> torch.Tensor:
@@ -145,7 +148,8 @@ def chunked_buffer(cols: int, device, dtype=torch.bfloat16) -> torch.Tensor:
 
 
 def pack_weight(w: torch.Tensor, glu: bool = False) -> torch.Tensor:
-    """W [N, K] → tiles of 128 rows × chunks of 128 columns, a chunk = two swizzled 64-row halves (one copy).
+    """W [N, K] → tiles of 128 rows × chunks of 128 columns, a chunk (one copy) = two 64-row halves, each two
+    swizzled 64-column blocks like an activation chunk's.
 
     ``glu``: W is [gate; up]; each 64-row half of a tile gets 32 gate rows and then the 32 matching up rows.
     """
@@ -155,9 +159,9 @@ def pack_weight(w: torch.Tensor, glu: bool = False) -> torch.Tensor:
     if glu:
         gate, up = w.view(2, n // HALF, HALF // 2, k).unbind(0)
         w = torch.cat([gate, up], dim=1).reshape(n, k)
-    units = w.reshape(n // TILE, 2, HALF, k // CHUNK, CHUNK // 8, 8).permute(0, 3, 1, 2, 4, 5)
-    idx = _swizzle_index(w.device)[None, None, None, :, :, None].expand_as(units)  # [tile, chunk, half, row, u, 8]
-    return units.gather(4, idx).contiguous().view(-1)
+    units = w.reshape(n // TILE, 2, HALF, k // CHUNK, 2, 8, 8).permute(0, 3, 1, 4, 2, 5, 6)
+    idx = _swizzle_index(w.device)[None, None, None, None, :, :, None].expand_as(units)  # [tile, chunk, half, block, row, u, 8]
+    return units.gather(5, idx).contiguous().view(-1)
 
 
 @dataclass
@@ -274,7 +278,7 @@ class StreamProgram:
         return self._build(self.grid(grid))["lists"]
 
     def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None,
-            variant: int = 0, max_inflight: int = 1) -> None:
+            variant: int = 0, max_inflight: int = 1, prefetch: int = 0, prefetch_gap: int = 0) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
@@ -285,7 +289,9 @@ class StreamProgram:
         many as the ring has free slots). One is enough for full bandwidth (16 KB is not: its copies
         alone take 1070 µs), and more only lengthens every queue on the way to L2 — the readiness
         counters, partial sums and activation copies of the next product wait in the same queues
-        (measured: 1153 µs with one, 1239 µs with two, 1262 µs unlimited).
+        (measured: 1153 µs with one, 1239 µs with two, 1262 µs unlimited). ``prefetch``: weight chunks the
+        weight warp pulls into L2 beyond its next copy while it would otherwise wait (ring full or its copy
+        in flight), at most one per ``prefetch_gap`` SM cycles.
         """
         ext = _EXT.load()
         if ext is None:
@@ -294,7 +300,8 @@ class StreamProgram:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant}")
         grid = self.grid(grid)
         b = self._build(grid)
-        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight)
+        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight,
+                prefetch, prefetch_gap)
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""

@@ -18,8 +18,10 @@ CSRC_CUDA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path
 
 
 class JitExtension:
-    def __init__(self, name: str, source: str):
+    def __init__(self, name: str, source: str, cuda_flags: tuple[str, ...] = ()):
+        """``cuda_flags``: extra nvcc flags; an ``-arch``/``-gencode`` among them replaces torch's own."""
         self.name, self.source = name, os.path.join(CSRC_CUDA, source)
+        self.cuda_flags = ["-O3", *cuda_flags]
         self._lock = threading.Lock()
         self._module: Any = None
         self.error: Optional[str] = None
@@ -40,7 +42,8 @@ class JitExtension:
             try:
                 from torch.utils.cpp_extension import load
 
-                self._module = load(name=self.name, sources=[self.source], extra_cuda_cflags=["-O3"], verbose=verbose)
+                self._module = load(name=self.name, sources=[self.source], extra_cuda_cflags=self.cuda_flags,
+                                    verbose=verbose)
             except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
                 self.error = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"{self.name} unavailable, using the torch path ({self.error})", stacklevel=3)
