@@ -38,10 +38,10 @@
 //   y_layout 0: chunked activation (the next product's input); 1: row-major, y_stride apart.
 //   slot >= 0 (piece k = slot - slot0 of the nslots pieces of a spread tile, in chunk order): the partial is
 //   stored to partial slot `slot` of the product (fp32, 32 KB, thread-major so the stores coalesce), and
-//   the piece's reduce warp finishes slices k, k + nslots, ... of the 8 (4 slice pairs for SwiGLU).
+//   the piece's reduce warp finishes the k-th nslots-th of the tile's outputs (reduce warp).
 //   ready_in: the dep's output-chunk counters; an input chunk is copied once its counter reaches `need`
-//   (kShares: a whole tile adds kShares, or kShares / 2 for SwiGLU, whose chunks two tiles write; a spread
-//   tile 1 per finished slice). Outputs must not alias the inputs of products that may still run
+//   (kShares = 2048, the float4s of a partial: a whole tile adds kShares, or kShares / 2 for SwiGLU, whose
+//   chunks two tiles write; a reducing piece the float4s it reduced). Outputs must not alias the inputs of products that may still run
 //   (distinct buffers per product are the safe rule); partial slots may be shared by products that
 //   cannot run at once (decode_stream.py). Counters and tile tickets return to 0 by the end of the launch
 //   (the last CTA out resets them), so the kernel replays from a CUDA graph.
@@ -67,8 +67,9 @@ constexpr int kWeightWarp = kConsumerWarps, kInputWarp = kConsumerWarps + 1, kEx
 constexpr int kThreads = 32 * (kConsumerWarps + 4);
 constexpr int kSignalStages = 2;  // segments the consumers may finish ahead of the exchange warp's signals
 constexpr int kPartialFloats = kTile * kM;  // one partial slot (32 KB): [8 float4 j][256 consumer threads]
-constexpr int kSliceF4 = kConsumerThreads;  // float4s of one slice j of a partial (4 KB)
-constexpr int kShares = 8;                  // readiness a finished tile adds to its output chunk's counter
+constexpr int kPartialF4 = kPartialFloats / 4;  // float4s of a partial
+constexpr int kShares = kPartialF4;  // readiness of a finished output chunk: float4s of partial reduced into it
+constexpr int kStageF4 = 2152;       // the reduce warp's stage: every piece's range of a tile (n <= 16) at once
 constexpr int kTrace = 8;  // timers per segment (run's trace argument)
 
 // Program row fields.
@@ -81,7 +82,7 @@ template <int kWStages, int kXStages>
 struct Smem {
   __nv_bfloat16 w[kWStages][kWChunk];
   __nv_bfloat16 x[kXStages][kXChunk];
-  float4 stage[8][kSliceF4];  // the reduce warp's slices of the pieces' partials
+  float4 stage[kStageF4];  // the reduce warp's ranges of the pieces' partials
   uint64_t w_full[kWStages], w_empty[kWStages], x_full[kXStages], x_empty[kXStages];
   uint64_t stage_full, done_full[kSignalStages], done_empty[kSignalStages];
   int flag;
@@ -175,6 +176,11 @@ __device__ __forceinline__ int load_acquire(const int* p) {
 // cumulative), without waiting for the result.
 __device__ __forceinline__ void red_release(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Drop a 128-byte line from L2 without writing it back (its data is dead).
+__device__ __forceinline__ void discard_l2(const void* p) {
+  asm volatile("discard.global.L2 [%0], 128;" ::"l"(p) : "memory");
 }
 
 // Generic-proxy writes of activations are read by other SMs' bulk copies (the async proxy).
@@ -364,6 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           red_release(d.tickets + s.tile, 1);
         else if (d.ready_out != nullptr)
           red_release(d.ready_out + s.tile * (d.out == 1 ? kHalf : kTile) / kBK, d.out == 1 ? kShares / 2 : kShares);
+        // (a SwiGLU tile writes half an output chunk: its partial's first half are gates, the second ups)
         mbar_arrive(&sm.done_empty[done.slot]);
         if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 7] = global_ns();
       }
@@ -371,11 +378,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       done.step(kSignalStages);
     }
   } else if (warp == kReduceWarp) {  // --------------------------------------------------------- reduce
-    // Reduce-scatter of the tiles spread over several CTAs: a tile's partial is 8 slices (slice j: float4 j
-    // of every consumer thread, 16 of the tile's columns); piece k of n reduces slices k, k + n, ... (SwiGLU:
-    // slice pairs (j, j + 4), a gate column with its up column) once all n pieces are stored, writes their
-    // outputs and adds its share to the chunk's readiness (kShares per finished tile). No single CTA sums a
-    // whole tile, and nothing is zeroed: partials are plain stores.
+    // Reduce-scatter of the tiles spread over several CTAs. A partial is 2048 float4s (float4 j of consumer
+    // thread t at j * 256 + t: rows and columns as in for_each_pair); piece k of n sums the float4s
+    // [a, b) = 128-byte-aligned k-th n-th of them (SwiGLU: of the 1024 gate float4s, each with its up float4
+    // 1024 further) over all n pieces, as soon as the n pieces are stored, writes those outputs and adds
+    // b - a to the chunk's readiness (kShares in all per chunk). Every piece copies ~32 KB at once (one
+    // round trip), and drops the lines it read from L2 (discard: dead data is never written back to HBM).
     const uint64_t policy = l2_policy(true);
     uint32_t phase = 0;
     for (int i = 0; i < n; ++i) {
@@ -383,73 +391,70 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Product& d = s.d;
       if (s.slot < 0) continue;
       const bool glu = d.out == 1;
-      const int per = glu ? 2 : 1, shares = glu ? 4 : 8, k = s.slot - s.slot0, np = s.nslots;
-      if (k >= shares) continue;
-      const float4* base = reinterpret_cast<const float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
+      const int span8 = (glu ? kPartialF4 / 2 : kPartialF4) / 8, per = glu ? 2 : 1;
+      const int k = s.slot - s.slot0, np = s.nslots;
+      const int a = 8 * (k * span8 / np), len = 8 * ((k + 1) * span8 / np) - a;
+      if (len == 0) continue;
+      const int entry = len * per, cap = kStageF4 / entry;  // >= 2: entry <= 1032 for any np >= 2
+      const float4* base = reinterpret_cast<const float4*>(d.partial) + (size_t)s.slot0 * kPartialF4 + a;
       if (lane == 0) {
         while (load_acquire(d.tickets + s.tile) < np) __nanosleep(32);
         fence_proxy_async();  // the pieces' stores are read by bulk copies
       }
       __syncwarp();
-      for (int sl = k; sl < shares; sl += np) {
-        float4 sum[2][8];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int m = 0; m < 8; ++m) sum[h][m] = make_float4(0.f, 0.f, 0.f, 0.f);
-        const int round = 8 / per;  // partials per fill of the stage
-        for (int q0 = 0; q0 < np; q0 += round) {
-          const int cnt = min(round, np - q0);
-          if (lane == 0) {
-            mbar_expect_tx(&sm.stage_full, cnt * per * kSliceF4 * 16);
-            for (int q = 0; q < cnt; ++q)
-              for (int h = 0; h < per; ++h)
-                bulk_copy(sm.stage[q * per + h], base + (size_t)(q0 + q) * (kPartialFloats / 4) + (sl + 4 * h) * kSliceF4,
-                          kSliceF4 * 16, &sm.stage_full, policy);
-          }
-          mbar_wait(&sm.stage_full, phase);
-          phase ^= 1;
-          for (int q = 0; q < cnt; ++q)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              if (h >= per) break;
-#pragma unroll
-              for (int m = 0; m < 8; ++m) {
-                const float4 v = sm.stage[q * per + h][lane + 32 * m];
-                sum[h][m].x += v.x;
-                sum[h][m].y += v.y;
-                sum[h][m].z += v.z;
-                sum[h][m].w += v.w;
-              }
-            }
-          __syncwarp();  // every lane has read the stage before the next fill
+      for (int q = 0, round = 0; q < np; ++round) {  // stage area 0 accumulates; rounds only when np > cap
+        const int o = round == 0 ? 0 : 1, cnt = min(cap - o, np - q);
+        if (lane == 0) {
+          mbar_expect_tx(&sm.stage_full, cnt * entry * 16);
+          for (int e = 0; e < cnt; ++e)
+            for (int h = 0; h < per; ++h)
+              bulk_copy(sm.stage + (o + e) * entry + h * len, base + (size_t)(q + e) * kPartialF4 + h * (kPartialF4 / 2),
+                        len * 16, &sm.stage_full, policy);
         }
-        // float4 sl of consumer thread t: rows r, r + 8 and columns c, c + 1 of t's half (for_each_pair)
-#pragma unroll
-        for (int m = 0; m < 8; ++m) {
-          const int t = lane + 32 * m, half = t >> 7, wq = (t >> 5) & 3, ln = t & 31;
-          const int row = wq * 16 + (ln >> 2), hc = sl * 8 + (ln & 3) * 2;
-          float4 v = sum[0][m];
-          if (glu) {
-            const float4 u = sum[1][m];
-            v = make_float4(silu(v.x) * u.x, silu(v.y) * u.y, silu(v.z) * u.z, silu(v.w) * u.w);
+        mbar_wait(&sm.stage_full, phase);
+        phase ^= 1;
+        for (int e = 0; e < cnt; ++e)
+          for (int h = 0; h < per; ++h)
+            for (int l = lane; l < len / 8; l += 32)
+              discard_l2(base + (size_t)(q + e) * kPartialF4 + h * (kPartialF4 / 2) + 8 * l);
+        for (int x = lane; x < entry; x += 32) {
+          float4 v = sm.stage[x];
+          for (int e = 1; e < o + cnt; ++e) {
+            const float4 u = sm.stage[e * entry + x];
+            v.x += u.x;
+            v.y += u.y;
+            v.z += u.z;
+            v.w += u.w;
           }
-          const int col = (2 * s.tile + half) * (glu ? kHalf / 2 : kHalf) + hc;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = row + 8 * h;
-            __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kXChunk + swz(r, col % kBK)
-                                                 : d.y + (size_t)r * d.y_stride + col;
-            *reinterpret_cast<__nv_bfloat162*>(dst) =
-                h == 0 ? __floats2bfloat162_rn(v.x, v.y) : __floats2bfloat162_rn(v.z, v.w);
-          }
+          sm.stage[x] = v;
         }
-        fence_proxy_async();  // read by other SMs' bulk copies
         __syncwarp();
-        if (lane == 0 && d.ready_out != nullptr)
-          red_release(d.ready_out + s.tile * (glu ? kHalf : kTile) / kBK, 1);
-        if (lane == 0 && trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
+        q += cnt;
       }
+      for (int x = lane; x < len; x += 32) {
+        // float4 a + x is float4 j of consumer thread t: rows r, r + 8 and columns c, c + 1 of t's half
+        const int f = a + x, j = f >> 8, t = f & 255, half = t >> 7, wq = (t >> 5) & 3, ln = t & 31;
+        const int row = wq * 16 + (ln >> 2), col = (2 * s.tile + half) * (glu ? kHalf / 2 : kHalf) + j * 8 + (ln & 3) * 2;
+        float4 v = sm.stage[x];
+        if (glu) {
+          const float4 u = sm.stage[len + x];
+          v = make_float4(silu(v.x) * u.x, silu(v.y) * u.y, silu(v.z) * u.z, silu(v.w) * u.w);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = row + 8 * h;
+          __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kXChunk + swz(r, col % kBK)
+                                               : d.y + (size_t)r * d.y_stride + col;
+          *reinterpret_cast<__nv_bfloat162*>(dst) = h == 0 ? __floats2bfloat162_rn(v.x, v.y) : __floats2bfloat162_rn(v.z, v.w);
+        }
+      }
+      fence_proxy_async();  // read by other SMs' bulk copies
+      __syncwarp();
+      if (lane == 0) {
+        if (d.ready_out != nullptr) red_release(d.ready_out + s.tile * (glu ? kHalf : kTile) / kBK, len);
+        if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
+      }
+      __syncwarp();  // the stage is rewritten by the next reduction
     }
   } else {  // ------------------------------------------------------------------------------ consumers
     const int half = warp >> 2, wq = warp & 3, tid = threadIdx.x;  // warpgroup `half` multiplies tile rows 64 half ..

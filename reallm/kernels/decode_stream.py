@@ -31,7 +31,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v32", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v33", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -42,8 +42,8 @@ _FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "out", "y_
 _OUTS = {"plain": 0, "swiglu": 1}
 #: Floats of one partial slot (a weight tile's fp32 products over the 64 rows).
 _SLOT_FLOATS = TILE * ROWS
-#: Readiness a finished output chunk's counter reaches (``kShares``).
-_SHARES = 8
+#: Readiness a finished output chunk's counter reaches (``kShares``: float4s of a partial reduced into it).
+_SHARES = 2048
 #: Ring shapes (weight × input slots) the kernel is built with, by ``variant``.
 VARIANTS = {0: (5, 2), 1: (4, 3)}
 
@@ -51,8 +51,8 @@ VARIANTS = {0: (5, 2), 1: (4, 3)}
 class Segment(NamedTuple):
     """Chunks [c0, c1) of one weight tile of product p, run by one CTA. A tile spread over ``nslots``
     segments (pieces, in chunk order) owns partial slots ``slot0`` .. ``slot0 + nslots − 1`` of the
-    product: piece k stores its fp32 partial to ``slot = slot0 + k`` and then sums column slices k,
-    k + nslots, … of all pieces and writes them. A whole tile: ``slot`` −1, ``slot0`` −1, ``nslots`` 0."""
+    product: piece k stores its fp32 partial to ``slot = slot0 + k`` and then sums the k-th ``nslots``-th of
+    the tile's partial over all pieces and writes those outputs. A whole tile: ``slot`` −1, ``slot0`` −1, ``nslots`` 0."""
     p: int
     tile: int
     c0: int
