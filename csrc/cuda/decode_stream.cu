@@ -498,9 +498,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ring), so no consumer waits on a round trip.
       mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
       if (s.slot >= 0) {  // a piece of a spread tile: its partial, for the reduce warps
-        float4* part = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot * (kPartialFloats / 4);
+        float4* part = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot * kPartialF4;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) __stcg(part + j * kSliceF4 + tid, acc4(acc, j));  // coalesced
+        for (int j = 0; j < 8; ++j) __stcg(part + j * kConsumerThreads + tid, acc4(acc, j));  // coalesced
         fence_proxy_async();
       } else {
         const int width = d.out == 1 ? kHalf / 2 : kHalf;  // output columns of a half
