@@ -63,27 +63,24 @@ def test_schedule_covers_every_unit_once_and_balances_the_ctas(grid):
         # every CTA's running total stays within a chunk of its share of the program so far
         exact = sum(t * k for t, k in shapes[:p + 1]) / grid
         assert (running - exact).abs().max() <= 1.0 + 1e-9, f"product {p}: {(running - exact).abs().max()}"
-        # a whole tile has no slots; a spread tile's pieces, in chunk order, own consecutive slots of their
-        # own, and the product's slots are exactly those
-        owned = []
+        # a spread tile has one sums tile; its chunk-0 piece finishes it, ends its CTA's range and waits for
+        # the tile's other pieces
+        spread = sorted({s.tile for segs in lists for s in segs if s.p == p and s.slot >= 0})
+        assert slots[p] == len(spread)
         for tile in range(tiles):
-            segs = sorted((s for l in lists for s in l if s.p == p and s.tile == tile), key=lambda s: s.c0)
+            segs = [s for l in lists for s in l if s.p == p and s.tile == tile]
+            final = [s for s in segs if s.slot == -1]
+            assert len(final) == 1 and final[0].c0 == 0
             if len(segs) == 1:
-                assert segs[0][4:] == (-1, -1, 0) and (segs[0].c0, segs[0].c1) == (0, chunks)
-                continue
-            assert [s.slot - s.slot0 for s in segs] == list(range(len(segs)))
-            assert {(s.slot0, s.nslots) for s in segs} == {(segs[0].slot0, len(segs))}
-            owned += [s.slot for s in segs]
-        assert sorted(owned) == list(range(slots[p]))
+                assert final[0].nslots == 0 and final[0].c1 == chunks
+            else:
+                assert final[0].nslots == len(segs) - 1
+                assert {s.slot for s in segs if s.slot >= 0} == {final[0].slot0} and final[0].slot0 < slots[p]
+                cta = next(c for c, l in enumerate(lists) if final[0] in l)
+                assert [s for s in lists[cta] if s.p == p][-1] == final[0]
+        assert len({s.slot0 for l in lists for s in l if s.p == p and s.nslots}) == slots[p]
     for segs in lists:  # every CTA walks its segments in product order
         assert [s.p for s in segs] == sorted(s.p for s in segs)
-
-
-def test_partial_regions_are_shared_only_by_products_that_cannot_overlap():
-    prog = _chain("cpu")  # qkv → o (reads the q columns only) → gate/up → down, twice, → head
-    # gate/up cannot take qkv's slots (o leaves k, v unread: their reductions may still run); down takes
-    # o's (gate/up reads all of o), the next qkv gate/up's (down reads all of the SwiGLU output), ...
-    assert prog.partial_regions() == [0, 1, 2, 1, 2, 1, 3, 1, 3]
 
 
 def test_reference_is_the_chain_of_products():
@@ -124,10 +121,11 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 
 @needs_sm90
-@pytest.mark.parametrize("grid,size,variant,inflight", [(None, 1, 0, 1), (None, 1, 1, 0), (3, 1, 0, 1), (1, 1, 1, 2),
-                                                        (7, 2, 0, 0), (None, 4, 0, 1), (None, 4, 1, 0),
-                                                        (None, 4, 1, 2), (None, 1, 1, 4)])
-def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight):
+@pytest.mark.parametrize("grid,size,variant,inflight,lead", [
+    (None, 1, 0, 1, (0, 0)), (None, 1, 1, 0, (0, 0)), (3, 1, 0, 1, (4, 0)), (1, 1, 1, 2, (2, 500)),
+    (7, 2, 0, 0, (0, 0)), (None, 4, 0, 1, (4, 2000)), (None, 4, 1, 0, (0, 0)), (None, 4, 1, 2, (8, 0)),
+    (None, 1, 1, 4, (0, 0))])
+def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight, lead):
     """Few CTAs (grid 1, 3, 7) give each many segments: the rings wrap and tiles split over CTAs at odd
     chunk boundaries; a wider chain (size 4) keeps consecutive products in flight together on every SM."""
     assert decode_stream.available(verbose=True), decode_stream._EXT.error
@@ -135,7 +133,7 @@ def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight)
     for launch in range(3):  # the counters and tickets must be back to zero after every launch
         for p in prog.products:
             p.y.zero_()
-        prog.run(grid=grid, variant=variant, max_inflight=inflight)
+        prog.run(grid=grid, variant=variant, max_inflight=inflight, prefetch=lead[0], prefetch_gap=lead[1])
         torch.cuda.synchronize()
         for i in range(len(prog.products)):  # each product against torch on the kernel's own input
             torch.testing.assert_close(prog.output(i).float(), prog.reference_output(i).float(), rtol=2e-2,

@@ -17,13 +17,12 @@
 //     warps 0-3 the tile's first 64 rows, 4-7 its second, both against the same input chunk.
 // Balance: the host cuts every product's (tile, chunk) units into contiguous ranges, one per CTA
 // (stream-K), so that every SM's running total stays within one chunk of an equal share and the SMs reach
-// each boundary together (whole tiles per SM left a third of the SMs idle at the end of the MLP product).
-// A tile whose chunks are spread over several segments (pieces) is finished by a reduce-scatter: every
-// piece stores its fp32 partial (plain stores) and arrives on the tile's counter; then each piece's reduce
-// warp sums its share of the tile's columns over all pieces (one bulk copy per piece) and writes those
-// outputs. Partials as fp32 atomics into one sums tile finished by one CTA took a round trip more and
-// ~2.5 us to drain ~4 MB of atomics at every boundary of the small products (BENCHMARKS.md, session 10).
-// An exchange warp per CTA publishes what the consumers stored, so they never stall on a round trip.
+// each boundary together (whole tiles per SM left a third of the SMs idle at the end of the MLP product). A tile whose chunks
+// are spread over several segments is summed in fp32 at L2: the other pieces add their partials into
+// the tile's sums (red.add) and arrive on its counter; the piece from chunk 0 (the last its CTA runs in
+// the product) adds those sums to its own and writes the output. An exchange warp per CTA does the
+// waiting and publishing, so the consumers never stall on a global round trip. (Sums of three or more
+// pieces are added in arrival order: the last bit of an fp32 sum may differ between launches.)
 //
 // Layouts (reallm/kernels/decode_stream.py builds them): an input chunk is 64 rows x 128 bf16 columns
 // (16 KB) stored as two 64-column blocks [2][64 rows][64], each row 128 bytes with its 16-byte units permuted
@@ -36,15 +35,14 @@
 //   out 0: y[:, tile*128 ...] = the tile's 128 outputs; out 1 (SwiGLU): each 64-row half of a tile holds 32
 //   gate rows and then the 32 matching up rows, and y[:, half_tile*32 ...] = silu(gate) * up.
 //   y_layout 0: chunked activation (the next product's input); 1: row-major, y_stride apart.
-//   slot >= 0 (piece k = slot - slot0 of the nslots pieces of a spread tile, in chunk order): the partial is
-//   stored to partial slot `slot` of the product (fp32, 32 KB, thread-major so the stores coalesce), and
-//   the piece's reduce warp finishes the k-th nslots-th of the tile's outputs (reduce warp).
+//   slot >= 0 (a piece of a tile spread over segments): the partial is added to sums tile `slot` of the
+//   product (fp32, 32 KB each, thread-major so the adds coalesce; zero between launches); nslots > 0 (the
+//   tile's finalizer): waits for nslots pieces, then reads sums tile slot0 and zeroes it.
 //   ready_in: the dep's output-chunk counters; an input chunk is copied once its counter reaches `need`
-//   (kShares = 2048, the float4s of a partial: a whole tile adds kShares, or kShares / 2 for SwiGLU, whose
-//   chunks two tiles write; a reducing piece the float4s it reduced). Outputs must not alias the inputs of products that may still run
-//   (distinct buffers per product are the safe rule); partial slots may be shared by products that
-//   cannot run at once (decode_stream.py). Counters and tile tickets return to 0 by the end of the launch
-//   (the last CTA out resets them), so the kernel replays from a CUDA graph.
+//   (1 for a plain dep, 2 for SwiGLU: two tiles write each chunk). Outputs must not alias the inputs of
+//   products that may still run (distinct buffers per product are the safe rule). Counters and tickets
+//   return to 0 by the end of the launch (tickets by the tile's finalizer, counters by the last CTA out),
+//   so the kernel replays from a CUDA graph.
 // Progress: every list is in product order and a product waits only on earlier ones, so the lowest
 // unfinished product can always proceed; the grid must be co-resident (grid <= SM count, one CTA per SM).
 #include <torch/extension.h>
@@ -62,14 +60,10 @@ constexpr int kBK = 128;                // columns per chunk
 constexpr int kXChunk = kM * kBK;       // elements of an input chunk
 constexpr int kWChunk = kTile * kBK;    // elements of a weight chunk (two halves)
 constexpr int kConsumerWarps = 8, kConsumerThreads = 32 * kConsumerWarps;
-constexpr int kWeightWarp = kConsumerWarps, kInputWarp = kConsumerWarps + 1, kExchangeWarp = kConsumerWarps + 2,
-              kReduceWarp = kConsumerWarps + 3;
-constexpr int kThreads = 32 * (kConsumerWarps + 4);
+constexpr int kWeightWarp = kConsumerWarps, kInputWarp = kConsumerWarps + 1, kExchangeWarp = kConsumerWarps + 2;
+constexpr int kThreads = 32 * (kConsumerWarps + 3);
 constexpr int kSignalStages = 2;  // segments the consumers may finish ahead of the exchange warp's signals
-constexpr int kPartialFloats = kTile * kM;  // one partial slot (32 KB): [8 float4 j][256 consumer threads]
-constexpr int kPartialF4 = kPartialFloats / 4;  // float4s of a partial
-constexpr int kShares = kPartialF4;  // readiness of a finished output chunk: float4s of partial reduced into it
-constexpr int kStageF4 = 2152;       // the reduce warp's stage: every piece's range of a tile (n <= 16) at once
+constexpr int kPartialFloats = kTile * kM;  // one partial slot (32 KB)
 constexpr int kTrace = 8;  // timers per segment (run's trace argument)
 
 // Program row fields.
@@ -82,9 +76,9 @@ template <int kWStages, int kXStages>
 struct Smem {
   __nv_bfloat16 w[kWStages][kWChunk];
   __nv_bfloat16 x[kXStages][kXChunk];
-  float4 stage[kStageF4];  // the reduce warp's ranges of the pieces' partials
+  float4 sums[8][kConsumerThreads];  // the other pieces' sum for a tile this CTA finishes (thread-major)
   uint64_t w_full[kWStages], w_empty[kWStages], x_full[kXStages], x_empty[kXStages];
-  uint64_t stage_full, done_full[kSignalStages], done_empty[kSignalStages];
+  uint64_t sums_full, sums_empty, done_full[kSignalStages], done_empty[kSignalStages];
   int flag;
 };
 
@@ -115,6 +109,26 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "}\n" ::"r"(smem_u32(bar)),
       "r"(parity)
       : "memory");
+}
+
+// Whether the barrier's phase with this parity has completed (no waiting).
+__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Pull bytes into L2 (no completion to wait for).
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 
 // One contiguous asynchronous copy global -> shared, completing on `bar`'s transaction count.
@@ -178,9 +192,10 @@ __device__ __forceinline__ void red_release(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// Drop a 128-byte line from L2 without writing it back (its data is dead).
-__device__ __forceinline__ void discard_l2(const void* p) {
-  asm volatile("discard.global.L2 [%0], 128;" ::"l"(p) : "memory");
+// sums[0..3] += v, at L2, without waiting.
+__device__ __forceinline__ void red_add4(float* sums, float4 v) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(sums), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
 }
 
 // Generic-proxy writes of activations are read by other SMs' bulk copies (the async proxy).
@@ -275,7 +290,7 @@ template <int kWStages, int kXStages>
 __global__ void __launch_bounds__(kThreads, 1)
     stream_kernel(const int64_t* __restrict__ prog, const int* __restrict__ segs, const int* __restrict__ lens, int L,
                   int* counters, int n_counters, int* exit_ticket, int flags, int64_t* trace,
-                  int max_inflight) {
+                  int max_inflight, int prefetch_ahead, long long prefetch_gap) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // wgmma's swizzle needs 1024-byte alignment
   Smem<kWStages, kXStages>& sm =
       *reinterpret_cast<Smem<kWStages, kXStages>*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
@@ -292,7 +307,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&sm.x_full[s], 1);
       mbar_init(&sm.x_empty[s], kConsumerWarps);
     }
-    mbar_init(&sm.stage_full, 1);
+    mbar_init(&sm.sums_full, 1);
+    mbar_init(&sm.sums_empty, kConsumerWarps);
     for (int s = 0; s < kSignalStages; ++s) {
       mbar_init(&sm.done_full[s], kConsumerWarps);
       mbar_init(&sm.done_empty[s], 1);
@@ -305,24 +321,56 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) {
       const uint64_t policy = l2_policy(true);  // read once per step
       Ring r, landed;  // the next slot to fill; the oldest copy that may still be in flight
-      int issued = 0;
+      int issued = 0, nlanded = 0;
+      // L2 lead: while the weight warp would otherwise wait (ring full, or its copy still in flight), it
+      // pulls up to prefetch_ahead chunks beyond its next copy into L2, at most one per prefetch_gap cycles,
+      // so HBM keeps streaming while the consumers wait at a product boundary.
+      int pf_i = 0, pf_c = n > 0 ? segment_at(prog, list, 0).c0 : 0;  // next chunk to prefetch
+      int64_t pf_units = 0, units = 0;  // chunks prefetched (or skipped) / copied so far
+      long long pf_last = clock64() - prefetch_gap;
+      auto service = [&]() {
+        if (prefetch_ahead <= 0 || pf_i >= n || pf_units >= units + prefetch_ahead) return;
+        const long long now = clock64();
+        if (now - pf_last < prefetch_gap) return;
+        const Segment p = segment_at(prog, list, pf_i);
+        prefetch_l2(p.d.w + ((size_t)p.tile * (p.d.K / kBK) + pf_c) * kWChunk, kWChunk * 2);
+        pf_last = now;
+        ++pf_units;
+        if (++pf_c == p.c1 && ++pf_i < n) pf_c = segment_at(prog, list, pf_i).c0;
+      };
       for (int i = 0; i < n; ++i) {
         const Segment s = segment_at(prog, list, i);
         const __nv_bfloat16* src = s.d.w + ((size_t)s.tile * (s.d.K / kBK) + s.c0) * kWChunk;
         int64_t* tr = trace != nullptr ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
         for (int c = s.c0; c < s.c1; ++c, src += kWChunk) {
-          mbar_wait(&sm.w_empty[r.slot], r.phase ^ 1);
-          // at most max_inflight copies in flight (a cap of the ring size or more is the ring's own, and
-          // waiting on a slot's barrier a whole ring back would wait for a later phase)
-          if (max_inflight > 0 && max_inflight < kWStages && issued >= max_inflight) {
-            mbar_wait(&sm.w_full[landed.slot], landed.phase);
-            landed.step(kWStages);
+          while (!mbar_test(&sm.w_empty[r.slot], r.phase ^ 1)) service();
+          // Copies in flight: a chunk already pulled into L2 is copied at once (L2 hits do not lengthen the
+          // queues to HBM, and after a boundary the ring refills at L2 speed); any other copy waits until
+          // fewer than max_inflight are in flight. (Landed copies are counted in order: the slot about to
+          // be filled was consumed, so every copy a ring back has landed and the parity test is exact.)
+          const bool pulled = units < pf_units;
+          for (;;) {
+            while (nlanded < issued && mbar_test(&sm.w_full[landed.slot], landed.phase)) {
+              landed.step(kWStages);
+              ++nlanded;
+            }
+            if (pulled || max_inflight <= 0 || issued - nlanded < max_inflight) break;
+            service();
           }
           ++issued;
           if (tr && c == s.c0) tr[4] = global_ns();
+          if (tr && c == s.c1 - 1) tr[5] = global_ns();
           mbar_expect_tx(&sm.w_full[r.slot], kWChunk * 2);
           bulk_copy(sm.w[r.slot], src, kWChunk * 2, &sm.w_full[r.slot], policy);
           r.step(kWStages);
+          // the prefetch cursor never trails the copies
+          if (pf_units <= units && pf_i < n) {
+            pf_units = units + 1;
+            pf_i = i;
+            pf_c = c + 1;
+            if (pf_c == s.c1 && ++pf_i < n) pf_c = segment_at(prog, list, pf_i).c0;
+          }
+          ++units;
         }
       }
     }
@@ -358,107 +406,43 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else if (warp == kExchangeWarp) {  // --------------------------------------------------- exchange
-    // Keeps global round trips off the consumers: once they have stored a segment's partial or output,
-    // publishes it (a release on the tile's piece counter, or kShares on the output chunk's readiness).
-    Ring done;
+    // Keeps global round trips off the consumers: per segment, for a tile this CTA finishes, waits for the
+    // other pieces and sums their slots into shared memory (while the consumers multiply); then, once
+    // the consumers have stored the segment's partial or output, publishes it (a release on the tile's
+    // counter or the output chunk's readiness counter).
+    Ring sums, done;
     for (int i = 0; i < n; ++i) {
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
+      if (s.nslots > 0) {  // once the other pieces have added theirs: the tile's sums, one bulk copy
+        float4* sums_tile = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
+        mbar_wait(&sm.sums_empty, sums.phase ^ 1);
+        if (lane == 0) {
+          while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
+          d.tickets[s.tile] = 0;  // nobody else touches it again in this launch
+          fence_proxy_async();
+          mbar_expect_tx(&sm.sums_full, kPartialFloats * 4);
+          bulk_copy(sm.sums, sums_tile, kPartialFloats * 4, &sm.sums_full, l2_policy(true));
+        }
+        mbar_wait(&sm.sums_full, sums.phase);  // read: zero it for the next launch
+        for (int k = lane; k < kPartialFloats / 4; k += 32) __stcg(sums_tile + k, make_float4(0.f, 0.f, 0.f, 0.f));
+        sums.step(1);
+      }
       mbar_wait(&sm.done_full[done.slot], done.phase);
       if (lane == 0) {
         if (s.slot >= 0)
           red_release(d.tickets + s.tile, 1);
         else if (d.ready_out != nullptr)
-          red_release(d.ready_out + s.tile * (d.out == 1 ? kHalf : kTile) / kBK, d.out == 1 ? kShares / 2 : kShares);
-        // (a SwiGLU tile writes half an output chunk: its partial's first half are gates, the second ups)
+          red_release(d.ready_out + s.tile * (d.out == 1 ? kHalf : kTile) / kBK, 1);
         mbar_arrive(&sm.done_empty[done.slot]);
         if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 7] = global_ns();
       }
       __syncwarp();
       done.step(kSignalStages);
     }
-  } else if (warp == kReduceWarp) {  // --------------------------------------------------------- reduce
-    // Reduce-scatter of the tiles spread over several CTAs. A partial is 2048 float4s (float4 j of consumer
-    // thread t at j * 256 + t: rows and columns as in for_each_pair); piece k of n sums the float4s
-    // [a, b) = 128-byte-aligned k-th n-th of them (SwiGLU: of the 1024 gate float4s, each with its up float4
-    // 1024 further) over all n pieces, as soon as the n pieces are stored, writes those outputs and adds
-    // b - a to the chunk's readiness (kShares in all per chunk). Every piece copies ~32 KB at once (one
-    // round trip), and drops the lines it read from L2 (discard: dead data is never written back to HBM).
-    const uint64_t policy = l2_policy(true);
-    uint32_t phase = 0;
-    for (int i = 0; i < n; ++i) {
-      const Segment s = segment_at(prog, list, i);
-      const Product& d = s.d;
-      if (s.slot < 0) continue;
-      const bool glu = d.out == 1;
-      const int span8 = (glu ? kPartialF4 / 2 : kPartialF4) / 8, per = glu ? 2 : 1;
-      const int k = s.slot - s.slot0, np = s.nslots;
-      const int a = 8 * (k * span8 / np), len = 8 * ((k + 1) * span8 / np) - a;
-      if (len == 0) continue;
-      const int entry = len * per, cap = kStageF4 / entry;  // >= 2: entry <= 1032 for any np >= 2
-      const float4* base = reinterpret_cast<const float4*>(d.partial) + (size_t)s.slot0 * kPartialF4 + a;
-      if (lane == 0) {
-        while (load_acquire(d.tickets + s.tile) < np) __nanosleep(32);
-        fence_proxy_async();  // the pieces' stores are read by bulk copies
-      }
-      __syncwarp();
-      for (int q = 0, round = 0; q < np; ++round) {  // stage area 0 accumulates; rounds only when np > cap
-        const int o = round == 0 ? 0 : 1, cnt = min(cap - o, np - q);
-        if (lane == 0) {
-          mbar_expect_tx(&sm.stage_full, cnt * entry * 16);
-          for (int e = 0; e < cnt; ++e)
-            for (int h = 0; h < per; ++h)
-              bulk_copy(sm.stage + (o + e) * entry + h * len, base + (size_t)(q + e) * kPartialF4 + h * (kPartialF4 / 2),
-                        len * 16, &sm.stage_full, policy);
-        }
-        mbar_wait(&sm.stage_full, phase);
-        phase ^= 1;
-        for (int e = 0; e < cnt; ++e)
-          for (int h = 0; h < per; ++h)
-            for (int l = lane; l < len / 8; l += 32)
-              discard_l2(base + (size_t)(q + e) * kPartialF4 + h * (kPartialF4 / 2) + 8 * l);
-        for (int x = lane; x < entry; x += 32) {
-          float4 v = sm.stage[x];
-          for (int e = 1; e < o + cnt; ++e) {
-            const float4 u = sm.stage[e * entry + x];
-            v.x += u.x;
-            v.y += u.y;
-            v.z += u.z;
-            v.w += u.w;
-          }
-          sm.stage[x] = v;
-        }
-        __syncwarp();
-        q += cnt;
-      }
-      for (int x = lane; x < len; x += 32) {
-        // float4 a + x is float4 j of consumer thread t: rows r, r + 8 and columns c, c + 1 of t's half
-        const int f = a + x, j = f >> 8, t = f & 255, half = t >> 7, wq = (t >> 5) & 3, ln = t & 31;
-        const int row = wq * 16 + (ln >> 2), col = (2 * s.tile + half) * (glu ? kHalf / 2 : kHalf) + j * 8 + (ln & 3) * 2;
-        float4 v = sm.stage[x];
-        if (glu) {
-          const float4 u = sm.stage[len + x];
-          v = make_float4(silu(v.x) * u.x, silu(v.y) * u.y, silu(v.z) * u.z, silu(v.w) * u.w);
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = row + 8 * h;
-          __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kXChunk + swz(r, col % kBK)
-                                               : d.y + (size_t)r * d.y_stride + col;
-          *reinterpret_cast<__nv_bfloat162*>(dst) = h == 0 ? __floats2bfloat162_rn(v.x, v.y) : __floats2bfloat162_rn(v.z, v.w);
-        }
-      }
-      fence_proxy_async();  // read by other SMs' bulk copies
-      __syncwarp();
-      if (lane == 0) {
-        if (d.ready_out != nullptr) red_release(d.ready_out + s.tile * (glu ? kHalf : kTile) / kBK, len);
-        if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
-      }
-      __syncwarp();  // the stage is rewritten by the next reduction
-    }
   } else {  // ------------------------------------------------------------------------------ consumers
     const int half = warp >> 2, wq = warp & 3, tid = threadIdx.x;  // warpgroup `half` multiplies tile rows 64 half ..
-    Ring wr, xr, done;
+    Ring wr, xr, sums, done;
     for (int i = 0; i < n; ++i) {
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
@@ -493,16 +477,30 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 
       if (tr) tr[2] = global_ns();
-      // Epilogue, from registers: a piece of a spread tile stores its partial (the reduce warps of the
-      // tile's pieces finish it), a whole tile writes its output. The exchange warp publishes either (done
-      // ring), so no consumer waits on a round trip.
+      // Epilogue, from registers: a piece of a spread tile stores its partial; a whole tile, or a spread
+      // tile's finalizer after adding the other pieces' sums (gathered by the exchange warp), writes the
+      // output. The exchange warp publishes either (done ring), so no consumer waits on a round trip.
       mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
-      if (s.slot >= 0) {  // a piece of a spread tile: its partial, for the reduce warps
-        float4* part = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot * kPartialF4;
+      if (s.slot >= 0) {
+        float* sums_tile = d.partial + (size_t)s.slot * kPartialFloats;
+        if (!(flags & 4))
 #pragma unroll
-        for (int j = 0; j < 8; ++j) __stcg(part + j * kConsumerThreads + tid, acc4(acc, j));  // coalesced
-        fence_proxy_async();
+          for (int j = 0; j < 8; ++j) red_add4(sums_tile + (j * kConsumerThreads + tid) * 4, acc4(acc, j));  // coalesced
       } else {
+        if (s.nslots > 0) {
+          mbar_wait(&sm.sums_full, sums.phase);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const float4 v = sm.sums[j][tid];
+            acc[4 * j] += v.x;
+            acc[4 * j + 1] += v.y;
+            acc[4 * j + 2] += v.z;
+            acc[4 * j + 3] += v.w;
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&sm.sums_empty);
+          sums.step(1);
+        }
         const int width = d.out == 1 ? kHalf / 2 : kHalf;  // output columns of a half
         const int col0 = (2 * s.tile + half) * width;
         for_each_pair(wq, lane, [&](int j, int h, int row, int half_col) {
@@ -542,18 +540,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 }  // namespace
 
 // Run a program (see the header): prog int64 [P, 16] and segs int32 [grid, L, 8] (lens int32 [grid]) on the
-// device; counters int32 (every product's output-chunk counters and every spread tile's piece counter) and
-// exit_ticket int32 [1] zeroed once at allocation (the kernel leaves them zeroed). flags (diagnostics, 0 in
-// use): 1 inputs do not wait for their products, 2 no arithmetic. trace (optional, int64 [grid, L, 8]): per
-// segment the global timer (ns) at its start, first input chunk, end of its products, end of its epilogue
-// (consumers), first weight copy issued (weight warp), its last reduced slice published (reduce warp; 0
-// for a whole tile), first input copy issued (input warp) and its publication (exchange warp).
+// device; counters int32 (every product's output-chunk counters) and exit_ticket int32 [1] zeroed once at
+// allocation (the kernel leaves them zeroed). flags (diagnostics, 0 in use): 1 inputs do not wait for their
+// products, 2 no arithmetic, 4 no partial sums. trace (optional, int64 [grid, L, 8]): per segment the global timer (ns) at its
+// start, first input chunk, end of its products, end of its epilogue (consumers), first and last weight
+// copy issued (weight warp), first input copy issued (input warp) and its publication (exchange warp).
 // variant: the ring shape (weight x input slots), 0: 5 x 2, 1: 4 x 3. max_inflight: weight
 // copies (32 KB) in flight per SM (0: up to the free slots).
 template <int WS, int XS>
 void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::Tensor& lens, torch::Tensor& counters,
             torch::Tensor& exit_ticket, int64_t grid, int64_t flags, const c10::optional<torch::Tensor>& trace,
-            int64_t max_inflight) {
+            int64_t max_inflight, int64_t prefetch_ahead, int64_t prefetch_gap) {
   using S = Smem<WS, XS>;
   auto kernel = stream_kernel<WS, XS>;
   static bool configured = false;  // once per process, outside any graph capture that follows
@@ -564,12 +561,14 @@ void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::T
   kernel<<<(unsigned)grid, kThreads, sizeof(S) + 1024, at::cuda::getCurrentCUDAStream()>>>(
       prog.data_ptr<int64_t>(), segs.data_ptr<int>(), lens.data_ptr<int>(), (int)segs.size(1),
       counters.data_ptr<int>(), (int)counters.numel(), exit_ticket.data_ptr<int>(), (int)flags,
-      trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight);
+      trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight, (int)prefetch_ahead,
+      (long long)prefetch_gap);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tensor counters, torch::Tensor exit_ticket,
-         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight) {
+         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight,
+         int64_t prefetch_ahead, int64_t prefetch_gap) {
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
   TORCH_CHECK(segs.dim() == 3 && segs.size(2) == S_COUNT && segs.scalar_type() == torch::kInt32 && segs.is_contiguous(),
               "segs: int32 [grid, L, 8]");
@@ -584,9 +583,11 @@ void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tens
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
   // 5 x 2 measured against 4 x 3, 4 x 4 and 3 x 6 (BENCHMARKS.md, session 9): within 3 %, 5 x 2 ahead
   if (variant == 0)
-    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight, prefetch_ahead,
+                 prefetch_gap);
   else
-    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight, prefetch_ahead,
+                 prefetch_gap);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

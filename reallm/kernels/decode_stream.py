@@ -8,9 +8,8 @@ of copy bandwidth). A product may end in SwiGLU: ``out="swiglu"`` takes W = [gat
 writes ``silu(gate) * up`` (I columns), from the fp32 sums.
 
 Work is split stream-K style (:func:`schedule`): each product's (128-row tile, 128-column chunk) units are
-cut into one equal contiguous range per SM, so every SM reads the same bytes of every product; a tile
-spread over several SMs is finished by a reduce-scatter over its pieces' fp32 partials (each piece sums a
-share of the tile's columns).
+cut into one equal contiguous range per SM, so every SM reads the same bytes of every product; tiles
+spread over several SMs are summed through fp32 partial slots.
 
 Layouts: weights are packed once (:func:`pack_weight`) and activations live in *chunked* buffers
 (:func:`chunked_buffer`, :func:`to_chunks`, :func:`from_chunks`): 64 × 128 blocks, each one contiguous
@@ -31,7 +30,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v33", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v34", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -40,19 +39,17 @@ ROWS, TILE, HALF, CHUNK = 64, 128, 64, 128
 _FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "out", "y_layout", "ready_in", "need",
            "ready_out")
 _OUTS = {"plain": 0, "swiglu": 1}
-#: Floats of one partial slot (a weight tile's fp32 products over the 64 rows).
+#: Floats of one sums tile (a weight tile's fp32 sums over the 64 rows).
 _SLOT_FLOATS = TILE * ROWS
-#: Readiness a finished output chunk's counter reaches (``kShares``: float4s of a partial reduced into it).
-_SHARES = 2048
 #: Ring shapes (weight × input slots) the kernel is built with, by ``variant``.
 VARIANTS = {0: (5, 2), 1: (4, 3)}
 
 
 class Segment(NamedTuple):
-    """Chunks [c0, c1) of one weight tile of product p, run by one CTA. A tile spread over ``nslots``
-    segments (pieces, in chunk order) owns partial slots ``slot0`` .. ``slot0 + nslots − 1`` of the
-    product: piece k stores its fp32 partial to ``slot = slot0 + k`` and then sums the k-th ``nslots``-th of
-    the tile's partial over all pieces and writes those outputs. A whole tile: ``slot`` −1, ``slot0`` −1, ``nslots`` 0."""
+    """Chunks [c0, c1) of one weight tile of product p, run by one CTA. A tile spread over several segments
+    owns a sums tile of the product (fp32): its pieces add their partials into sums tile ``slot``, and its
+    piece from chunk 0 (the *finalizer*: ``slot`` −1) waits for those ``nslots`` pieces, adds sums tile
+    ``slot0`` to its own and writes the output. A whole tile: ``slot`` −1, ``nslots`` 0."""
     p: int
     tile: int
     c0: int
@@ -70,7 +67,9 @@ def schedule(shapes: list[tuple[int, int]], grid: int) -> tuple[list[list[Segmen
     so the running totals set when each one reaches a product boundary. (Shares scaled to per-SM rates
     measured with the weight streams alone — SMs differ by up to 25 %, the same SMs every launch — did
     not shorten the dependent chain: BENCHMARKS.md, session 9.) A range becomes one segment per tile it
-    touches. Returns every CTA's segments (in product order) and the partial slots each product needs.
+    touches; a spread tile's chunk-0 piece ends its CTA's range, so it runs last among the tile's pieces
+    and finishes the tile. Returns every CTA's segments (in product order) and the sums tiles each product
+    needs.
     """
     lists: list[list[Segment]] = [[] for _ in range(grid)]
     slots = []
@@ -98,18 +97,18 @@ def schedule(shapes: list[tuple[int, int]], grid: int) -> tuple[list[list[Segmen
                 pieces.setdefault(tile, []).append((cta, c0, c1))
                 order.append((cta, tile, c0, c1))
                 u += c1 - c0
-        first, used = {}, 0  # spread tile -> its first partial slot
+        sums = {}  # spread tile -> its sums tile
         for tile, group in pieces.items():
             if len(group) > 1:
-                first[tile] = used
-                used += len(group)
+                sums[tile] = len(sums)
         for cta, tile, c0, c1 in order:
-            if tile not in first:
+            if tile not in sums:
                 lists[cta].append(Segment(p, tile, c0, c1, -1, -1, 0))
+            elif c0 == 0:
+                lists[cta].append(Segment(p, tile, c0, c1, -1, sums[tile], len(pieces[tile]) - 1))
             else:
-                k = [g[1] for g in pieces[tile]].index(c0)
-                lists[cta].append(Segment(p, tile, c0, c1, first[tile] + k, first[tile], len(pieces[tile])))
-        slots.append(used)
+                lists[cta].append(Segment(p, tile, c0, c1, sums[tile], -1, 0))
+        slots.append(len(sums))
     return lists, slots
 
 
@@ -229,21 +228,6 @@ class StreamProgram:
         """(tiles, chunks per tile) of every product: the units :func:`schedule` splits."""
         return [(p.w.shape[0] // TILE, p.w.shape[1] // CHUNK) for p in self.products]
 
-    def partial_regions(self) -> list[int]:
-        """The partial-slot region of every product. Product p takes p − 2's region when it cannot start
-        before p − 2 is finished: p reads p − 1's output, which reads all of p − 2's — each of p − 1's tiles
-        spans p − 2's whole output, so any input of p implies every slice of p − 2 was reduced (qkv → o, which
-        reads only the q columns, breaks the chain). Otherwise a region of its own."""
-        regions, fresh = [], 0
-        for i, p in enumerate(self.products):
-            if (i >= 2 and p.dep == i - 1 and self.products[i - 1].dep == i - 2
-                    and self.products[i - 1].w.shape[1] == self.products[i - 2].out_cols):
-                regions.append(regions[i - 2])
-            else:
-                regions.append(fresh)
-                fresh += 1
-        return regions
-
     def _build(self, grid: int) -> dict:
         if grid in self._built:
             return self._built[grid]
@@ -251,31 +235,27 @@ class StreamProgram:
         shapes = self.shapes()
         lists, slots = schedule(shapes, grid)
         tiles = [t for t, _ in shapes]
-        # fp32 partial slots of the spread tiles (plain stores: nothing to zero)
-        regions = self.partial_regions()
-        size = [0] * (max(regions) + 1)
-        for r, n in zip(regions, slots):
-            size[r] = max(size[r], n)
-        region_at = [0] + torch.tensor(size).cumsum(0).tolist()[:-1]
-        partial = torch.empty(max(sum(size), 1) * _SLOT_FLOATS, dtype=torch.float32, device=dev)
-        # readiness counters of every chunked output (one per 128-column chunk), then every tile's piece
-        # counter: all zeroed once here, and by the kernel's last CTA at the end of every launch
+        # fp32 sums tiles of the spread tiles, a region per product (zeroed here, left zeroed by the kernel)
+        partial = torch.zeros(max(sum(slots), 1) * _SLOT_FLOATS, dtype=torch.float32, device=dev)
+        slot_at = [0] + torch.tensor(slots).cumsum(0).tolist()[:-1]
+        tickets = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
+        tick_at = [0] + torch.tensor(tiles).cumsum(0).tolist()[:-1]
+        # readiness counters of every chunked output, one per 128-column chunk
         starts, n_counters = [], 0
         for p in self.products:
             starts.append(n_counters if p.y.dim() == 1 else None)
             n_counters += p.out_cols // CHUNK if p.y.dim() == 1 else 0
-        tick_at = (n_counters + torch.tensor([0] + tiles[:-1]).cumsum(0)).tolist()
-        counters = torch.zeros(n_counters + sum(tiles), dtype=torch.int32, device=dev)
+        counters = torch.zeros(max(n_counters, 1), dtype=torch.int32, device=dev)
         rows = []
         for i, p in enumerate(self.products):
             n, k = p.w.shape
             f = {"w": p.packed.data_ptr(), "x": p.x.data_ptr(), "y": p.y.data_ptr(),
-                 "partial": partial.data_ptr() + 4 * _SLOT_FLOATS * region_at[regions[i]],
-                 "tickets": counters.data_ptr() + 4 * tick_at[i], "N": n, "K": k,
+                 "partial": partial.data_ptr() + 4 * _SLOT_FLOATS * slot_at[i],
+                 "tickets": tickets.data_ptr() + 4 * tick_at[i], "N": n, "K": k,
                  "y_stride": p.y.stride(0) if p.y.dim() == 2 else 0, "out": _OUTS[p.out],
                  "y_layout": 0 if p.y.dim() == 1 else 1,
                  "ready_in": 0 if p.dep < 0 else counters.data_ptr() + 4 * starts[p.dep],
-                 "need": 0 if p.dep < 0 else _SHARES,
+                 "need": 0 if p.dep < 0 else (2 if self.products[p.dep].out == "swiglu" else 1),
                  "ready_out": 0 if starts[i] is None else counters.data_ptr() + 4 * starts[i]}
             rows.append([f[name] for name in _FIELDS] + [0] * (16 - len(_FIELDS)))
         length = max(1, max(len(segs) for segs in lists))
@@ -285,7 +265,7 @@ class StreamProgram:
                 table[cta, :len(segs), :7] = torch.tensor(segs, dtype=torch.int32)
         self._built[grid] = {"prog": torch.tensor(rows, dtype=torch.int64, device=dev), "segs": table.to(dev),
                              "lens": torch.tensor([len(x) for x in lists], dtype=torch.int32, device=dev),
-                             "lists": lists, "partial": partial, "counters": counters,
+                             "lists": lists, "partial": partial, "tickets": tickets, "counters": counters,
                              "exit": torch.zeros(1, dtype=torch.int32, device=dev)}
         return self._built[grid]
 
@@ -298,19 +278,21 @@ class StreamProgram:
         return self._build(self.grid(grid))["lists"]
 
     def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None,
-            variant: int = 0, max_inflight: int = 1) -> None:
+            variant: int = 0, max_inflight: int = 1, prefetch: int = 0, prefetch_gap: int = 0) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
         arithmetic (3: the two streams alone). ``trace``: int64 [grid, segments, 8] to receive each segment's
-        global timers (ns): consumers' start, first input chunk, end of products, end of epilogue; first
-        weight copy issued; last reduced slice published (pieces of spread tiles); first input copy issued;
-        publication (csrc/cuda/decode_stream.cu). ``variant``:
+        global timers (ns): consumers' start, first input chunk, end of products, end of epilogue; first and
+        last weight copy issued; first input copy issued; publication (csrc/cuda/decode_stream.cu). ``variant``:
         the ring shape, :data:`VARIANTS`. ``max_inflight``: weight copies (32 KB) an SM keeps in flight (0: as
         many as the ring has free slots). One is enough for full bandwidth (16 KB is not: its copies
         alone take 1070 µs), and more only lengthens every queue on the way to L2 — the readiness
         counters, partial sums and activation copies of the next product wait in the same queues
-        (measured: 1153 µs with one, 1239 µs with two, 1262 µs unlimited).
+        (measured: 1153 µs with one, 1239 µs with two, 1262 µs unlimited). ``prefetch``: weight chunks the
+        weight warp pulls into L2 beyond its next copy while it would otherwise wait (ring full or its copy
+        in flight), at most one per ``prefetch_gap`` SM cycles; a chunk pulled so is copied without the
+        in-flight cap, so after a boundary the ring refills at L2 speed.
         """
         ext = _EXT.load()
         if ext is None:
@@ -319,7 +301,8 @@ class StreamProgram:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant}")
         grid = self.grid(grid)
         b = self._build(grid)
-        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight)
+        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight,
+                prefetch, prefetch_gap)
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""
