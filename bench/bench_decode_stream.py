@@ -121,13 +121,10 @@ def main(argv=None) -> int:
                     help="ring shapes to time (decode_stream.VARIANTS)")
     ap.add_argument("--inflight", nargs="*", type=int, default=[1, 2, 0],
                     help="weight copies (32 KB) in flight per SM to time (0: up to the free slots)")
-    ap.add_argument("--prefetch", nargs="*", default=["0"],
-                    help="L2 leads to time, AHEAD[/GAP]: weight chunks pulled into L2 beyond the next copy, at most "
-                         "one per GAP SM cycles")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 2 no arithmetic)")
     ap.add_argument("--trace", nargs="*", default=[],
-                    help="runs to trace (per-segment timers), VARIANT[/FLAGS[/AHEAD[/GAP]]] (one weight copy in flight)")
+                    help="runs to trace (per-segment timers), VARIANT[/FLAGS] (one weight copy in flight)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("needs an sm_90+ CUDA GPU", file=sys.stderr)
@@ -147,9 +144,8 @@ def main(argv=None) -> int:
     print(f"cuBLASLt chain {t:.0f} µs", flush=True)
     prog = chain.program()
 
-    def measure(v: int, inflight: int, lead: str) -> None:
-        ahead, _, gap = lead.partition("/")
-        kw = dict(variant=v, max_inflight=inflight, prefetch=int(ahead), prefetch_gap=int(gap or 0))
+    def measure(v: int, inflight: int) -> None:
+        kw = dict(variant=v, max_inflight=inflight)
         prog.run(**kw)
         torch.cuda.synchronize()
         err = check(prog)
@@ -157,8 +153,6 @@ def main(argv=None) -> int:
         err2 = check(prog)  # after 25 replays: the counters were reset every launch
         ws, xs = decode_stream.VARIANTS[v]
         label = f"{inflight} weight copies in flight" if inflight else "weight copies up to the free slots"
-        if int(ahead):
-            label += f", L2 lead {ahead} chunks" + (f" (one per {gap} cycles)" if gap else "")
         rows.append((f"stream, ring {ws} x 32 KB weights + {xs} x 16 KB inputs, {label}", t, max(err, err2)))
         diag = {f: (graph_us(lambda f=f: prog.run(flags=f, **kw)), check(prog)) for f in args.diagnose}
         print(f"variant {v}, {label}: {t:.0f} µs, error {err:.1e} / {err2:.1e}; diagnostics "
@@ -166,13 +160,11 @@ def main(argv=None) -> int:
 
     for v in args.variants:
         for inflight in args.inflight:
-            for lead in args.prefetch:
-                measure(v, inflight, lead)
+            measure(v, inflight)
     for cfg in args.trace:
-        v, flags, ahead, gap = (cfg.split("/") + ["0", "0", "0"])[:4]
-        print(f"\ntrace of variant {v}, flags {flags}, L2 lead {ahead}/{gap}:\n"
-              + trace_table(prog, LAYERS // 2, int(flags), variant=int(v), prefetch=int(ahead),
-                            prefetch_gap=int(gap)), flush=True)
+        v, flags = (cfg.split("/") + ["0"])[:2]
+        print(f"\ntrace of variant {v}, flags {flags}:\n"
+              + trace_table(prog, LAYERS // 2, int(flags), variant=int(v)), flush=True)
     print(f"\n| chain of {4 * LAYERS + 1} products, with their "
           f"dependencies ({chain.bytes / 1e9:.2f} GB) | µs | TB/s | × floor | max rel. error |")
     print("|---|---|---|---|---|")

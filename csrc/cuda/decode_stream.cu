@@ -111,26 +111,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-// Whether the barrier's phase with this parity has completed (no waiting).
-__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(smem_u32(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
-// Pull bytes into L2 (no completion to wait for).
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-}
-
 // One contiguous asynchronous copy global -> shared, completing on `bar`'s transaction count.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
                                           uint64_t policy) {
@@ -290,7 +270,7 @@ template <int kWStages, int kXStages>
 __global__ void __launch_bounds__(kThreads, 1)
     stream_kernel(const int64_t* __restrict__ prog, const int* __restrict__ segs, const int* __restrict__ lens, int L,
                   int* counters, int n_counters, int* exit_ticket, int flags, int64_t* trace,
-                  int max_inflight, int prefetch_ahead, long long prefetch_gap) {
+                  int max_inflight) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // wgmma's swizzle needs 1024-byte alignment
   Smem<kWStages, kXStages>& sm =
       *reinterpret_cast<Smem<kWStages, kXStages>*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
@@ -321,41 +301,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) {
       const uint64_t policy = l2_policy(true);  // read once per step
       Ring r, landed;  // the next slot to fill; the oldest copy that may still be in flight
-      int issued = 0, nlanded = 0;
-      // L2 lead: while the weight warp would otherwise wait (ring full, or its copy still in flight), it
-      // pulls up to prefetch_ahead chunks beyond its next copy into L2, at most one per prefetch_gap cycles,
-      // so HBM keeps streaming while the consumers wait at a product boundary.
-      int pf_i = 0, pf_c = n > 0 ? segment_at(prog, list, 0).c0 : 0;  // next chunk to prefetch
-      int64_t pf_units = 0, units = 0;  // chunks prefetched (or skipped) / copied so far
-      long long pf_last = clock64() - prefetch_gap;
-      auto service = [&]() {
-        if (prefetch_ahead <= 0 || pf_i >= n || pf_units >= units + prefetch_ahead) return;
-        const long long now = clock64();
-        if (now - pf_last < prefetch_gap) return;
-        const Segment p = segment_at(prog, list, pf_i);
-        prefetch_l2(p.d.w + ((size_t)p.tile * (p.d.K / kBK) + pf_c) * kWChunk, kWChunk * 2);
-        pf_last = now;
-        ++pf_units;
-        if (++pf_c == p.c1 && ++pf_i < n) pf_c = segment_at(prog, list, pf_i).c0;
-      };
+      int issued = 0;
       for (int i = 0; i < n; ++i) {
         const Segment s = segment_at(prog, list, i);
         const __nv_bfloat16* src = s.d.w + ((size_t)s.tile * (s.d.K / kBK) + s.c0) * kWChunk;
         int64_t* tr = trace != nullptr ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
         for (int c = s.c0; c < s.c1; ++c, src += kWChunk) {
-          while (!mbar_test(&sm.w_empty[r.slot], r.phase ^ 1)) service();
-          // Copies in flight: a chunk already pulled into L2 is copied at once (L2 hits do not lengthen the
-          // queues to HBM, and after a boundary the ring refills at L2 speed); any other copy waits until
-          // fewer than max_inflight are in flight. (Landed copies are counted in order: the slot about to
-          // be filled was consumed, so every copy a ring back has landed and the parity test is exact.)
-          const bool pulled = units < pf_units;
-          for (;;) {
-            while (nlanded < issued && mbar_test(&sm.w_full[landed.slot], landed.phase)) {
-              landed.step(kWStages);
-              ++nlanded;
-            }
-            if (pulled || max_inflight <= 0 || issued - nlanded < max_inflight) break;
-            service();
+          mbar_wait(&sm.w_empty[r.slot], r.phase ^ 1);
+          // at most max_inflight copies in flight (a cap of the ring size or more is the ring's own, and
+          // waiting on a slot's barrier a whole ring back would wait for a later phase)
+          if (max_inflight > 0 && max_inflight < kWStages && issued >= max_inflight) {
+            mbar_wait(&sm.w_full[landed.slot], landed.phase);
+            landed.step(kWStages);
           }
           ++issued;
           if (tr && c == s.c0) tr[4] = global_ns();
@@ -363,14 +320,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_expect_tx(&sm.w_full[r.slot], kWChunk * 2);
           bulk_copy(sm.w[r.slot], src, kWChunk * 2, &sm.w_full[r.slot], policy);
           r.step(kWStages);
-          // the prefetch cursor never trails the copies
-          if (pf_units <= units && pf_i < n) {
-            pf_units = units + 1;
-            pf_i = i;
-            pf_c = c + 1;
-            if (pf_c == s.c1 && ++pf_i < n) pf_c = segment_at(prog, list, pf_i).c0;
-          }
-          ++units;
         }
       }
     }
@@ -550,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <int WS, int XS>
 void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::Tensor& lens, torch::Tensor& counters,
             torch::Tensor& exit_ticket, int64_t grid, int64_t flags, const c10::optional<torch::Tensor>& trace,
-            int64_t max_inflight, int64_t prefetch_ahead, int64_t prefetch_gap) {
+            int64_t max_inflight) {
   using S = Smem<WS, XS>;
   auto kernel = stream_kernel<WS, XS>;
   static bool configured = false;  // once per process, outside any graph capture that follows
@@ -561,14 +510,12 @@ void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::T
   kernel<<<(unsigned)grid, kThreads, sizeof(S) + 1024, at::cuda::getCurrentCUDAStream()>>>(
       prog.data_ptr<int64_t>(), segs.data_ptr<int>(), lens.data_ptr<int>(), (int)segs.size(1),
       counters.data_ptr<int>(), (int)counters.numel(), exit_ticket.data_ptr<int>(), (int)flags,
-      trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight, (int)prefetch_ahead,
-      (long long)prefetch_gap);
+      trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tensor counters, torch::Tensor exit_ticket,
-         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight,
-         int64_t prefetch_ahead, int64_t prefetch_gap) {
+         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight) {
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
   TORCH_CHECK(segs.dim() == 3 && segs.size(2) == S_COUNT && segs.scalar_type() == torch::kInt32 && segs.is_contiguous(),
               "segs: int32 [grid, L, 8]");
@@ -583,11 +530,9 @@ void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tens
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
   // 5 x 2 measured against 4 x 3, 4 x 4 and 3 x 6 (BENCHMARKS.md, session 9): within 3 %, 5 x 2 ahead
   if (variant == 0)
-    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight, prefetch_ahead,
-                 prefetch_gap);
+    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
   else
-    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight, prefetch_ahead,
-                 prefetch_gap);
+    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -30,7 +30,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v34", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v35", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -278,7 +278,7 @@ class StreamProgram:
         return self._build(self.grid(grid))["lists"]
 
     def run(self, grid: Optional[int] = None, flags: int = 0, trace: Optional[torch.Tensor] = None,
-            variant: int = 0, max_inflight: int = 1, prefetch: int = 0, prefetch_gap: int = 0) -> None:
+            variant: int = 0, max_inflight: int = 1) -> None:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
@@ -289,10 +289,7 @@ class StreamProgram:
         many as the ring has free slots). One is enough for full bandwidth (16 KB is not: its copies
         alone take 1070 µs), and more only lengthens every queue on the way to L2 — the readiness
         counters, partial sums and activation copies of the next product wait in the same queues
-        (measured: 1153 µs with one, 1239 µs with two, 1262 µs unlimited). ``prefetch``: weight chunks the
-        weight warp pulls into L2 beyond its next copy while it would otherwise wait (ring full or its copy
-        in flight), at most one per ``prefetch_gap`` SM cycles; a chunk pulled so is copied without the
-        in-flight cap, so after a boundary the ring refills at L2 speed.
+        (measured: 1153 µs with one, 1239 µs with two, 1262 µs unlimited).
         """
         ext = _EXT.load()
         if ext is None:
@@ -301,8 +298,7 @@ class StreamProgram:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant}")
         grid = self.grid(grid)
         b = self._build(grid)
-        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight,
-                prefetch, prefetch_gap)
+        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight)
 
     def output(self, i: int) -> torch.Tensor:
         """Product ``i``'s output as [64, N']."""
