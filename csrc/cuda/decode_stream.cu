@@ -363,18 +363,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < n; ++i) {
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
+      float4* sums_tile = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
       if (s.nslots > 0) {  // once the other pieces have added theirs: the tile's sums, one bulk copy
-        float4* sums_tile = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
         mbar_wait(&sm.sums_empty, sums.phase ^ 1);
         if (lane == 0) {
           while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
-          d.tickets[s.tile] = 0;  // nobody else touches it again in this launch
           fence_proxy_async();
           mbar_expect_tx(&sm.sums_full, kPartialFloats * 4);
           bulk_copy(sm.sums, sums_tile, kPartialFloats * 4, &sm.sums_full, l2_policy(true));
         }
-        mbar_wait(&sm.sums_full, sums.phase);  // read: zero it for the next launch
-        for (int k = lane; k < kPartialFloats / 4; k += 32) __stcg(sums_tile + k, make_float4(0.f, 0.f, 0.f, 0.f));
+        mbar_wait(&sm.sums_full, sums.phase);
         sums.step(1);
       }
       mbar_wait(&sm.done_full[done.slot], done.phase);
@@ -387,6 +385,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 7] = global_ns();
       }
       __syncwarp();
+      if (s.nslots > 0) {  // after the publication, so that its release does not wait for these stores:
+        // the sums tile and ticket back to zero for the next launch (nobody touches them again in this one)
+        if (lane == 0) d.tickets[s.tile] = 0;
+        for (int k = lane; k < kPartialFloats / 4; k += 32) __stcg(sums_tile + k, make_float4(0.f, 0.f, 0.f, 0.f));
+      }
       done.step(kSignalStages);
     }
   } else {  // ------------------------------------------------------------------------------ consumers
