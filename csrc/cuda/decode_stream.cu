@@ -316,7 +316,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           ++issued;
           if (tr && c == s.c0) tr[4] = global_ns();
-          if (tr && c == s.c1 - 1) tr[5] = global_ns();
           mbar_expect_tx(&sm.w_full[r.slot], kWChunk * 2);
           bulk_copy(sm.w[r.slot], src, kWChunk * 2, &sm.w_full[r.slot], policy);
           r.step(kWStages);
@@ -373,6 +372,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           bulk_copy(sm.sums, sums_tile, kPartialFloats * 4, &sm.sums_full, l2_policy(true));
         }
         mbar_wait(&sm.sums_full, sums.phase);
+        if (lane == 0 && trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
         sums.step(1);
       }
       mbar_wait(&sm.done_full[done.slot], done.phase);
@@ -467,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                : d.y + (size_t)row * d.y_stride + col;
           *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
         });
-        fence_proxy_async();
+        if (!(flags & 8)) fence_proxy_async();  // (8: diagnostic, without the writer-side fence)
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&sm.done_full[done.slot]);
@@ -494,9 +494,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Run a program (see the header): prog int64 [P, 16] and segs int32 [grid, L, 8] (lens int32 [grid]) on the
 // device; counters int32 (every product's output-chunk counters) and exit_ticket int32 [1] zeroed once at
 // allocation (the kernel leaves them zeroed). flags (diagnostics, 0 in use): 1 inputs do not wait for their
-// products, 2 no arithmetic, 4 no partial sums. trace (optional, int64 [grid, L, 8]): per segment the global timer (ns) at its
-// start, first input chunk, end of its products, end of its epilogue (consumers), first and last weight
-// copy issued (weight warp), first input copy issued (input warp) and its publication (exchange warp).
+// products, 2 no arithmetic, 4 no partial sums. trace (optional, int64 [grid, L, 8]): per segment the global
+// timer (ns) at its start, first input chunk, end of its products, end of its epilogue (consumers), first
+// weight copy issued (weight warp), the other pieces' sums landed (exchange warp; a finalizer's segment,
+// else 0), first input copy issued (input warp) and its publication (exchange warp).
 // variant: the ring shape (weight x input slots), 0: 5 x 2, 1: 4 x 3. max_inflight: weight
 // copies (32 KB) in flight per SM (0: up to the free slots).
 template <int WS, int XS>

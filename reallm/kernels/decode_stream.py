@@ -30,7 +30,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v36", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v37", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -283,8 +283,8 @@ class StreamProgram:
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
         arithmetic (3: the two streams alone). ``trace``: int64 [grid, segments, 8] to receive each segment's
-        global timers (ns): consumers' start, first input chunk, end of products, end of epilogue; first and
-        last weight copy issued; first input copy issued; publication (csrc/cuda/decode_stream.cu). ``variant``:
+        global timers (ns): consumers' start, first input chunk, end of products, end of epilogue; first
+        weight copy issued; the other pieces' sums landed (a finalizer); first input copy issued; publication (csrc/cuda/decode_stream.cu). ``variant``:
         the ring shape, :data:`VARIANTS`. ``max_inflight``: weight copies (32 KB) an SM keeps in flight (0: as
         many as the ring has free slots). One is enough for full bandwidth (16 KB is not: its copies
         alone take 1070 µs), and more only lengthens every queue on the way to L2 — the readiness
