@@ -467,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                : d.y + (size_t)row * d.y_stride + col;
           *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
         });
-        if (!(flags & 8)) fence_proxy_async();  // (8: diagnostic, without the writer-side fence)
+        fence_proxy_async();
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&sm.done_full[done.slot]);
