@@ -574,23 +574,29 @@ BUMP_RATIO = 2.0
 
 
 def drop_bumps(values: Sequence[float], ys: Sequence[float], ratio: float = BUMP_RATIO) -> list[float]:
-    """Points that took over ``ratio`` × the time of some larger size, replaced by linear interpolation (in y)
-    between their nearest kept neighbours. Larger work bounds smaller work from above (pad it), so such a
-    point measured something else: a transient slow path, allocator churn or interference (the Qwen2-0.5B
-    head forward at 2048-8192 tokens once measured 35-140 ms against 12 ms at 16384). Isotonic regression
-    alone would average the bump into every larger size."""
+    """Points that took over ``ratio`` × the time of some larger size, or over ``ratio`` × the time a smaller
+    size scales to linearly (y_j / y_k × t_k: a fixed cost plus a per-unit one never grows faster), replaced
+    by linear interpolation (in y) between their nearest kept neighbours; the last point is judged only by
+    the first rule. Larger work bounds smaller work from above (pad it), so such a point measured something
+    else: a transient slow path, allocator churn or interference (the Qwen2-0.5B head forward at 2048-8192
+    tokens once measured 35-140 ms against 12 ms at 16384, and later 14.0 ms at 8192 against 3.1 at 4096
+    and 12.1 at 16384). Isotonic regression alone would average the bump into its neighbours."""
     v = list(values)
     n = len(v)
     later_min = [float("inf")] * n
     for j in range(n - 2, -1, -1):
         later_min[j] = min(later_min[j + 1], v[j + 1])
-    kept = [v[j] <= ratio * later_min[j] for j in range(n)]
+    per_unit_min = [float("inf")] * n  # the least time per unit of y among the smaller sizes
+    for j in range(1, n):
+        per_unit_min[j] = min(per_unit_min[j - 1], v[j - 1] / ys[j - 1])
+    kept = [v[j] <= ratio * later_min[j] and (j == n - 1 or v[j] <= ratio * ys[j] * per_unit_min[j])
+            for j in range(n)]
     out = list(v)
     for j in range(n):
         if kept[j]:
             continue
         lo = next((i for i in range(j - 1, -1, -1) if kept[i]), None)
-        hi = next(i for i in range(j + 1, n) if kept[i])  # the smallest later point is always kept
+        hi = next(i for i in range(j + 1, n) if kept[i])  # the last point is always kept
         if lo is None:
             out[j] = v[hi]
         else:

@@ -205,6 +205,14 @@ def test_bumps_are_interpolated_over_before_the_isotonic_pass():
     assert fixed[:5] == raw[:5] and fixed[8:] == raw[8:]
     for j in (5, 6, 7):  # on the line from 1024 to 16384 tokens
         assert fixed[j] == pytest.approx(1.50 + (ys[j] - 1024) / (16384 - 1024) * (11.93 - 1.50))
+    # the next measurement: 8192 tokens at 2.3x the per-token time of 4096, yet below 16384's time
+    raw2 = [1.647, 1.51, 1.467, 1.476, 1.407, 1.927, 3.086, 14.02, 12.06, 24.67]
+    fixed2 = drop_bumps(raw2, ys)
+    assert fixed2[:7] == raw2[:7] and fixed2[8:] == raw2[8:]
+    assert fixed2[7] == pytest.approx(3.086 + (8192 - 4096) / (16384 - 4096) * (12.06 - 3.086))
+    assert drop_bumps([1.0, 1.0, 1.0, 9.0], [1, 2, 4, 8]) == [1.0, 1.0, 1.0, 9.0]  # the last point stays
+    # 4.5 is below twice 5.0 but over twice what 1.0 at y=1 scales to at y=2: on the line from 1 to 4
+    assert drop_bumps([1.0, 4.5, 5.0], [1, 2, 4]) == pytest.approx([1.0, 1.0 + 4.0 / 3, 5.0])
     assert drop_bumps([5.0, 1.0, 2.0], [1, 2, 4]) == [1.0, 1.0, 2.0]  # no kept point below: the next one above
     assert drop_bumps([1.0, 1.9, 1.0], [1, 2, 4]) == [1.0, 1.9, 1.0]  # within 2x: left to the isotonic pass
     smooth = monotone([raw], along_x=False, ys=ys)[0]
