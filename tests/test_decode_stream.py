@@ -123,7 +123,8 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 @needs_sm90
 @pytest.mark.parametrize("grid,size,variant,inflight", [(None, 1, 0, 1), (None, 1, 1, 0), (3, 1, 0, 1), (1, 1, 1, 2),
                                                         (7, 2, 0, 0), (None, 4, 0, 1), (None, 4, 1, 0),
-                                                        (None, 4, 1, 2), (None, 1, 1, 4)])
+                                                        (None, 4, 1, 2), (None, 1, 1, 4), (3, 2, 2, 1),
+                                                        (None, 4, 2, 1)])
 def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight):
     """Few CTAs (grid 1, 3, 7) give each many segments: the rings wrap and tiles split over CTAs at odd
     chunk boundaries; a wider chain (size 4) keeps consecutive products in flight together on every SM."""

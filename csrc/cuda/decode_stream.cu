@@ -21,7 +21,8 @@
 // are spread over several segments is summed in fp32 at L2: the other pieces add their partials into
 // the tile's sums (red.add) and arrive on its counter; the piece from chunk 0 (the last its CTA runs in
 // the product) adds those sums to its own and writes the output. An exchange warp per CTA does the
-// waiting and publishing, so the consumers never stall on a global round trip. (Sums of three or more
+// waiting and publishing; a finalizer's consumers read the sums straight from L2 once told (one round
+// trip, as a bulk copy would be, and the shared memory goes to the weight ring). (Sums of three or more
 // pieces are added in arrival order: the last bit of an fp32 sum may differ between launches.)
 //
 // Layouts (reallm/kernels/decode_stream.py builds them): an input chunk is 64 rows x 128 bf16 columns
@@ -76,9 +77,8 @@ template <int kWStages, int kXStages>
 struct Smem {
   __nv_bfloat16 w[kWStages][kWChunk];
   __nv_bfloat16 x[kXStages][kXChunk];
-  float4 sums[8][kConsumerThreads];  // the other pieces' sum for a tile this CTA finishes (thread-major)
   uint64_t w_full[kWStages], w_empty[kWStages], x_full[kXStages], x_empty[kXStages];
-  uint64_t sums_full, sums_empty, done_full[kSignalStages], done_empty[kSignalStages];
+  uint64_t sums_ready, done_full[kSignalStages], done_empty[kSignalStages];
   int flag;
 };
 
@@ -287,8 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&sm.x_full[s], 1);
       mbar_init(&sm.x_empty[s], kConsumerWarps);
     }
-    mbar_init(&sm.sums_full, 1);
-    mbar_init(&sm.sums_empty, kConsumerWarps);
+    mbar_init(&sm.sums_ready, 1);
     for (int s = 0; s < kSignalStages; ++s) {
       mbar_init(&sm.done_full[s], kConsumerWarps);
       mbar_init(&sm.done_empty[s], 1);
@@ -355,25 +354,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else if (warp == kExchangeWarp) {  // --------------------------------------------------- exchange
     // Keeps global round trips off the consumers: per segment, for a tile this CTA finishes, waits for the
-    // other pieces and sums their slots into shared memory (while the consumers multiply); then, once
+    // other pieces to have added theirs and tells the consumers (who read the sums from L2); then, once
     // the consumers have stored the segment's partial or output, publishes it (a release on the tile's
     // counter or the output chunk's readiness counter).
-    Ring sums, done;
+    Ring done;
     for (int i = 0; i < n; ++i) {
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
       float4* sums_tile = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
-      if (s.nslots > 0) {  // once the other pieces have added theirs: the tile's sums, one bulk copy
-        mbar_wait(&sm.sums_empty, sums.phase ^ 1);
-        if (lane == 0) {
-          while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
-          fence_proxy_async();
-          mbar_expect_tx(&sm.sums_full, kPartialFloats * 4);
-          bulk_copy(sm.sums, sums_tile, kPartialFloats * 4, &sm.sums_full, l2_policy(true));
-        }
-        mbar_wait(&sm.sums_full, sums.phase);
-        if (lane == 0 && trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
-        sums.step(1);
+      if (s.nslots > 0 && lane == 0) {  // once the other pieces have added theirs (acquire), tell the consumers
+        // (at most one such signal is outstanding: segment i's comes after every earlier segment is done)
+        while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
+        mbar_arrive(&sm.sums_ready);
+        if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
       }
       mbar_wait(&sm.done_full[done.slot], done.phase);
       if (lane == 0) {
@@ -440,17 +433,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int j = 0; j < 8; ++j) red_add4(sums_tile + (j * kConsumerThreads + tid) * 4, acc4(acc, j));  // coalesced
       } else {
         if (s.nslots > 0) {
-          mbar_wait(&sm.sums_full, sums.phase);
+          mbar_wait(&sm.sums_ready, sums.phase);
+          const float4* sums_tile = reinterpret_cast<const float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
+          float4 got[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) got[j] = __ldcg(sums_tile + j * kConsumerThreads + tid);  // one round trip
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            const float4 v = sm.sums[j][tid];
+            const float4 v = got[j];
             acc[4 * j] += v.x;
             acc[4 * j + 1] += v.y;
             acc[4 * j + 2] += v.z;
             acc[4 * j + 3] += v.w;
           }
-          __syncwarp();
-          if (lane == 0) mbar_arrive(&sm.sums_empty);
           sums.step(1);
         }
         const int width = d.out == 1 ? kHalf / 2 : kHalf;  // output columns of a half
@@ -498,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // timer (ns) at its start, first input chunk, end of its products, end of its epilogue (consumers), first
 // weight copy issued (weight warp), the other pieces' sums landed (exchange warp; a finalizer's segment,
 // else 0), first input copy issued (input warp) and its publication (exchange warp).
-// variant: the ring shape (weight x input slots), 0: 5 x 2, 1: 4 x 3. max_inflight: weight
+// variant: the ring shape (weight x input slots), 0: 6 x 2, 1: 5 x 3, 2: 5 x 2. max_inflight: weight
 // copies (32 KB) in flight per SM (0: up to the free slots).
 template <int WS, int XS>
 void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::Tensor& lens, torch::Tensor& counters,
@@ -532,11 +527,12 @@ void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tens
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, prog.device().index()));
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
-  // 5 x 2 measured against 4 x 3, 4 x 4 and 3 x 6 (BENCHMARKS.md, session 9): within 3 %, 5 x 2 ahead
   if (variant == 0)
-    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<6, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+  else if (variant == 1)
+    launch<5, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
   else
-    launch<4, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -30,7 +30,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v38", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v39", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -42,7 +42,7 @@ _OUTS = {"plain": 0, "swiglu": 1}
 #: Floats of one sums tile (a weight tile's fp32 sums over the 64 rows).
 _SLOT_FLOATS = TILE * ROWS
 #: Ring shapes (weight × input slots) the kernel is built with, by ``variant``.
-VARIANTS = {0: (5, 2), 1: (4, 3)}
+VARIANTS = {0: (6, 2), 1: (5, 3), 2: (5, 2)}
 
 
 class Segment(NamedTuple):
