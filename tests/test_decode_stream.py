@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from reallm.kernels import decode_stream
-from reallm.kernels.decode_stream import (ROWS, StreamProgram, chunked_buffer, from_chunks, pack_weight, schedule,
-                                          to_chunks)
+from reallm.kernels.decode_stream import (
+    ROWS,
+    StreamProgram,
+    chunked_buffer,
+    from_chunks,
+    pack_weight,
+    schedule,
+    to_chunks,
+)
 
 
 def _chain(device, layers=2, hidden=256, inter=384, vocab=512):
@@ -68,7 +75,7 @@ def test_schedule_covers_every_unit_once_and_balances_the_ctas(grid):
         spread = sorted({s.tile for segs in lists for s in segs if s.p == p and s.slot >= 0})
         assert slots[p] == len(spread)
         for tile in range(tiles):
-            segs = [s for l in lists for s in l if s.p == p and s.tile == tile]
+            segs = [s for cta_segs in lists for s in cta_segs if s.p == p and s.tile == tile]
             final = [s for s in segs if s.slot == -1]
             assert len(final) == 1 and final[0].c0 == 0
             if len(segs) == 1:
@@ -76,9 +83,9 @@ def test_schedule_covers_every_unit_once_and_balances_the_ctas(grid):
             else:
                 assert final[0].nslots == len(segs) - 1
                 assert {s.slot for s in segs if s.slot >= 0} == {final[0].slot0} and final[0].slot0 < slots[p]
-                cta = next(c for c, l in enumerate(lists) if final[0] in l)
+                cta = next(c for c, cta_segs in enumerate(lists) if final[0] in cta_segs)
                 assert [s for s in lists[cta] if s.p == p][-1] == final[0]
-        assert len({s.slot0 for l in lists for s in l if s.p == p and s.nslots}) == slots[p]
+        assert len({s.slot0 for cta_segs in lists for s in cta_segs if s.p == p and s.nslots}) == slots[p]
     for segs in lists:  # every CTA walks its segments in product order
         assert [s.p for s in segs] == sorted(s.p for s in segs)
 
@@ -137,4 +144,4 @@ def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight)
         torch.cuda.synchronize()
         for i in range(len(prog.products)):  # each product against torch on the kernel's own input
             torch.testing.assert_close(prog.output(i).float(), prog.reference_output(i).float(), rtol=2e-2,
-                                       atol=2e-2, msg=lambda m, i=i: f"launch {launch}, product {i}: {m}")
+                                       atol=2e-2, msg=lambda m, i=i, launch=launch: f"launch {launch}, product {i}: {m}")
