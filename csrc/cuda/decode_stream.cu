@@ -69,12 +69,17 @@ constexpr int kTrace = 8;  // timers per segment (run's trace argument)
 
 // Program row fields.
 enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_OUT, F_YLAYOUT, F_READY_IN, F_NEED,
-             F_READY_OUT, F_COUNT = 16 };
+             F_READY_OUT, F_SS_IN, F_EPS, F_RES, F_SS_OUT, F_KCACHE, F_VCACHE, F_POS, F_FREQ, F_QCOLS, F_KVCOLS,
+             F_MAXLEN, F_GROUP, F_XSTRIDE, F_SCALE, F_COUNT = 32 };
+// Operation kinds (F_OUT).
+enum : int { OUT_PLAIN, OUT_SWIGLU, OUT_RESIDUAL, OUT_QKV, OUT_ATTENTION };
+constexpr int kHeadDim = 64;  // attention and rope: one head = one consumer half
 // Segment fields.
 enum : int { S_P, S_TILE, S_C0, S_C1, S_SLOT, S_SLOT0, S_NSLOTS, S_COUNT = 8 };
 
 template <int kWStages, int kXStages>
 struct Smem {
+  static constexpr int kW = kWStages, kX = kXStages;
   __nv_bfloat16 w[kWStages][kWChunk];
   __nv_bfloat16 x[kXStages][kXChunk];
   uint64_t w_full[kWStages], w_empty[kWStages], x_full[kXStages], x_empty[kXStages];
@@ -199,6 +204,15 @@ struct Product {
   const int* ready_in;  // the dep's output-chunk counters (null: input ready before the launch)
   int* ready_out;       // this product's output-chunk counters (null: nobody waits on the output)
   int N, K, y_stride, out, y_layout, need;
+  const float* ss_in;        // RMSNorm of the input: its rows' sums of squares (null: no norm)
+  float eps;
+  const __nv_bfloat16* res;  // OUT_RESIDUAL: the chunked residual added to the product
+  float* ss_out;             // OUT_RESIDUAL: the output rows' sums of squares are added here
+  __nv_bfloat16 *kc, *vc;    // OUT_QKV, OUT_ATTENTION: this layer's caches [64 rows][groups][max_len][64]
+  const int64_t* pos;        // OUT_QKV, OUT_ATTENTION: each row's position (-1: a padding row)
+  const float* freq;         // OUT_QKV: rope's inverse frequencies [32]
+  int q_cols, kv_cols, max_len, group, x_stride;
+  float scale;               // OUT_ATTENTION: softmax scale times log2(e)
 };
 
 __device__ __forceinline__ Product read_product(const int64_t* __restrict__ prog, int p) {
@@ -217,6 +231,20 @@ __device__ __forceinline__ Product read_product(const int64_t* __restrict__ prog
   d.ready_in = reinterpret_cast<const int*>(__ldg(r + F_READY_IN));
   d.ready_out = reinterpret_cast<int*>(__ldg(r + F_READY_OUT));
   d.need = (int)__ldg(r + F_NEED);
+  d.ss_in = reinterpret_cast<const float*>(__ldg(r + F_SS_IN));
+  d.eps = __int_as_float((int)__ldg(r + F_EPS));
+  d.res = reinterpret_cast<const __nv_bfloat16*>(__ldg(r + F_RES));
+  d.ss_out = reinterpret_cast<float*>(__ldg(r + F_SS_OUT));
+  d.kc = reinterpret_cast<__nv_bfloat16*>(__ldg(r + F_KCACHE));
+  d.vc = reinterpret_cast<__nv_bfloat16*>(__ldg(r + F_VCACHE));
+  d.pos = reinterpret_cast<const int64_t*>(__ldg(r + F_POS));
+  d.freq = reinterpret_cast<const float*>(__ldg(r + F_FREQ));
+  d.q_cols = (int)__ldg(r + F_QCOLS);
+  d.kv_cols = (int)__ldg(r + F_KVCOLS);
+  d.max_len = (int)__ldg(r + F_MAXLEN);
+  d.group = (int)__ldg(r + F_GROUP);
+  d.x_stride = (int)__ldg(r + F_XSTRIDE);
+  d.scale = __int_as_float((int)__ldg(r + F_SCALE));
   return d;
 }
 
@@ -266,11 +294,229 @@ __device__ __forceinline__ float4 acc4(const float (&acc)[32], int j) {
   return make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
 }
 
+__device__ __forceinline__ void red_add(float* p, float v) {
+  asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
+}
+
+// Eight bf16 (one 16-byte unit) as floats.
+__device__ __forceinline__ void unpack8(uint4 u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// A row's position (a padding row: -1).
+__device__ __forceinline__ int row_pos(const Product& d, int row) { return (int)__ldg(d.pos + row); }
+
+// Which chunks of its input an attention item (row b, kv group g) waits for: its query heads' columns and
+// the group's key and value columns of the qkv product's output (chunks [lo, hi), then k, then v).
+__device__ __forceinline__ int attention_input_chunk(const Product& d, int g, int lane) {
+  const int lo = g * d.group * kHeadDim / kBK, hi = ((g + 1) * d.group * kHeadDim - 1) / kBK + 1;
+  if (lo + lane < hi) return lo + lane;
+  if (lane == hi - lo) return (d.q_cols + g * kHeadDim) / kBK;
+  if (lane == hi - lo + 1) return (d.q_cols + d.kv_cols + g * kHeadDim) / kBK;
+  return -1;
+}
+
+// Writes a tile half's outputs (64 weight rows: 64 output columns, 32 for SwiGLU) from a consumer thread's
+// accumulators, already summed over the tile's pieces and scaled by the input rows' norm.
+__device__ __forceinline__ void epilogue(const Product& d, int tile, int half, int wq, int lane, float (&acc)[32]) {
+  const int col0 = (2 * tile + half) * kHalf;
+  if (d.out == OUT_QKV) {  // the half is one head: q (to rows), k or v (to the caches at the rows' positions)
+    const int kind = col0 < d.q_cols ? 0 : col0 < d.q_cols + d.kv_cols ? 1 : 2;
+    if (kind < 2) {  // rope: column i < 32 pairs with i + 32, which the same thread holds (pair j and j + 4)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float p = (float)max(row_pos(d, wq * 16 + (lane >> 2) + 8 * h), 0);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float sn, cs;
+            sincosf(p * __ldg(d.freq + j * 8 + (lane & 3) * 2 + e), &sn, &cs);
+            const float x1 = acc[4 * j + 2 * h + e], x2 = acc[4 * (j + 4) + 2 * h + e];
+            acc[4 * j + 2 * h + e] = x1 * cs - x2 * sn;
+            acc[4 * (j + 4) + 2 * h + e] = x2 * cs + x1 * sn;
+          }
+      }
+    }
+    const int g = (col0 - d.q_cols - (kind == 2 ? d.kv_cols : 0)) / kHeadDim;
+    for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
+      const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+      if (kind == 0) {
+        *reinterpret_cast<__nv_bfloat162*>(d.y + (size_t)row * d.y_stride + col0 + c) = v;
+        return;
+      }
+      const int p = row_pos(d, row);
+      if (p < 0) return;
+      __nv_bfloat16* cache = kind == 1 ? d.kc : d.vc;
+      *reinterpret_cast<__nv_bfloat162*>(
+          cache + (((size_t)row * (d.kv_cols / kHeadDim) + g) * d.max_len + p) * kHeadDim + c) = v;
+    });
+    return;
+  }
+  if (d.out == OUT_RESIDUAL) {  // y = residual + product (chunked), and the rows' sums of squares of y
+    float ss[2] = {0.f, 0.f};
+    for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
+      const int col = col0 + c;
+      const size_t off = (size_t)(col / kBK) * kXChunk + swz(row, col % kBK);
+      const unsigned int r = __ldcg(reinterpret_cast<const unsigned int*>(d.res + off));
+      const __nv_bfloat162 v = __floats2bfloat162_rn(__uint_as_float(r << 16) + acc[4 * j + 2 * h],
+                                                     __uint_as_float(r & 0xffff0000u) + acc[4 * j + 2 * h + 1]);
+      *reinterpret_cast<__nv_bfloat162*>(d.y + off) = v;
+      const float2 f = __bfloat1622float2(v);
+      ss[h] += f.x * f.x + f.y * f.y;
+    });
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // the four threads of a row
+      ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 1);
+      ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 2);
+    }
+    if (d.ss_out != nullptr && (lane & 3) == 0) {
+      red_add(d.ss_out + wq * 16 + (lane >> 2), ss[0]);
+      red_add(d.ss_out + wq * 16 + (lane >> 2) + 8, ss[1]);
+    }
+    return;
+  }
+  const int width = d.out == OUT_SWIGLU ? kHalf / 2 : kHalf;  // output columns of a half
+  const int out0 = (2 * tile + half) * width;
+  for_each_pair(wq, lane, [&](int j, int h, int row, int half_col) {
+    if (d.out == OUT_SWIGLU && j >= 4) return;  // up columns: consumed with their gate columns
+    float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+    if (d.out == OUT_SWIGLU) {
+      v0 = silu(v0) * acc[4 * (j + 4) + 2 * h];
+      v1 = silu(v1) * acc[4 * (j + 4) + 2 * h + 1];
+    }
+    const int col = out0 + half_col;
+    __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kXChunk + swz(row, col % kBK)
+                                         : d.y + (size_t)row * d.y_stride + col;
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+  });
+}
+
+// One attention item (row b, kv group g) = (item % 64, item / 64), by the consumer warps: warp w computes
+// query head g * group + w (warps past the group only keep the rings' counts). The cached keys and values
+// arrive through the weight ring (128 positions a slot, keys then values), the query heads and the row's
+// new key and value through the input ring. Scores and the running softmax in fp32 (exp2, the scale
+// holding log2 e), the output rounded once to bf16 into the chunked attention output.
+template <typename S>
+__device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& wr, Ring& xr, Ring& done,
+                                       int64_t* tr) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = item % kM, g = item / kM;
+  const int old = row_pos(d, b);  // cached positions 0 .. old - 1; the new one is `old` (-1: a padding row)
+  const bool active = warp < d.group;
+  const int head = g * d.group + warp;
+  mbar_wait(&sm.x_full[xr.slot], xr.phase);
+  if (tr) tr[1] = global_ns();
+  const __nv_bfloat16* xs = sm.x[xr.slot];
+  const uint4* qrow = reinterpret_cast<const uint4*>(xs + warp * kHeadDim);
+  float m = -INFINITY, l = 0.f, o0 = 0.f, o1 = 0.f;
+  for (int t = 0; t * kBK < old; ++t) {
+    const int rows = min(kBK, old - t * kBK);
+    mbar_wait(&sm.w_full[wr.slot], wr.phase);
+    if (active) {
+      const uint4* keys = reinterpret_cast<const uint4*>(sm.w[wr.slot]);
+      float p[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) p[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // lane's keys lane + 32 j, 16-byte unit u rotated by lane: no bank conflicts
+        const int u = (i + lane) & 7;
+        float qf[8];
+        unpack8(qrow[u], qf);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float kf[8];
+          unpack8(keys[(lane + 32 * j) * 8 + u], kf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) p[j] = fmaf(qf[e], kf[e], p[j]);
+        }
+      }
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        p[j] = lane + 32 * j < rows ? p[j] * d.scale : -INFINITY;
+        mx = fmaxf(mx, p[j]);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m, mx);
+      const float alpha = exp2f(m - m_new);
+      l *= alpha;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        p[j] = exp2f(p[j] - m_new);
+        l += p[j];
+      }
+      o0 *= alpha;
+      o1 *= alpha;
+      m = m_new;
+      // p · V, fully unrolled with four accumulator pairs so that loads and FMAs overlap; keys past `rows`
+      // (p = 0) are masked, not multiplied: the slot's tail holds earlier bytes
+      const __nv_bfloat162* vals = reinterpret_cast<const __nv_bfloat162*>(sm.w[wr.slot] + kXChunk);
+      float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (32 * j >= rows) break;
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          const float pk = __shfl_sync(0xffffffffu, p[j], k);
+          const float2 v = 32 * j + k < rows ? __bfloat1622float2(vals[(32 * j + k) * (kHeadDim / 2) + lane])
+                                             : make_float2(0.f, 0.f);
+          a0[k & 3] = fmaf(pk, v.x, a0[k & 3]);
+          a1[k & 3] = fmaf(pk, v.y, a1[k & 3]);
+        }
+      }
+      o0 += (a0[0] + a0[1]) + (a0[2] + a0[3]);
+      o1 += (a1[0] + a1[1]) + (a1[2] + a1[3]);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
+    wr.step(S::kW);
+  }
+  if (active && old >= 0) {  // the new position: its score over the lanes' two dimensions each
+    const float2 q2 = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xs + warp * kHeadDim)[lane]);
+    const float2 k2 = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xs + d.group * kHeadDim)[lane]);
+    const float2 v2 = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xs + (d.group + 1) * kHeadDim)[lane]);
+    float sc = q2.x * k2.x + q2.y * k2.y;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
+    sc *= d.scale;
+    const float m_new = fmaxf(m, sc);
+    const float alpha = exp2f(m - m_new), pn = exp2f(sc - m_new);
+    l = l * alpha + (lane == 0 ? pn : 0.f);  // l is summed over the lanes at the end
+    o0 = o0 * alpha + pn * v2.x;
+    o1 = o1 * alpha + pn * v2.y;
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(&sm.x_empty[xr.slot]);
+  xr.step(S::kX);
+  if (tr) tr[2] = global_ns();
+  mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
+  if (active) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // a padding row (no keys): zeros
+    const int col = head * kHeadDim + 2 * lane;
+    *reinterpret_cast<__nv_bfloat162*>(d.y + (size_t)(col / kBK) * kXChunk + swz(b, col % kBK)) =
+        __floats2bfloat162_rn(o0 * inv, o1 * inv);
+    fence_proxy_async();
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(&sm.done_full[done.slot]);
+  done.step(kSignalStages);
+  if (tr) tr[3] = global_ns();
+}
+
 template <int kWStages, int kXStages>
 __global__ void __launch_bounds__(kThreads, 1)
     stream_kernel(const int64_t* __restrict__ prog, const int* __restrict__ segs, const int* __restrict__ lens, int L,
-                  int* counters, int n_counters, int* exit_ticket, int flags, int64_t* trace,
-                  int max_inflight) {
+                  int* counters, int n_counters, float* scratch, int n_scratch, int* exit_ticket, int flags,
+                  int64_t* trace, int max_inflight) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // wgmma's swizzle needs 1024-byte alignment
   Smem<kWStages, kXStages>& sm =
       *reinterpret_cast<Smem<kWStages, kXStages>*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
@@ -301,19 +547,41 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t policy = l2_policy(true);  // read once per step
       Ring r, landed;  // the next slot to fill; the oldest copy that may still be in flight
       int issued = 0;
+      auto next_slot = [&]() {  // a free slot, with at most max_inflight copies in flight
+        mbar_wait(&sm.w_empty[r.slot], r.phase ^ 1);
+        // (a cap of the ring size or more is the ring's own, and waiting on a slot's barrier a whole ring
+        // back would wait for a later phase)
+        if (max_inflight > 0 && max_inflight < kWStages && issued >= max_inflight) {
+          mbar_wait(&sm.w_full[landed.slot], landed.phase);
+          landed.step(kWStages);
+        }
+        ++issued;
+      };
       for (int i = 0; i < n; ++i) {
         const Segment s = segment_at(prog, list, i);
-        const __nv_bfloat16* src = s.d.w + ((size_t)s.tile * (s.d.K / kBK) + s.c0) * kWChunk;
         int64_t* tr = trace != nullptr ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
-        for (int c = s.c0; c < s.c1; ++c, src += kWChunk) {
-          mbar_wait(&sm.w_empty[r.slot], r.phase ^ 1);
-          // at most max_inflight copies in flight (a cap of the ring size or more is the ring's own, and
-          // waiting on a slot's barrier a whole ring back would wait for a later phase)
-          if (max_inflight > 0 && max_inflight < kWStages && issued >= max_inflight) {
-            mbar_wait(&sm.w_full[landed.slot], landed.phase);
-            landed.step(kWStages);
+        if (s.d.out == OUT_ATTENTION) {
+          // An attention item's cached keys and values (positions before the row's own: nothing in this
+          // launch writes them) stream like weights, 128 positions a slot: keys in its first half, values
+          // in its second.
+          const Product& d = s.d;
+          const int b = s.tile % kM, g = s.tile / kM, old = row_pos(d, b);
+          const size_t base = ((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len * kHeadDim;
+          for (int t = 0; t * kBK < old; ++t) {
+            const uint32_t bytes = (uint32_t)min(kBK, old - t * kBK) * kHeadDim * 2;
+            next_slot();
+            if (tr && t == 0) tr[4] = global_ns();
+            mbar_expect_tx(&sm.w_full[r.slot], 2 * bytes);
+            bulk_copy(sm.w[r.slot], d.kc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot], policy);
+            bulk_copy(sm.w[r.slot] + kXChunk, d.vc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot],
+                      policy);
+            r.step(kWStages);
           }
-          ++issued;
+          continue;
+        }
+        const __nv_bfloat16* src = s.d.w + ((size_t)s.tile * (s.d.K / kBK) + s.c0) * kWChunk;
+        for (int c = s.c0; c < s.c1; ++c, src += kWChunk) {
+          next_slot();
           if (tr && c == s.c0) tr[4] = global_ns();
           mbar_expect_tx(&sm.w_full[r.slot], kWChunk * 2);
           bulk_copy(sm.w[r.slot], src, kWChunk * 2, &sm.w_full[r.slot], policy);
@@ -324,11 +592,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else if (warp == kInputWarp) {  // ------------------------------------------------------- input stream
     // The whole warp polls up to 32 chunk counters at once; lane 0 copies the ready run of chunks.
     const uint64_t policy = l2_policy(false);  // activations are read by many SMs
+    const uint64_t once = l2_policy(true);     // cached keys and values: read once a step
     Ring r;
     for (int i = 0; i < n; ++i) {
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
       const bool wait = d.ready_in != nullptr && !(flags & 1);
+      if (d.out == OUT_ATTENTION) {  // item (row b, kv group g): its query heads and the new key and value
+        const int b = s.tile % kM, g = s.tile / kM;
+        if (wait) {
+          const int c = attention_input_chunk(d, g, lane);
+          while (__any_sync(0xffffffffu, c >= 0 && load_acquire(d.ready_in + c) < d.need)) __nanosleep(20);
+        }
+        __syncwarp();
+        if (lane == 0) {
+          if (wait) fence_proxy_async();
+          if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 6] = global_ns();
+          mbar_wait(&sm.x_empty[r.slot], r.phase ^ 1);
+          const int pos = row_pos(d, b);
+          if (pos >= 0) {  // one slot: [query heads of the group][new key][new value]
+            const uint32_t qbytes = d.group * kHeadDim * 2;
+            const size_t at = (((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len + pos) * kHeadDim;
+            mbar_expect_tx(&sm.x_full[r.slot], qbytes + 4 * kHeadDim);
+            bulk_copy(sm.x[r.slot], d.x + (size_t)b * d.x_stride + g * d.group * kHeadDim, qbytes,
+                      &sm.x_full[r.slot], policy);
+            bulk_copy(sm.x[r.slot] + d.group * kHeadDim, d.kc + at, 2 * kHeadDim, &sm.x_full[r.slot], policy);
+            bulk_copy(sm.x[r.slot] + (d.group + 1) * kHeadDim, d.vc + at, 2 * kHeadDim, &sm.x_full[r.slot], policy);
+          } else {
+            mbar_arrive(&sm.x_full[r.slot]);  // a padding row: nothing to copy
+          }
+          r.step(kXStages);
+        }
+        __syncwarp();
+        continue;
+      }
       for (int c = s.c0; c < s.c1;) {
         const bool ok = !wait || c + lane >= s.c1 || load_acquire(d.ready_in + c + lane) >= d.need;
         const unsigned not_ready = ~__ballot_sync(0xffffffffu, ok);
@@ -362,17 +659,30 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
       float4* sums_tile = reinterpret_cast<float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
-      if (s.nslots > 0 && lane == 0) {  // once the other pieces have added theirs (acquire), tell the consumers
-        // (at most one such signal is outstanding: segment i's comes after every earlier segment is done)
-        while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
-        mbar_arrive(&sm.sums_ready);
-        if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
+      if (s.slot < 0 && (s.nslots > 0 || d.ss_in != nullptr)) {
+        // Once the other pieces have added theirs (acquire) and, under a norm, every input chunk is written
+        // (so are its rows' sums of squares), tell the consumers. At most one such signal is outstanding:
+        // segment i's comes after every earlier segment is done.
+        if (s.nslots > 0 && lane == 0)
+          while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
+        if (d.ss_in != nullptr && d.ready_in != nullptr && !(flags & 1))
+          for (int c = lane; c < d.K / kBK; c += 32)
+            while (load_acquire(d.ready_in + c) < d.need) __nanosleep(32);
+        __syncwarp();
+        if (lane == 0) {
+          mbar_arrive(&sm.sums_ready);
+          if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 5] = global_ns();
+        }
       }
       mbar_wait(&sm.done_full[done.slot], done.phase);
       if (lane == 0) {
-        if (s.slot >= 0)
+        if (s.slot >= 0) {
           red_release(d.tickets + s.tile, 1);
-        else if (d.ready_out != nullptr)
+        } else if (d.out == OUT_ATTENTION) {  // the chunks of the item's query heads
+          const int g = s.tile / kM;
+          for (int c = g * d.group * kHeadDim / kBK; c * kBK < (g + 1) * d.group * kHeadDim; ++c)
+            red_release(d.ready_out + c, 1);
+        } else if (d.ready_out != nullptr)
           red_release(d.ready_out + s.tile * (d.out == 1 ? kHalf : kTile) / kBK, 1);
         mbar_arrive(&sm.done_empty[done.slot]);
         if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 7] = global_ns();
@@ -393,6 +703,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Product& d = s.d;
       int64_t* tr = trace != nullptr && tid == 0 ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
       if (tr) tr[0] = global_ns();  // timing: [start, first input, products, end]
+      if (d.out == OUT_ATTENTION) {
+        attend(sm, d, s.tile, wr, xr, done, tr);
+        continue;
+      }
       float acc[32];
 #pragma unroll
       for (int e = 0; e < 32; ++e) acc[e] = 0.f;
@@ -423,8 +737,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       if (tr) tr[2] = global_ns();
       // Epilogue, from registers: a piece of a spread tile stores its partial; a whole tile, or a spread
-      // tile's finalizer after adding the other pieces' sums (gathered by the exchange warp), writes the
-      // output. The exchange warp publishes either (done ring), so no consumer waits on a round trip.
+      // tile's finalizer after adding the other pieces' sums, writes the output. The exchange warp gathers
+      // what the epilogue waits for and publishes what it writes (done ring): no consumer waits on a round trip.
       mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
       if (s.slot >= 0) {
         float* sums_tile = d.partial + (size_t)s.slot * kPartialFloats;
@@ -432,8 +746,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int j = 0; j < 8; ++j) red_add4(sums_tile + (j * kConsumerThreads + tid) * 4, acc4(acc, j));  // coalesced
       } else {
+        const bool gated = s.nslots > 0 || d.ss_in != nullptr;
+        if (gated) mbar_wait(&sm.sums_ready, sums.phase);
         if (s.nslots > 0) {
-          mbar_wait(&sm.sums_ready, sums.phase);
           const float4* sums_tile = reinterpret_cast<const float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
           float4 got[8];
 #pragma unroll
@@ -446,22 +761,20 @@ __global__ void __launch_bounds__(kThreads, 1)
             acc[4 * j + 2] += v.z;
             acc[4 * j + 3] += v.w;
           }
-          sums.step(1);
         }
-        const int width = d.out == 1 ? kHalf / 2 : kHalf;  // output columns of a half
-        const int col0 = (2 * s.tile + half) * width;
-        for_each_pair(wq, lane, [&](int j, int h, int row, int half_col) {
-          if (d.out == 1 && j >= 4) return;  // up columns: consumed with their gate columns
-          float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-          if (d.out == 1) {
-            v0 = silu(v0) * acc[4 * (j + 4) + 2 * h];
-            v1 = silu(v1) * acc[4 * (j + 4) + 2 * h + 1];
+        if (gated) sums.step(1);
+        if (d.ss_in != nullptr) {  // RMSNorm (its weight folded into W): scale row r by rsqrt(mean(x_r^2) + eps)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float rs = rsqrtf(__ldcg(d.ss_in + wq * 16 + (lane >> 2) + 8 * h) / (float)d.K + d.eps);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              acc[4 * j + 2 * h] *= rs;
+              acc[4 * j + 2 * h + 1] *= rs;
+            }
           }
-          const int col = col0 + half_col;
-          __nv_bfloat16* dst = d.y_layout == 0 ? d.y + (size_t)(col / kBK) * kXChunk + swz(row, col % kBK)
-                                               : d.y + (size_t)row * d.y_stride + col;
-          *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
-        });
+        }
+        epilogue(d, s.tile, half, wq, lane, acc);
         fence_proxy_async();
       }
       __syncwarp();
@@ -479,6 +792,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (sm.flag) {
     for (int i = threadIdx.x; i < n_counters; i += kThreads) counters[i] = 0;
+    for (int i = threadIdx.x; i < n_scratch; i += kThreads) scratch[i] = 0.f;
     if (threadIdx.x == 0) *exit_ticket = 0;
     __threadfence();
   }
@@ -497,9 +811,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // copies (32 KB) in flight per SM (0: up to the free slots).
 template <int WS, int XS>
 void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::Tensor& lens, torch::Tensor& counters,
-            torch::Tensor& exit_ticket, int64_t grid, int64_t flags, const c10::optional<torch::Tensor>& trace,
-            int64_t max_inflight) {
+            torch::Tensor& scratch, torch::Tensor& exit_ticket, int64_t grid, int64_t flags,
+            const c10::optional<torch::Tensor>& trace, int64_t max_inflight) {
   using S = Smem<WS, XS>;
+  static_assert(sizeof(S) + 1024 <= 227 * 1024, "the ring does not fit an SM's shared memory");
   auto kernel = stream_kernel<WS, XS>;
   static bool configured = false;  // once per process, outside any graph capture that follows
   if (!configured) {
@@ -508,13 +823,15 @@ void launch(const torch::Tensor& prog, const torch::Tensor& segs, const torch::T
   }
   kernel<<<(unsigned)grid, kThreads, sizeof(S) + 1024, at::cuda::getCurrentCUDAStream()>>>(
       prog.data_ptr<int64_t>(), segs.data_ptr<int>(), lens.data_ptr<int>(), (int)segs.size(1),
-      counters.data_ptr<int>(), (int)counters.numel(), exit_ticket.data_ptr<int>(), (int)flags,
+      counters.data_ptr<int>(), (int)counters.numel(), scratch.data_ptr<float>(), (int)scratch.numel(),
+      exit_ticket.data_ptr<int>(), (int)flags,
       trace ? trace->data_ptr<int64_t>() : nullptr, (int)max_inflight);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tensor counters, torch::Tensor exit_ticket,
-         int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant, int64_t max_inflight) {
+void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tensor counters, torch::Tensor scratch,
+         torch::Tensor exit_ticket, int64_t flags, c10::optional<torch::Tensor> trace, int64_t variant,
+         int64_t max_inflight) {
   TORCH_CHECK(prog.is_cuda() && prog.scalar_type() == torch::kInt64 && prog.is_contiguous(), "prog: int64 CUDA");
   TORCH_CHECK(segs.dim() == 3 && segs.size(2) == S_COUNT && segs.scalar_type() == torch::kInt32 && segs.is_contiguous(),
               "segs: int32 [grid, L, 8]");
@@ -523,16 +840,17 @@ void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tens
   TORCH_CHECK(!trace || (trace->scalar_type() == torch::kInt64 && trace->numel() >= grid * segs.size(1) * kTrace),
               "trace: int64 [grid, L, 8]");
   TORCH_CHECK(counters.scalar_type() == torch::kInt32 && exit_ticket.scalar_type() == torch::kInt32, "int32 counters");
+  TORCH_CHECK(scratch.scalar_type() == torch::kFloat32 && scratch.is_cuda(), "scratch: float32 CUDA");
   const c10::cuda::CUDAGuard guard(prog.device());
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, prog.device().index()));
   TORCH_CHECK(grid >= 1 && grid <= sms, "grid must be 1..", sms, " (co-resident CTAs), got ", grid);
   if (variant == 0)
-    launch<6, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<6, 2>(prog, segs, lens, counters, scratch, exit_ticket, grid, flags, trace, max_inflight);
   else if (variant == 1)
-    launch<5, 3>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<5, 3>(prog, segs, lens, counters, scratch, exit_ticket, grid, flags, trace, max_inflight);
   else
-    launch<5, 2>(prog, segs, lens, counters, exit_ticket, grid, flags, trace, max_inflight);
+    launch<5, 2>(prog, segs, lens, counters, scratch, exit_ticket, grid, flags, trace, max_inflight);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

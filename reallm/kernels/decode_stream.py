@@ -30,15 +30,19 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v39", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v43", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
 ROWS, TILE, HALF, CHUNK = 64, 128, 64, 128
+#: Columns of an attention head (the rope and attention phases assume it).
+HEAD = 64
 #: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``; 16 int64 per row).
 _FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "out", "y_layout", "ready_in", "need",
-           "ready_out")
-_OUTS = {"plain": 0, "swiglu": 1}
+           "ready_out", "ss_in", "eps", "res", "ss_out", "k_cache", "v_cache", "pos", "freq", "q_cols", "kv_cols",
+           "max_len", "group", "x_stride", "scale")
+_ROW = 32
+_OUTS = {"plain": 0, "swiglu": 1, "residual": 2, "qkv": 3, "attention": 4}
 #: Floats of one sums tile (a weight tile's fp32 sums over the 64 rows).
 _SLOT_FLOATS = TILE * ROWS
 #: Ring shapes (weight × input slots) the kernel is built with, by ``variant``.
@@ -59,8 +63,9 @@ class Segment(NamedTuple):
     nslots: int
 
 
-def schedule(shapes: list[tuple[int, int]], grid: int) -> tuple[list[list[Segment]], list[int]]:
-    """Stream-K split of products of (tiles, chunks per tile) over ``grid`` CTAs.
+def schedule(shapes: list, grid: int) -> tuple[list[list[Segment]], list[int]]:
+    """Stream-K split of products of (tiles, chunks per tile) over ``grid`` CTAs; an int entry is an attention
+    phase of that many items (one segment each, ``tile`` the item, no chunks), cut into equal runs.
 
     Each product's units (tile-major) are cut into ``grid`` contiguous ranges, rounded so that every CTA's
     running total over the program stays within one unit of an equal share: CTAs stream without pausing,
@@ -75,7 +80,14 @@ def schedule(shapes: list[tuple[int, int]], grid: int) -> tuple[list[list[Segmen
     slots = []
     done = [0] * grid       # units each CTA has been given so far
     exact = [0.0] * grid    # its exact share so far
-    for p, (tiles, chunks) in enumerate(shapes):
+    for p, shape in enumerate(shapes):
+        if isinstance(shape, int):  # an attention phase: its items in equal contiguous runs
+            for cta in range(grid):
+                lists[cta] += [Segment(p, item, 0, 0, -1, -1, 0)
+                               for item in range(cta * shape // grid, (cta + 1) * shape // grid)]
+            slots.append(0)
+            continue
+        tiles, chunks = shape
         units = tiles * chunks
         counts, total, target = [], 0, 0.0
         for cta in range(grid):  # cumulative rounding of (exact share to date − units to date)
@@ -166,45 +178,110 @@ def pack_weight(w: torch.Tensor, glu: bool = False) -> torch.Tensor:
 
 @dataclass
 class _Product:
-    w: torch.Tensor        # the plain [N, K] matrix (the reference reads it)
-    packed: torch.Tensor
-    x: torch.Tensor        # chunked input
-    y: torch.Tensor        # chunked output, or a [64, N'] row view
+    """One operation of a program: a product (``w`` given) or an attention phase (``w`` None)."""
+    w: Optional[torch.Tensor]       # the plain [N, K] matrix (the reference reads it)
+    packed: Optional[torch.Tensor]
+    x: torch.Tensor        # chunked input; attention: the query rows [64, ≥ H·64]
+    y: torch.Tensor        # chunked output, or a [64, N'] row view (qkv: the query rows)
     out: str
     dep: int
+    norm: Optional[tuple] = None          # (sums of squares: a residual product's index or an fp32 [64], eps)
+    residual: Optional[torch.Tensor] = None  # out "residual": the chunked residual
+    attn: Optional[dict] = None           # out "qkv" / "attention": caches, positions, rope, heads
 
     @property
     def out_cols(self) -> int:
+        if self.w is None:
+            return self.attn["q_cols"]
         return self.w.shape[0] // 2 if self.out == "swiglu" else self.w.shape[0]
+
+    @property
+    def publishes(self) -> bool:
+        """Whether later operations wait on this one's output chunks (readiness counters)."""
+        return self.y.dim() == 1 or self.out == "qkv"
+
+    @property
+    def chunk_need(self) -> int:
+        """Arrivals that make one of its output chunks ready: the tiles (or attention rows) writing it."""
+        return {"swiglu": 2, "attention": ROWS}.get(self.out, 1)
+
+
+def _float_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float32).view(torch.int32).item())
 
 
 class StreamProgram:
-    """Products to run in one launch, in dependency order."""
+    """Products (and attention phases) to run in one launch, in dependency order."""
 
     def __init__(self):
         self.products: list[_Product] = []
         self._built: dict[int, dict] = {}
+        self._ss: dict[int, int] = {}  # residual product -> its row in the sums-of-squares scratch
+
+    def _check_dep(self, where: str, dep: Optional[int], x: torch.Tensor) -> int:
+        if dep is None:
+            return -1
+        if not 0 <= dep < len(self.products):
+            raise ValueError(f"{where}: dep {dep} must name an earlier product")
+        src = self.products[dep].y
+        if src.dim() != 1 or src.data_ptr() != x.data_ptr():
+            raise ValueError(f"{where}: x must be product {dep}'s chunked output buffer (dep={dep})")
+        return dep
+
+    def _check_norm(self, where: str, norm, k: int):
+        if norm is None:
+            return None
+        src, eps = norm
+        if isinstance(src, int):
+            if src not in self._ss:
+                raise ValueError(f"{where}: norm source {src} must be an earlier product with out='residual'")
+            if self.products[src].out_cols != k:
+                raise ValueError(f"{where}: the norm's rows have {self.products[src].out_cols} columns, K is {k}")
+        elif src.dtype != torch.float32 or src.numel() < ROWS:
+            raise ValueError(f"{where}: norm sums of squares must be float32 [{ROWS}]")
+        return (src, float(eps))
 
     def add(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, out: str = "plain",
-            dep: Optional[int] = None) -> int:
+            dep: Optional[int] = None, norm: Optional[tuple] = None, residual: Optional[torch.Tensor] = None) -> int:
         """Append ``y = x[:, :K] @ w.T`` (or its SwiGLU); returns the product's index.
 
         ``x``: a chunked buffer with at least K columns. ``y``: a chunked buffer, or a [64, ≥ N'] bf16 view
         with unit column stride (N' = N, or N / 2 for SwiGLU). ``dep``: the product whose output buffer ``x``
         is (None: ``x`` is ready before the launch); each input chunk is read once the dep's tiles writing it
         are done, and the kernel orders nothing else — give every product its own output buffer.
+        ``norm``: (sums of squares, eps) — RMSNorm of the input rows: the product is scaled by
+        rsqrt(ss / K + eps) row by row (fold the norm's weight into ``w``); ss is an earlier residual product's
+        index (its output is ``x``) or a float32 [64] ready before the launch. ``out="residual"``: y (chunked)
+        = ``residual`` + x @ w.T, and the kernel keeps y's rows' sums of squares for a later ``norm``.
         """
-        n, k = w.shape
         where = f"product {len(self.products)} (w {list(w.shape)})"
-        if out not in _OUTS:
-            raise ValueError(f"{where}: out must be one of {sorted(_OUTS)}, got {out!r}")
+        if out not in ("plain", "swiglu", "residual"):
+            raise ValueError(f"{where}: out must be one of ['plain', 'residual', 'swiglu'], got {out!r}")
+        n, k = self._check_product(where, w, x, y, out)
+        dep_i = self._check_dep(where, dep, x)
+        norm = self._check_norm(where, norm, k)
+        if out == "residual":
+            if y.dim() != 1:
+                raise ValueError(f"{where}: a residual output is a chunked buffer")
+            if residual is None or residual.dim() != 1 or residual.numel() < n * ROWS or residual.dtype != torch.bfloat16:
+                raise ValueError(f"{where}: out='residual' needs residual=, a chunked buffer of ≥ {n} columns")
+        elif residual is not None:
+            raise ValueError(f"{where}: residual= needs out='residual'")
+        self.products.append(_Product(w, pack_weight(w, glu=out == "swiglu"), x, y, out, dep_i, norm, residual))
+        if out == "residual":
+            self._ss[len(self.products) - 1] = len(self._ss)
+        self._built = {}
+        return len(self.products) - 1
+
+    def _check_product(self, where, w, x, y, out, cols=None):
+        n, k = w.shape
         if any(t.dtype != torch.bfloat16 for t in (w, x, y)):
             raise ValueError(f"{where}: w, x and y must be bfloat16")
         if n % TILE or k % CHUNK:
             raise ValueError(f"{where}: N must be a multiple of {TILE} and K of {CHUNK}")
         if x.dim() != 1 or x.numel() < k * ROWS or x.data_ptr() % 16:
             raise ValueError(f"{where}: x must be a chunked buffer (chunked_buffer) of at least {k} columns")
-        cols = n // 2 if out == "swiglu" else n
+        cols = cols or (n // 2 if out == "swiglu" else n)
         if y.dim() == 1:
             if cols % CHUNK:
                 raise ValueError(f"{where}: a chunked output needs whole chunks: {cols} columns is not a multiple "
@@ -214,50 +291,125 @@ class StreamProgram:
         elif y.shape[0] != ROWS or y.shape[1] < cols or y.stride(1) != 1 or y.stride(0) % 8 or y.data_ptr() % 16:
             raise ValueError(f"{where}: y rows must be a [{ROWS}, ≥{cols}] view, unit column stride, 16-byte "
                              f"aligned rows; got {list(y.shape)} strides {y.stride()}")
-        if dep is not None:
-            if not 0 <= dep < len(self.products):
-                raise ValueError(f"{where}: dep {dep} must name an earlier product")
-            src = self.products[dep].y
-            if src.dim() != 1 or src.data_ptr() != x.data_ptr():
-                raise ValueError(f"{where}: x must be product {dep}'s chunked output buffer (dep={dep})")
-        self.products.append(_Product(w, pack_weight(w, glu=out == "swiglu"), x, y, out, -1 if dep is None else dep))
+        return n, k
+
+    def add_qkv(self, w: torch.Tensor, x: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, q_cols: int,
+                dep: Optional[int] = None, norm: Optional[tuple] = None) -> int:
+        """Append an attention block's projections: ``w`` = [Wq; Wk; Wv] (q_cols, then kv_cols twice, heads of
+        64); rope (``inv_freq`` [32] fp32, rotate-half pairs i, i + 32) on q and k at each row's position;
+        q to the rows ``q`` [64, ≥ q_cols]; k, v to ``k_cache``/``v_cache`` [≥ rows, kv heads, max_len, 64]
+        at (row, head, ``positions[row]``). ``positions``: int64 [64], −1 for a padding row (nothing cached).
+        """
+        n, k = w.shape
+        where = f"product {len(self.products)} (qkv {list(w.shape)})"
+        kv_cols = (n - q_cols) // 2
+        if q_cols % HEAD or kv_cols % HEAD or q_cols + 2 * kv_cols != n or q_cols % CHUNK:
+            raise ValueError(f"{where}: w must be [Wq; Wk; Wv] with heads of {HEAD} columns and q_cols a multiple of "
+                             f"{CHUNK}, got N {n}, q_cols {q_cols}")
+        self._check_product(where, w, x, q, "plain", cols=q_cols)
+        if q.dim() != 2:
+            raise ValueError(f"{where}: q must be a [{ROWS}, ≥{q_cols}] row view")
+        self._check_cache(where, k_cache, v_cache, kv_cols // HEAD, positions)
+        if inv_freq.dtype != torch.float32 or inv_freq.numel() != HEAD // 2:
+            raise ValueError(f"{where}: inv_freq must be float32 [{HEAD // 2}]")
+        dep_i = self._check_dep(where, dep, x)
+        norm = self._check_norm(where, norm, k)
+        attn = {"q_cols": q_cols, "kv_cols": kv_cols, "k": k_cache, "v": v_cache, "pos": positions,
+                "freq": inv_freq.contiguous()}
+        self.products.append(_Product(w, pack_weight(w), x, q, "qkv", dep_i, norm, None, attn))
         self._built = {}
         return len(self.products) - 1
 
-    def shapes(self) -> list[tuple[int, int]]:
-        """(tiles, chunks per tile) of every product: the units :func:`schedule` splits."""
-        return [(p.w.shape[0] // TILE, p.w.shape[1] // CHUNK) for p in self.products]
+    @staticmethod
+    def _check_cache(where, k_cache, v_cache, heads, positions):
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[1] != heads or c.shape[3] != HEAD \
+                    or not c.is_contiguous():
+                raise ValueError(f"{where}: {name} must be a contiguous bf16 [rows, {heads}, max_len, {HEAD}], "
+                                 f"got {c.dtype} {list(c.shape)}")
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(f"{where}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
+        if positions.dtype != torch.int64 or positions.numel() != ROWS:
+            raise ValueError(f"{where}: positions must be int64 [{ROWS}] (−1 for padding rows)")
+
+    def add_attention(self, qkv: int, y: torch.Tensor, *, scale: float) -> int:
+        """Append the attention of product ``qkv``'s rows (its query rows against its caches, positions
+        0 .. positions[row]): y (chunked, q_cols columns) = softmax(q · k * scale) v per query head, heads
+        grouped over the kv heads (an even number of query heads per kv head, at most 8)."""
+        where = f"product {len(self.products)} (attention of {qkv})"
+        if not 0 <= qkv < len(self.products) or self.products[qkv].out != "qkv":
+            raise ValueError(f"{where}: qkv must name an earlier add_qkv product")
+        a = self.products[qkv].attn
+        group = a["q_cols"] // a["kv_cols"]
+        if a["q_cols"] % a["kv_cols"] or group % 2 or group > 8:
+            raise ValueError(f"{where}: {a['q_cols'] // HEAD} query heads over {a['kv_cols'] // HEAD} kv heads: "
+                             f"need an even number, at most 8, per kv head")
+        if y.dim() != 1 or y.dtype != torch.bfloat16 or y.numel() < a["q_cols"] * ROWS or y.data_ptr() % 16:
+            raise ValueError(f"{where}: y must be a chunked buffer of at least {a['q_cols']} columns")
+        attn = dict(a, group=group, scale=float(scale))
+        self.products.append(_Product(None, None, self.products[qkv].y, y, "attention", qkv, None, None, attn))
+        self._built = {}
+        return len(self.products) - 1
+
+    def shapes(self) -> list:
+        """(tiles, chunks per tile) of every product, the rows (items) of every attention phase: the work
+        :func:`schedule` splits."""
+        return [(p.w.shape[0] // TILE, p.w.shape[1] // CHUNK) if p.w is not None
+                else ROWS * (p.attn["kv_cols"] // HEAD) for p in self.products]
+
+    def _row(self, i: int, ptrs: dict) -> list[int]:
+        p = self.products[i]
+        a = p.attn or {}
+        f = dict.fromkeys(_FIELDS, 0)
+        f.update(x=p.x.data_ptr(), y=p.y.data_ptr(), out=_OUTS[p.out], y_layout=0 if p.y.dim() == 1 else 1,
+                 y_stride=p.y.stride(0) if p.y.dim() == 2 else 0, partial=ptrs["partial"][i],
+                 tickets=ptrs["tickets"][i])
+        if p.w is not None:
+            f.update(w=p.packed.data_ptr(), N=p.w.shape[0], K=p.w.shape[1])
+        if p.dep >= 0:
+            f.update(ready_in=ptrs["counters"][p.dep], need=self.products[p.dep].chunk_need)
+        if p.publishes:
+            f["ready_out"] = ptrs["counters"][i]
+        if p.norm is not None:
+            src, eps = p.norm
+            f.update(ss_in=ptrs["ss"][src] if isinstance(src, int) else src.data_ptr(), eps=_float_bits(eps))
+        if p.out == "residual":
+            f.update(res=p.residual.data_ptr(), ss_out=ptrs["ss"][i])
+        if a:
+            f.update(k_cache=a["k"].data_ptr(), v_cache=a["v"].data_ptr(), pos=a["pos"].data_ptr(),
+                     q_cols=a["q_cols"], kv_cols=a["kv_cols"], max_len=a["k"].shape[2])
+        if p.out == "qkv":
+            f["freq"] = a["freq"].data_ptr()
+        if p.out == "attention":
+            f.update(x_stride=p.x.stride(0), group=a["group"], scale=_float_bits(a["scale"] * 1.4426950408889634))
+        return [f[name] for name in _FIELDS] + [0] * (_ROW - len(_FIELDS))
 
     def _build(self, grid: int) -> dict:
         if grid in self._built:
             return self._built[grid]
-        dev = self.products[0].w.device
+        dev = self.products[0].x.device
         shapes = self.shapes()
         lists, slots = schedule(shapes, grid)
-        tiles = [t for t, _ in shapes]
+        tiles = [s[0] if isinstance(s, tuple) else 0 for s in shapes]
         # fp32 sums tiles of the spread tiles, a region per product (zeroed here, left zeroed by the kernel)
         partial = torch.zeros(max(sum(slots), 1) * _SLOT_FLOATS, dtype=torch.float32, device=dev)
         slot_at = [0] + torch.tensor(slots).cumsum(0).tolist()[:-1]
-        tickets = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
+        tickets = torch.zeros(max(sum(tiles), 1), dtype=torch.int32, device=dev)
         tick_at = [0] + torch.tensor(tiles).cumsum(0).tolist()[:-1]
-        # readiness counters of every chunked output, one per 128-column chunk
+        # readiness counters of every output later operations wait on, one per 128-column chunk
         starts, n_counters = [], 0
         for p in self.products:
-            starts.append(n_counters if p.y.dim() == 1 else None)
-            n_counters += p.out_cols // CHUNK if p.y.dim() == 1 else 0
+            starts.append(n_counters)
+            n_counters += p.out_cols // CHUNK if p.publishes else 0
         counters = torch.zeros(max(n_counters, 1), dtype=torch.int32, device=dev)
-        rows = []
-        for i, p in enumerate(self.products):
-            n, k = p.w.shape
-            f = {"w": p.packed.data_ptr(), "x": p.x.data_ptr(), "y": p.y.data_ptr(),
-                 "partial": partial.data_ptr() + 4 * _SLOT_FLOATS * slot_at[i],
-                 "tickets": tickets.data_ptr() + 4 * tick_at[i], "N": n, "K": k,
-                 "y_stride": p.y.stride(0) if p.y.dim() == 2 else 0, "out": _OUTS[p.out],
-                 "y_layout": 0 if p.y.dim() == 1 else 1,
-                 "ready_in": 0 if p.dep < 0 else counters.data_ptr() + 4 * starts[p.dep],
-                 "need": 0 if p.dep < 0 else (2 if self.products[p.dep].out == "swiglu" else 1),
-                 "ready_out": 0 if starts[i] is None else counters.data_ptr() + 4 * starts[i]}
-            rows.append([f[name] for name in _FIELDS] + [0] * (16 - len(_FIELDS)))
+        # the residual outputs' rows' sums of squares (zeroed here, left zeroed by the kernel)
+        scratch = torch.zeros(max(len(self._ss), 1) * ROWS, dtype=torch.float32, device=dev)
+        ptrs = {"partial": [partial.data_ptr() + 4 * _SLOT_FLOATS * a for a in slot_at],
+                "tickets": [tickets.data_ptr() + 4 * a for a in tick_at],
+                "counters": [counters.data_ptr() + 4 * a for a in starts],
+                "ss": {i: scratch.data_ptr() + 4 * ROWS * r for i, r in self._ss.items()}}
+        rows = [self._row(i, ptrs) for i in range(len(self.products))]
         length = max(1, max(len(segs) for segs in lists))
         table = torch.zeros(grid, length, 8, dtype=torch.int32)
         for cta, segs in enumerate(lists):
@@ -266,11 +418,11 @@ class StreamProgram:
         self._built[grid] = {"prog": torch.tensor(rows, dtype=torch.int64, device=dev), "segs": table.to(dev),
                              "lens": torch.tensor([len(x) for x in lists], dtype=torch.int32, device=dev),
                              "lists": lists, "partial": partial, "tickets": tickets, "counters": counters,
-                             "exit": torch.zeros(1, dtype=torch.int32, device=dev)}
+                             "scratch": scratch, "exit": torch.zeros(1, dtype=torch.int32, device=dev)}
         return self._built[grid]
 
     def grid(self, grid: Optional[int] = None) -> int:
-        sms = torch.cuda.get_device_properties(self.products[0].w.device).multi_processor_count
+        sms = torch.cuda.get_device_properties(self.products[0].x.device).multi_processor_count
         return min(grid or sms, sms)
 
     def segments(self, grid: Optional[int] = None) -> list[list[Segment]]:
@@ -298,28 +450,81 @@ class StreamProgram:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant}")
         grid = self.grid(grid)
         b = self._build(grid)
-        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["exit"], flags, trace, variant, max_inflight)
+        ext.run(b["prog"], b["segs"], b["lens"], b["counters"], b["scratch"], b["exit"], flags, trace, variant,
+                max_inflight)
 
     def output(self, i: int) -> torch.Tensor:
-        """Product ``i``'s output as [64, N']."""
+        """Operation ``i``'s output as [64, N'] (qkv: the query rows; its keys and values are in the caches)."""
         p = self.products[i]
-        return from_chunks(p.y, p.out_cols) if p.y.dim() == 1 else p.y[:, :p.out_cols]
+        return from_chunks(p.y, p.out_cols) if p.y.dim() == 1 else p.y[:, :p.out_cols if p.out != "qkv"
+                                                                         else p.attn["q_cols"]]
+
+    def _sums_of_squares(self, src) -> torch.Tensor:
+        if isinstance(src, int):
+            return self.output(src).float().pow(2).sum(-1)
+        return src[:ROWS].float()
 
     def reference_output(self, i: int) -> torch.Tensor:
-        """Product ``i`` in fp32 torch from its input buffer as it is now, rounded once to bf16."""
+        """Operation ``i`` in fp32 torch from its inputs as they are now, rounded once to bf16 ([64, N'];
+        qkv: [64, N] = rope'd q, rope'd k, v)."""
         p = self.products[i]
+        if p.out == "attention":
+            return self._attention(p)
         k = p.w.shape[1]
         y = from_chunks(p.x, k).float() @ p.w.float().t()
+        if p.norm is not None:
+            ss, eps = self._sums_of_squares(p.norm[0]), p.norm[1]
+            y = y * torch.rsqrt(ss / k + eps)[:, None]
         if p.out == "swiglu":
             g, u = y.chunk(2, dim=-1)
             y = torch.nn.functional.silu(g) * u
+        elif p.out == "residual":
+            y = y + from_chunks(p.residual, y.shape[1]).float()
+        elif p.out == "qkv":
+            y = self._rope(p, y)
         return y.to(torch.bfloat16)
+
+    @staticmethod
+    def _rope(p: _Product, y: torch.Tensor) -> torch.Tensor:
+        a = p.attn
+        qk = a["q_cols"] + a["kv_cols"]
+        ang = a["pos"].clamp_min(0).float()[:, None] * a["freq"].float()[None, :]  # [64, 32]
+        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        heads = y[:, :qk].reshape(ROWS, qk // HEAD, 2, HEAD // 2)
+        x1, x2 = heads[:, :, 0], heads[:, :, 1]
+        rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=2).reshape(ROWS, qk)
+        return torch.cat([rot, y[:, qk:]], dim=1)
+
+    def _attention(self, p: _Product) -> torch.Tensor:
+        a = p.attn
+        heads, kv = a["q_cols"] // HEAD, a["kv_cols"] // HEAD
+        out = torch.zeros(ROWS, heads, HEAD, dtype=torch.float32, device=p.y.device)
+        q = p.x[:, :a["q_cols"]].float().view(ROWS, heads, HEAD)
+        for b in range(ROWS):
+            pos = int(a["pos"][b])
+            if pos < 0:
+                continue
+            keys = a["k"][b, :, :pos + 1].float().repeat_interleave(a["group"], dim=0)  # [heads, ctx, 64]
+            vals = a["v"][b, :, :pos + 1].float().repeat_interleave(a["group"], dim=0)
+            w = torch.softmax((keys @ q[b, :, :, None]).squeeze(-1) * a["scale"], dim=-1)  # [heads, ctx]
+            out[b] = (w[:, None, :] @ vals).squeeze(1)
+        assert kv * a["group"] == heads
+        return out.view(ROWS, a["q_cols"]).to(torch.bfloat16)
 
     def reference(self) -> None:
         """The whole program in torch, in order (the kernel's definition)."""
         for i, p in enumerate(self.products):
             y = self.reference_output(i)
-            if p.y.dim() == 1:  # chunked outputs are whole chunks (``add``)
+            if p.out == "qkv":
+                a = p.attn
+                qc, kc = a["q_cols"], a["kv_cols"]
+                p.y[:, :qc] = y[:, :qc]
+                for b in range(ROWS):
+                    pos = int(a["pos"][b])
+                    if pos >= 0:
+                        a["k"][b, :, pos] = y[b, qc:qc + kc].view(-1, HEAD)
+                        a["v"][b, :, pos] = y[b, qc + kc:].view(-1, HEAD)
+            elif p.y.dim() == 1:  # chunked outputs are whole chunks (``add``)
                 p.y[:y.numel()].copy_(to_chunks(y))
             else:
                 p.y[:, :y.shape[1]] = y

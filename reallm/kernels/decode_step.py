@@ -1,0 +1,133 @@
+"""A whole decode step of a LLaMA-shaped model as one persistent kernel launch (``decode_stream``).
+
+Per layer, five operations of one :class:`~reallm.kernels.decode_stream.StreamProgram`::
+
+    qkv   = rope(rms(h) @ [Wq; Wk; Wv]ᵀ)      q to rows, k and v into the layer's caches at each row's position
+    a     = attention(q, caches)               the query heads of a kv head share its keys and values
+    h'    = h + a @ Woᵀ                        rows' sums of squares kept for the next norm
+    act   = swiglu(rms(h') @ [Wg; Wu]ᵀ)
+    h''   = h' + act @ Wdᵀ
+
+then ``logits = rms(h) @ Wheadᵀ``. Each RMSNorm's weight is folded into the columns of the matrix that
+reads it (``W · diag(γ)``), and its 1/rms scales the product's rows in the epilogue, from sums of squares the
+producing residual epilogue added up: no separate norm, rope, append, residual or SwiGLU kernels, and every
+SM streams weights (and keys and values) across all of them.
+
+The model's numbers in :meth:`DecodeStep.reference` (fp32 products of the bf16 operands, one rounding per
+operation) are what the kernel is tested against; ``tests/test_decode_step.py`` checks that definition
+against HF transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from reallm.kernels import decode_stream
+from reallm.kernels.decode_stream import HEAD, ROWS, StreamProgram, chunked_buffer, to_chunks
+
+
+class DecodeStep:
+    """One decode step for up to 64 rows (sequences) over the given caches.
+
+    ``weights``: HF LLaMA names (``model.layers.{i}.self_attn.q_proj.weight`` …, ``model.norm.weight``,
+    ``lm_head.weight``; no biases); ``k_caches``/``v_caches``: per layer ``[rows, kv_heads, max_len, 64]``
+    bf16, as :class:`reallm.model.transformer.KVCache` holds them. ``inv_freq``: rope's [32] inverse
+    frequencies. Shapes: hidden, heads × 64 and the MLP width multiples of 128; an even number of query heads
+    (at most 8) per kv head.
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor], *, layers: int, heads: int, kv_heads: int, eps: float,
+                 inv_freq: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
+        dev = weights["model.norm.weight"].device
+        hidden = weights["model.norm.weight"].numel()
+        self.hidden, self.vocab = hidden, weights["lm_head.weight"].shape[0]
+        q_cols = heads * HEAD
+        if len(k_caches) != layers or len(v_caches) != layers:
+            raise ValueError(f"DecodeStep: {layers} layers but {len(k_caches)} k / {len(v_caches)} v caches")
+        bf = torch.bfloat16
+
+        def w(name):
+            return weights[name].to(bf)
+
+        def fold(mat, norm):  # W · diag(γ): the norm's weight applied to the columns it scales
+            return (mat.float() * weights[norm].float()[None, :]).to(bf)
+
+        self.positions = torch.full((ROWS,), -1, dtype=torch.int64, device=dev)
+        self.h0 = chunked_buffer(hidden, dev)
+        self.ss0 = torch.zeros(ROWS, dtype=torch.float32, device=dev)
+        self.logits = torch.zeros(ROWS, self.vocab, dtype=bf, device=dev)
+        self.inv_freq = inv_freq.float().to(dev).contiguous()
+        self.buffers = []
+        prog = StreamProgram()
+        h, norm_src, dep = self.h0, self.ss0, None
+        for i in range(layers):
+            pre = f"model.layers.{i}."
+            qkv_w = torch.cat([w(pre + f"self_attn.{p}_proj.weight") for p in "qkv"])
+            gu_w = torch.cat([w(pre + "mlp.gate_proj.weight"), w(pre + "mlp.up_proj.weight")])
+            inter = gu_w.shape[0] // 2
+            a, h_mid, act, h_next = (chunked_buffer(c, dev) for c in (q_cols, hidden, inter, hidden))
+            q = torch.zeros(ROWS, q_cols, dtype=bf, device=dev)  # a buffer per layer: every output its own
+            self.buffers += [q, a, h_mid, act, h_next]
+            qkv = prog.add_qkv(fold(qkv_w, pre + "input_layernorm.weight"), h, q, k_caches[i], v_caches[i],
+                               self.positions, self.inv_freq, q_cols=q_cols, dep=dep, norm=(norm_src, eps))
+            att = prog.add_attention(qkv, a, scale=1.0 / math.sqrt(HEAD))
+            o = prog.add(w(pre + "self_attn.o_proj.weight"), a, h_mid, out="residual", residual=h, dep=att)
+            g = prog.add(fold(gu_w, pre + "post_attention_layernorm.weight"), h_mid, act, out="swiglu", dep=o,
+                         norm=(o, eps))
+            dep = prog.add(w(pre + "mlp.down_proj.weight"), act, h_next, out="residual", residual=h_mid, dep=g)
+            h, norm_src = h_next, dep
+        self.head = prog.add(fold(w("lm_head.weight"), "model.norm.weight"), h, self.logits, dep=dep,
+                             norm=(norm_src, eps))
+        self.program = prog
+        self.weight_bytes = sum(p.w.numel() * 2 for p in prog.products if p.w is not None)
+
+    @classmethod
+    def from_hf(cls, model, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> "DecodeStep":
+        """From a ``transformers`` LLaMA-style causal LM (its state dict, config and rotary frequencies)."""
+        cfg = model.config
+        rotary = model.model.rotary_emb
+        if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+            raise ValueError("DecodeStep: rope with attention scaling is not supported")
+        state = dict(model.state_dict())
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        return cls(state, layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
+                   kv_heads=cfg.num_key_value_heads, eps=cfg.rms_norm_eps, inv_freq=rotary.inv_freq,
+                   k_caches=k_caches, v_caches=v_caches)
+
+    def set_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        """The step's input rows (embeddings, [B ≤ 64, hidden]) and their positions ([B]); rows past B are padding."""
+        b = hidden.shape[0]
+        if b > ROWS or positions.shape != (b,):
+            raise ValueError(f"DecodeStep: up to {ROWS} rows with one position each, got {list(hidden.shape)} "
+                             f"and positions {list(positions.shape)}")
+        rows = torch.zeros(ROWS, self.hidden, dtype=torch.bfloat16, device=hidden.device)
+        rows[:b] = hidden
+        self.h0.copy_(to_chunks(rows))
+        self.ss0.copy_(rows.float().pow(2).sum(-1))
+        self.positions.fill_(-1)
+        self.positions[:b] = positions
+
+    def run(self, **kw) -> torch.Tensor:
+        """The kernel (capturable once it ran eagerly); returns the logits rows [64, vocab]."""
+        self.program.run(**kw)
+        return self.logits
+
+    def reference(self) -> torch.Tensor:
+        """The same step in torch (the kernel's definition); writes the caches and returns the logits rows."""
+        self.program.reference()
+        return self.logits
+
+
+def available() -> bool:
+    return decode_stream.available()
+
+
+def floor_bytes(step: DecodeStep, positions: Optional[torch.Tensor] = None) -> int:
+    """Bytes a step must read: the weights and every row's cached keys and values (positions 0 .. pos)."""
+    pos = step.positions if positions is None else positions
+    kv = sum(2 * p.attn["k"][0, :, 0].numel() * 2 * int((pos.clamp_min(-1) + 1).sum())
+             for p in step.program.products if p.out == "attention")
+    return step.weight_bytes + kv
