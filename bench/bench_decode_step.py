@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="*", type=int, default=[0], help="ring shapes (decode_stream.VARIANTS)")
     ap.add_argument("--positions", nargs="*", type=int, default=[128, 255, 383],
                     help="cached entries per row (the step attends over position + 1)")
+    ap.add_argument("--inflight", nargs="*", type=int, default=[1],
+                    help="weight (and key/value) copies of 32 KB in flight per SM (0: up to the free slots)")
     ap.add_argument("--trace", nargs="*", type=int, default=[], help="variants to trace at the middle position")
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 3 the streams alone)")
@@ -116,23 +118,25 @@ def main(argv=None) -> int:
         positions = torch.full((64,), pos, dtype=torch.int64, device="cuda")
         step.set_inputs(emb, positions)
         floor = decode_step.floor_bytes(step) / bw * 1e6
-        for v in args.variants:
-            step.run(variant=v)
+        for v, inflight in [(v, i) for v in args.variants for i in args.inflight]:
+            kw = dict(variant=v, max_inflight=inflight)
+            step.run(**kw)
             torch.cuda.synchronize()
             err = check(step)
-            t = graph_us(lambda v=v: step.run(variant=v), reps=50)
-            t_in = graph_us(lambda v=v: (step.set_inputs(emb, positions), step.run(variant=v)), reps=50)
+            t = graph_us(lambda kw=kw: step.run(**kw), reps=50)
+            t_in = graph_us(lambda kw=kw: (step.set_inputs(emb, positions), step.run(**kw)), reps=50)
             err2 = check(step)
-            table.append((pos, v, floor, t, t_in, max(err, err2)))
-            diag = {f: graph_us(lambda v=v, f=f: step.run(variant=v, flags=f), reps=50) for f in args.diagnose}
-            print(f"position {pos}, variant {v}: {t:.0f} µs ({t_in:.0f} with input preparation), floor {floor:.0f} "
+            table.append((pos, f"{v}, {inflight} in flight", floor, t, t_in, max(err, err2)))
+            diag = {f: graph_us(lambda kw=kw, f=f: step.run(flags=f, **kw), reps=50) for f in args.diagnose}
+            print(f"position {pos}, variant {v}, {inflight} in flight: {t:.0f} µs ({t_in:.0f} with input "
+                  f"preparation), floor {floor:.0f} "
                   f"µs, error {err:.1e} / {err2:.1e}; " + ", ".join(f"flags {f}: {u:.0f} µs" for f, u in diag.items()),
                   flush=True)
         mid = args.positions[len(args.positions) // 2]
         if pos == mid:
             for v in args.trace:
                 print(f"\ntrace, variant {v}, position {pos}:\n" + trace_table(step, variant=v), flush=True)
-    print("\n| cached positions | variant | floor µs | kernel µs (× floor) | with input preparation (× floor) "
+    print("\n| cached positions | ring variant, copies in flight | floor µs | kernel µs (× floor) | with input preparation (× floor) "
           "| max rel. error |")
     print("|---|---|---|---|---|---|")
     for pos, v, floor, t, t_in, err in table:
