@@ -6,11 +6,12 @@ import torch
 
 from reallm.kernels import decode_step
 from reallm.kernels.decode_step import DecodeStep
+from reallm.kernels.decode_stream import stream_cache
 
 transformers = pytest.importorskip("transformers")
 
 LENGTHS = [3, 7, 1, 130, 20]  # cached prompt lengths of the rows (130: keys over two 128-position slots)
-MAX_LEN = 160
+MAX_LEN = 256
 
 
 def _hf_model(seed=0):
@@ -62,8 +63,8 @@ def _setup(device, seed=0):
     tokens = [torch.randint(0, 512, (n,), generator=g).tolist() for n in LENGTHS]
     next_tokens = torch.randint(0, 512, (len(LENGTHS),), generator=g)
     logits, before, added = _hf_step(model, tokens, next_tokens)
-    k_caches = [c.to(device, torch.bfloat16) for c in before[0]]
-    v_caches = [c.to(device, torch.bfloat16) for c in before[1]]
+    k_caches = [stream_cache(c.to(device, torch.bfloat16)) for c in before[0]]
+    v_caches = [stream_cache(c.to(device, torch.bfloat16)) for c in before[1]]
     step = DecodeStep.from_hf(model.to(device), k_caches, v_caches)
     emb = model.model.embed_tokens.weight[next_tokens.to(device)].to(torch.bfloat16)
     step.set_inputs(emb, torch.tensor(LENGTHS, device=device))
@@ -79,19 +80,22 @@ def test_definition_matches_hf_transformers():
     assert torch.equal(logits.argmax(-1), hf_logits.argmax(-1))
     for layer in range(2):  # the step appended the rows' rope'd keys and values at their positions
         for cache, want in ((k_caches[layer], added[0][layer]), (v_caches[layer], added[1][layer])):
-            got = torch.stack([cache[b, :, n] for b, n in enumerate(LENGTHS)]).float()
+            got = torch.stack([stream_cache(cache)[b, :, n] for b, n in enumerate(LENGTHS)]).float()
             torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
     assert k_caches[0][len(LENGTHS):].abs().sum() == 0  # padding rows cache nothing
 
 
 def test_decode_step_rejects_bad_shapes():
     model = _hf_model()
-    caches = [torch.zeros(2, 2, 8, 64, dtype=torch.bfloat16) for _ in range(2)]
+    caches = [torch.zeros(2, 2, 128, 64, dtype=torch.bfloat16) for _ in range(2)]
     with pytest.raises(ValueError, match="2 layers but 1 k"):
         DecodeStep.from_hf(model, caches[:1], caches)
-    bad = [torch.zeros(2, 3, 8, 64, dtype=torch.bfloat16) for _ in range(2)]
+    bad = [torch.zeros(2, 3, 128, 64, dtype=torch.bfloat16) for _ in range(2)]
     with pytest.raises(ValueError, match=r"k_cache must be a contiguous bf16 \[rows, 2, max_len, 64\]"):
         DecodeStep.from_hf(model, bad, bad)
+    short = [torch.zeros(2, 2, 96, 64, dtype=torch.bfloat16) for _ in range(2)]
+    with pytest.raises(ValueError, match="max_len must be a multiple of 128, got 96"):
+        DecodeStep.from_hf(model, short, short)
     step = DecodeStep.from_hf(model, caches, caches)
     with pytest.raises(ValueError, match="one position each"):
         step.set_inputs(torch.zeros(3, 256, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.int64))
@@ -134,3 +138,11 @@ def test_kernel_matches_the_definition_and_replays(grid, variant):
         torch.testing.assert_close(step.logits[:n].float(), want[:n].float(), rtol=3e-2,
                                    atol=3e-2 * float(want.abs().max()))
         assert torch.equal(step.logits[:n].float().argmax(-1).cpu(), hf_logits.argmax(-1))
+
+
+def test_stream_cache_layout_is_an_involution_with_swizzled_units():
+    c = torch.randn(2, 3, 16, 64).to(torch.bfloat16)
+    s = stream_cache(c)
+    assert torch.equal(stream_cache(s), c)
+    assert torch.equal(s[1, 2, 5, (3 ^ 5) * 8:(3 ^ 5) * 8 + 8], c[1, 2, 5, 24:32])  # position 5: unit 3 at 3 ^ 5
+    assert torch.equal(s[0, 0, 8], c[0, 0, 8])  # position 8: units in place

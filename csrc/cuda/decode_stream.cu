@@ -193,6 +193,10 @@ __device__ __forceinline__ int swz(int row, int col) {
   return (col >> 6) * (kM * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
 }
 
+// Caches in the stream layout: position p's row of 64 values keeps its 16-byte units permuted, unit u at
+// u ^ (p % 8) (the 128-byte swizzle: eight consecutive positions' same unit sit in eight bank groups).
+__device__ __forceinline__ int cache_col(int pos, int c) { return ((((c >> 3) ^ pos) & 7) << 3) | (c & 7); }
+
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
 struct Product {
@@ -352,9 +356,9 @@ __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, i
       }
       const int p = row_pos(d, row);
       if (p < 0) return;
-      __nv_bfloat16* cache = kind == 1 ? d.kc : d.vc;
+      __nv_bfloat16* cache = kind == 1 ? d.kc : d.vc;  // the stream layout (cache_col)
       *reinterpret_cast<__nv_bfloat162*>(
-          cache + (((size_t)row * (d.kv_cols / kHeadDim) + g) * d.max_len + p) * kHeadDim + c) = v;
+          cache + (((size_t)row * (d.kv_cols / kHeadDim) + g) * d.max_len + p) * kHeadDim + cache_col(p, c)) = v;
     });
     return;
   }
@@ -397,117 +401,185 @@ __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, i
   });
 }
 
-// One attention item (row b, kv group g) = (item % 64, item / 64), by the consumer warps: warp w computes
-// query head g * group + w (warps past the group only keep the rings' counts). The cached keys and values
-// arrive through the weight ring (128 positions a slot, keys then values), the query heads and the row's
-// new key and value through the input ring. Scores and the running softmax in fp32 (exp2, the scale
-// holding log2 e), the output rounded once to bf16 into the chunked attention output.
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+
+// d[16 x 8] += a[16 x 16] b[16 x 8] (bf16 in, fp32 accumulate; one warp)
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// One attention item (row b, kv group g) = (item % 64, item / 64), by the eight consumer warps with tensor
+// cores. The cached keys and values (positions 0 .. old - 1) arrive through the weight ring, 128 positions a
+// slot (keys, then values, both in the stream layout); the group's query heads and the row's new key and
+// value through the input ring (one slot, whose tail is the item's scratch). Warp w takes keys
+// 16 w .. 16 w + 15 of every slot: scores S = Q K^T (m16n8k16, the heads as rows, padded to 16), its own
+// running max and sum per head (fp32, exp2 with the scale holding log2 e), then O += P V with P rounded to
+// bf16. At the end the warps' states are merged in shared memory, and warp h adds the new position to
+// head h and writes it, rounded once to bf16, into the chunked attention output.
+constexpr int kAttnM = 2048, kAttnMax = 2304, kAttnL = 2336, kAttnAcc = 2560;  // scratch offsets in the slot
+constexpr int kMaxGroup = 8;
+
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory"); }
+
 template <typename S>
 __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& wr, Ring& xr, Ring& done,
                                        int64_t* tr) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = item % kM, g = item / kM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
+  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row (head) and column pair
+  const int b = item % kM, g = item / kM, group = d.group;
   const int old = row_pos(d, b);  // cached positions 0 .. old - 1; the new one is `old` (-1: a padding row)
-  const bool active = warp < d.group;
-  const int head = g * d.group + warp;
   mbar_wait(&sm.x_full[xr.slot], xr.phase);
   if (tr) tr[1] = global_ns();
-  const __nv_bfloat16* xs = sm.x[xr.slot];
-  const uint4* qrow = reinterpret_cast<const uint4*>(xs + warp * kHeadDim);
-  float m = -INFINITY, l = 0.f, o0 = 0.f, o1 = 0.f;
+  unsigned char* xs = reinterpret_cast<unsigned char*>(sm.x[xr.slot]);
+  const __nv_bfloat16* q = reinterpret_cast<const __nv_bfloat16*>(xs);  // [group][64], new k, new v
+  float* mbuf = reinterpret_cast<float*>(xs + kAttnM);    // [8 warps][8 heads]
+  float* mfin = reinterpret_cast<float*>(xs + kAttnMax);  // [8 heads]
+  float* lsum = reinterpret_cast<float*>(xs + kAttnL);    // [8 heads]
+  float* acc = reinterpret_cast<float*>(xs + kAttnAcc);   // [8 heads][64]
+  for (int i = tid; i < kMaxGroup * kHeadDim; i += kConsumerThreads) acc[i] = 0.f;
+  if (tid < kMaxGroup) lsum[tid] = 0.f;
+  // the query heads as mma A fragments (rows 8-15 padding), one per 16 dimensions
+  uint32_t qa[4][2];
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi)
+      qa[ks][hi] = gq < group ? *reinterpret_cast<const uint32_t*>(q + gq * kHeadDim + 16 * ks + 8 * hi + 2 * tq) : 0u;
+  float m = -INFINITY, l = 0.f;  // this lane's head gq: running max (warp-uniform per head), partial sum
+  float o[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   for (int t = 0; t * kBK < old; ++t) {
     const int rows = min(kBK, old - t * kBK);
     mbar_wait(&sm.w_full[wr.slot], wr.phase);
-    if (active) {
-      const uint4* keys = reinterpret_cast<const uint4*>(sm.w[wr.slot]);
-      float p[4];
+    if (16 * warp < rows) {
+      const __nv_bfloat16* kb = sm.w[wr.slot];
+      const __nv_bfloat16* vb = sm.w[wr.slot] + kXChunk;
+      const int key0 = 16 * warp;
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) p[j] = 0.f;
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {  // lane's keys lane + 32 j, 16-byte unit u rotated by lane: no bank conflicts
-        const int u = (i + lane) & 7;
-        float qf[8];
-        unpack8(qrow[u], qf);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          float kf[8];
-          unpack8(keys[(lane + 32 * j) * 8 + u], kf);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) p[j] = fmaf(qf[e], kf[e], p[j]);
+        for (int c = 0; c < 2; ++c) {  // keys key0 + 8 nt .., dimension units 4 c .. 4 c + 3
+          const int key = key0 + 8 * nt + (lane & 7), unit = 4 * c + (lane >> 3);
+          uint32_t r[4];
+          ldmatrix_x4(r, kb + key * kHeadDim + ((unit ^ key) & 7) * 8);
+          mma_16816(s[nt], qa[2 * c][0], 0u, qa[2 * c][1], 0u, r[0], r[1]);
+          mma_16816(s[nt], qa[2 * c + 1][0], 0u, qa[2 * c + 1][1], 0u, r[2], r[3]);
         }
-      }
+      // scores of head gq for keys key0 + 8 nt + 2 tq + e (s[nt][e]; [2], [3] are padding rows)
       float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        p[j] = lane + 32 * j < rows ? p[j] * d.scale : -INFINITY;
-        mx = fmaxf(mx, p[j]);
-      }
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_new = fmaxf(m, mx);
-      const float alpha = exp2f(m - m_new);
-      l *= alpha;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        p[j] = exp2f(p[j] - m_new);
-        l += p[j];
-      }
-      o0 *= alpha;
-      o1 *= alpha;
-      m = m_new;
-      // p · V, fully unrolled with four accumulator pairs so that loads and FMAs overlap; keys past `rows`
-      // (p = 0) are masked, not multiplied: the slot's tail holds earlier bytes
-      const __nv_bfloat162* vals = reinterpret_cast<const __nv_bfloat162*>(sm.w[wr.slot] + kXChunk);
-      float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (32 * j >= rows) break;
-#pragma unroll
-        for (int k = 0; k < 32; ++k) {
-          const float pk = __shfl_sync(0xffffffffu, p[j], k);
-          const float2 v = 32 * j + k < rows ? __bfloat1622float2(vals[(32 * j + k) * (kHeadDim / 2) + lane])
-                                             : make_float2(0.f, 0.f);
-          a0[k & 3] = fmaf(pk, v.x, a0[k & 3]);
-          a1[k & 3] = fmaf(pk, v.y, a1[k & 3]);
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = key0 + 8 * nt + 2 * tq + e < rows && gq < group ? s[nt][e] * d.scale : -INFINITY;
+          mx = fmaxf(mx, s[nt][e]);
         }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m, mx);
+      const bool none = m_new == -INFINITY;
+      const float alpha = none ? 1.f : exp2f(m - m_new);
+      float p[2][2];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) p[nt][e] = none ? 0.f : exp2f(s[nt][e] - m_new);
+      l = l * alpha + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+      m = m_new;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        o[j][0] *= alpha;
+        o[j][1] *= alpha;
       }
-      o0 += (a0[0] + a0[1]) + (a0[2] + a0[3]);
-      o1 += (a1[0] + a1[1]) + (a1[2] + a1[3]);
+      // P as the A fragment of O += P V (16 keys = k), V through transposed loads
+      const uint32_t pa0 = pack_bf16(p[0][0], p[0][1]), pa2 = pack_bf16(p[1][0], p[1][1]);
+#pragma unroll
+      for (int u = 0; u < 8; u += 2) {  // dimension units u, u + 1
+        const int key = key0 + (lane & 7) + 8 * ((lane >> 3) & 1), unit = u + (lane >> 4);
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, vb + key * kHeadDim + ((unit ^ key) & 7) * 8);
+        mma_16816(o[u], pa0, 0u, pa2, 0u, r[0], r[1]);
+        mma_16816(o[u + 1], pa0, 0u, pa2, 0u, r[2], r[3]);
+      }
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
     wr.step(S::kW);
   }
-  if (active && old >= 0) {  // the new position: its score over the lanes' two dimensions each
-    const float2 q2 = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xs + warp * kHeadDim)[lane]);
-    const float2 k2 = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xs + d.group * kHeadDim)[lane]);
-    const float2 v2 = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xs + (d.group + 1) * kHeadDim)[lane]);
-    float sc = q2.x * k2.x + q2.y * k2.y;
+  // merge the warps: rescale each warp's state to the head's overall max and add up in shared memory
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  if (tq == 0) mbuf[warp * kMaxGroup + gq] = m;
+  consumer_sync();
+  float mall = -INFINITY;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
-    sc *= d.scale;
-    const float m_new = fmaxf(m, sc);
-    const float alpha = exp2f(m - m_new), pn = exp2f(sc - m_new);
-    l = l * alpha + (lane == 0 ? pn : 0.f);  // l is summed over the lanes at the end
-    o0 = o0 * alpha + pn * v2.x;
-    o1 = o1 * alpha + pn * v2.y;
+  for (int w = 0; w < kConsumerWarps; ++w) mall = fmaxf(mall, mbuf[w * kMaxGroup + gq]);
+  if (gq < group) {
+    const float sc = m == -INFINITY ? 0.f : exp2f(m - mall);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      atomicAdd(acc + gq * kHeadDim + 8 * j + 2 * tq, o[j][0] * sc);
+      atomicAdd(acc + gq * kHeadDim + 8 * j + 2 * tq + 1, o[j][1] * sc);
+    }
+    if (tq == 0) atomicAdd(lsum + gq, l * sc);
+    if (warp == 0 && tq == 0) mfin[gq] = mall;
   }
-  __syncwarp();
-  if (lane == 0) mbar_arrive(&sm.x_empty[xr.slot]);
-  xr.step(S::kX);
+  consumer_sync();
   if (tr) tr[2] = global_ns();
   mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
-  if (active) {
+  if (warp < group) {  // head `warp`: the new position, then the output
+    float m_h = mfin[warp], l_h = lsum[warp];
+    float o0 = acc[warp * kHeadDim + 2 * lane], o1 = acc[warp * kHeadDim + 2 * lane + 1];
+    if (old >= 0) {
+      const int c = cache_col(old, 2 * lane);  // the new key and value rows are in the stream layout
+      const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + warp * kHeadDim + 2 * lane));
+      const float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + group * kHeadDim + c));
+      const float2 v2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + (group + 1) * kHeadDim + c));
+      float sc = q2.x * k2.x + q2.y * k2.y;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // a padding row (no keys): zeros
-    const int col = head * kHeadDim + 2 * lane;
+      for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+      sc *= d.scale;
+      const float m_new = fmaxf(m_h, sc);
+      const float alpha = exp2f(m_h - m_new), pn = exp2f(sc - m_new);  // m_h = -inf: alpha 0
+      o0 = o0 * alpha + pn * v2.x;
+      o1 = o1 * alpha + pn * v2.y;
+      l_h = l_h * alpha + pn;
+    }
+    const float inv = l_h > 0.f ? 1.f / l_h : 0.f;  // a padding row (no keys): zeros
+    const int col = (g * group + warp) * kHeadDim + 2 * lane;
     *reinterpret_cast<__nv_bfloat162*>(d.y + (size_t)(col / kBK) * kXChunk + swz(b, col % kBK)) =
         __floats2bfloat162_rn(o0 * inv, o1 * inv);
     fence_proxy_async();
   }
+  // the slot's scratch was written by this proxy; the next bulk copy into the slot comes from the async one
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncwarp();
-  if (lane == 0) mbar_arrive(&sm.done_full[done.slot]);
+  if (lane == 0) {
+    mbar_arrive(&sm.x_empty[xr.slot]);
+    mbar_arrive(&sm.done_full[done.slot]);
+  }
+  xr.step(S::kX);
   done.step(kSignalStages);
   if (tr) tr[3] = global_ns();
 }
@@ -563,12 +635,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (s.d.out == OUT_ATTENTION) {
           // An attention item's cached keys and values (positions before the row's own: nothing in this
           // launch writes them) stream like weights, 128 positions a slot: keys in its first half, values
-          // in its second.
+          // in its second. Whole slots (max_len is a multiple of 128): the positions past the row's are
+          // masked, and must be finite values (a zeroed cache, or older entries), not stale shared memory.
           const Product& d = s.d;
           const int b = s.tile % kM, g = s.tile / kM, old = row_pos(d, b);
           const size_t base = ((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len * kHeadDim;
           for (int t = 0; t * kBK < old; ++t) {
-            const uint32_t bytes = (uint32_t)min(kBK, old - t * kBK) * kHeadDim * 2;
+            const uint32_t bytes = kBK * kHeadDim * 2;
             next_slot();
             if (tr && t == 0) tr[4] = global_ns();
             mbar_expect_tx(&sm.w_full[r.slot], 2 * bytes);

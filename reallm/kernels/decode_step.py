@@ -34,7 +34,8 @@ class DecodeStep:
 
     ``weights``: HF LLaMA names (``model.layers.{i}.self_attn.q_proj.weight`` …, ``model.norm.weight``,
     ``lm_head.weight``; no biases); ``k_caches``/``v_caches``: per layer ``[rows, kv_heads, max_len, 64]``
-    bf16, as :class:`reallm.model.transformer.KVCache` holds them. ``inv_freq``: rope's [32] inverse
+    bf16 in the stream layout (:func:`~reallm.kernels.decode_stream.stream_cache` of what
+    :class:`reallm.model.transformer.KVCache` holds; max_len a multiple of 128). ``inv_freq``: rope's [32] inverse
     frequencies. Shapes: hidden, heads × 64 and the MLP width multiples of 128; an even number of query heads
     (at most 8) per kv head.
     """

@@ -30,7 +30,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v43", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v46", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -152,6 +152,24 @@ def from_chunks(buf: torch.Tensor, cols: int) -> torch.Tensor:
     units = buf[:n * ROWS * CHUNK].view(n, 2, ROWS, 8, 8)
     idx = _swizzle_index(buf.device)[None, None, :, :, None].expand_as(units)
     return units.gather(3, idx).permute(2, 0, 1, 3, 4).reshape(ROWS, n * CHUNK)[:, :cols]
+
+
+def stream_cache(cache: torch.Tensor) -> torch.Tensor:
+    """Keys or values [rows, heads, max_len, 64] in the plain layout ⇄ the kernel's stream layout (an
+    involution): position p's 16-byte units permuted, unit u stored at u ^ (p % 8), so that the tensor
+    cores' loads of eight consecutive positions hit eight bank groups."""
+    rows, heads, n, d = cache.shape
+    if d != HEAD:
+        raise ValueError(f"stream_cache: rows of {HEAD} values, got {list(cache.shape)}")
+    units = cache.reshape(rows, heads, n, 8, 8)
+    idx = torch.arange(8, device=cache.device)[None, :] ^ (torch.arange(n, device=cache.device)[:, None] % 8)
+    return units.gather(3, idx[None, None, :, :, None].expand_as(units)).reshape(cache.shape)
+
+
+def _stream_row(vals: torch.Tensor, pos: int) -> torch.Tensor:
+    """[heads, 64] values of position ``pos`` ⇄ the stream layout."""
+    idx = torch.arange(8, device=vals.device) ^ (pos % 8)
+    return vals.reshape(-1, 8, 8)[:, idx].reshape(vals.shape)
 
 
 def chunked_buffer(cols: int, device, dtype=torch.bfloat16) -> torch.Tensor:
@@ -299,7 +317,9 @@ class StreamProgram:
         """Append an attention block's projections: ``w`` = [Wq; Wk; Wv] (q_cols, then kv_cols twice, heads of
         64); rope (``inv_freq`` [32] fp32, rotate-half pairs i, i + 32) on q and k at each row's position;
         q to the rows ``q`` [64, ≥ q_cols]; k, v to ``k_cache``/``v_cache`` [≥ rows, kv heads, max_len, 64]
-        at (row, head, ``positions[row]``). ``positions``: int64 [64], −1 for a padding row (nothing cached).
+        at (row, head, ``positions[row]``), in the stream layout (:func:`stream_cache`; max_len a multiple of
+        128, the entries past a row's position finite: they are read and masked). ``positions``: int64 [64],
+        −1 for a padding row (nothing cached).
         """
         n, k = w.shape
         where = f"product {len(self.products)} (qkv {list(w.shape)})"
@@ -328,6 +348,8 @@ class StreamProgram:
                     or not c.is_contiguous():
                 raise ValueError(f"{where}: {name} must be a contiguous bf16 [rows, {heads}, max_len, {HEAD}], "
                                  f"got {c.dtype} {list(c.shape)}")
+        if k_cache.shape[2] % CHUNK:
+            raise ValueError(f"{where}: the caches' max_len must be a multiple of {CHUNK}, got {k_cache.shape[2]}")
         if k_cache.shape != v_cache.shape:
             raise ValueError(f"{where}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
         if positions.dtype != torch.int64 or positions.numel() != ROWS:
@@ -504,8 +526,8 @@ class StreamProgram:
             pos = int(a["pos"][b])
             if pos < 0:
                 continue
-            keys = a["k"][b, :, :pos + 1].float().repeat_interleave(a["group"], dim=0)  # [heads, ctx, 64]
-            vals = a["v"][b, :, :pos + 1].float().repeat_interleave(a["group"], dim=0)
+            keys = stream_cache(a["k"][b:b + 1, :, :pos + 1])[0].float().repeat_interleave(a["group"], dim=0)
+            vals = stream_cache(a["v"][b:b + 1, :, :pos + 1])[0].float().repeat_interleave(a["group"], dim=0)
             w = torch.softmax((keys @ q[b, :, :, None]).squeeze(-1) * a["scale"], dim=-1)  # [heads, ctx]
             out[b] = (w[:, None, :] @ vals).squeeze(1)
         assert kv * a["group"] == heads
@@ -522,8 +544,8 @@ class StreamProgram:
                 for b in range(ROWS):
                     pos = int(a["pos"][b])
                     if pos >= 0:
-                        a["k"][b, :, pos] = y[b, qc:qc + kc].view(-1, HEAD)
-                        a["v"][b, :, pos] = y[b, qc + kc:].view(-1, HEAD)
+                        a["k"][b, :, pos] = _stream_row(y[b, qc:qc + kc].view(-1, HEAD), pos)
+                        a["v"][b, :, pos] = _stream_row(y[b, qc + kc:].view(-1, HEAD), pos)
             elif p.y.dim() == 1:  # chunked outputs are whole chunks (``add``)
                 p.y[:y.numel()].copy_(to_chunks(y))
             else:
