@@ -66,6 +66,7 @@ constexpr int kThreads = 32 * (kConsumerWarps + 3);
 constexpr int kSignalStages = 2;  // segments the consumers may finish ahead of the exchange warp's signals
 constexpr int kPartialFloats = kTile * kM;  // one partial slot (32 KB)
 constexpr int kTrace = 8;  // timers per segment (run's trace argument)
+constexpr int kKvLead = 4;  // segments ahead the weight warp pulls an attention item's keys and values to L2
 
 // Program row fields.
 enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_OUT, F_YLAYOUT, F_READY_IN, F_NEED,
@@ -181,6 +182,11 @@ __device__ __forceinline__ void red_release(int* p, int v) {
 __device__ __forceinline__ void red_add4(float* sums, float4 v) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(sums), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
+}
+
+// Pull [p, p + bytes) into L2 (bytes a multiple of 16), without waiting.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
 // Generic-proxy writes of activations are read by other SMs' bulk copies (the async proxy).
@@ -427,23 +433,25 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// One attention item (row b, kv group g) = (item % 64, item / 64), by the eight consumer warps with tensor
-// cores. The cached keys and values (positions 0 .. old - 1) arrive through the weight ring, 128 positions a
-// slot (keys, then values, both in the stream layout); the group's query heads and the row's new key and
-// value through the input ring (one slot, whose tail is the item's scratch). Warp w takes keys
-// 16 w .. 16 w + 15 of every slot: scores S = Q K^T (m16n8k16, the heads as rows, padded to 16), its own
-// running max and sum per head (fp32, exp2 with the scale holding log2 e), then O += P V with P rounded to
-// bf16. At the end the warps' states are merged in shared memory, and warp h adds the new position to
-// head h and writes it, rounded once to bf16, into the chunked attention output.
-constexpr int kAttnM = 2048, kAttnMax = 2304, kAttnL = 2336, kAttnAcc = 2560;  // scratch offsets in the slot
-constexpr int kMaxGroup = 8;
+// One attention item (row b, kv group g) = (item % 64, item / 64), with tensor cores. The cached keys and
+// values (positions 0 .. old - 1) arrive through the weight ring, 128 positions a slot (keys, then values,
+// both in the stream layout); the group's query heads and the row's new key and value through the input
+// ring (one slot, whose tail is the item's scratch). Consumer warp w < 4 takes keys 32 w .. 32 w + 31 of
+// every slot: scores S = Q K^T (m16n8k16, the heads as rows, padded to 16), its own running max and sum per
+// head (fp32, exp2 with the scale holding log2 e), then O += P V with P rounded to bf16. At the end the four
+// warps' states meet in the scratch (plain stores, one barrier: shared-memory float atomics are
+// compare-and-swap loops, and eight warps adding into one tile took 7.5 µs an item), and warp h rescales
+// and adds them for head h, adds the new position and writes the head, rounded once to bf16, into the
+// chunked attention output.
+constexpr int kAttnWarps = 4, kMaxGroup = 8;
+constexpr int kAttnM = 2048, kAttnL = 2176, kAttnO = 4096;  // scratch offsets in the slot (bytes)
 
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory"); }
 
 template <typename S>
 __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& wr, Ring& xr, Ring& done,
                                        int64_t* tr) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row (head) and column pair
   const int b = item % kM, g = item / kM, group = d.group;
   const int old = row_pos(d, b);  // cached positions 0 .. old - 1; the new one is `old` (-1: a padding row)
@@ -451,33 +459,32 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
   if (tr) tr[1] = global_ns();
   unsigned char* xs = reinterpret_cast<unsigned char*>(sm.x[xr.slot]);
   const __nv_bfloat16* q = reinterpret_cast<const __nv_bfloat16*>(xs);  // [group][64], new k, new v
-  float* mbuf = reinterpret_cast<float*>(xs + kAttnM);    // [8 warps][8 heads]
-  float* mfin = reinterpret_cast<float*>(xs + kAttnMax);  // [8 heads]
-  float* lsum = reinterpret_cast<float*>(xs + kAttnL);    // [8 heads]
-  float* acc = reinterpret_cast<float*>(xs + kAttnAcc);   // [8 heads][64]
-  for (int i = tid; i < kMaxGroup * kHeadDim; i += kConsumerThreads) acc[i] = 0.f;
-  if (tid < kMaxGroup) lsum[tid] = 0.f;
-  // the query heads as mma A fragments (rows 8-15 padding), one per 16 dimensions
-  uint32_t qa[4][2];
+  float* mbuf = reinterpret_cast<float*>(xs + kAttnM);  // [4 warps][8 heads]
+  float* lbuf = reinterpret_cast<float*>(xs + kAttnL);  // [4 warps][8 heads]
+  float* obuf = reinterpret_cast<float*>(xs + kAttnO);  // [4 warps][8 heads][64]
+  const bool keys = warp < kAttnWarps;
+  uint32_t qa[4][2];  // the query heads as mma A fragments (rows 8-15 padding), one per 16 dimensions
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi)
-      qa[ks][hi] = gq < group ? *reinterpret_cast<const uint32_t*>(q + gq * kHeadDim + 16 * ks + 8 * hi + 2 * tq) : 0u;
-  float m = -INFINITY, l = 0.f;  // this lane's head gq: running max (warp-uniform per head), partial sum
+      qa[ks][hi] = keys && gq < group
+                       ? *reinterpret_cast<const uint32_t*>(q + gq * kHeadDim + 16 * ks + 8 * hi + 2 * tq) : 0u;
+  float m = -INFINITY, l = 0.f;  // this lane's head gq: running max (uniform over its 4 lanes), partial sum
   float o[8][4];
 #pragma unroll
   for (int j = 0; j < 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   for (int t = 0; t * kBK < old; ++t) {
     const int rows = min(kBK, old - t * kBK);
     mbar_wait(&sm.w_full[wr.slot], wr.phase);
-    if (16 * warp < rows) {
+    if (keys && 32 * warp < rows) {
       const __nv_bfloat16* kb = sm.w[wr.slot];
       const __nv_bfloat16* vb = sm.w[wr.slot] + kXChunk;
-      const int key0 = 16 * warp;
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      const int key0 = 32 * warp;
+      float s[4][4];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 4; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
         for (int c = 0; c < 2; ++c) {  // keys key0 + 8 nt .., dimension units 4 c .. 4 c + 3
           const int key = key0 + 8 * nt + (lane & 7), unit = 4 * c + (lane >> 3);
@@ -486,10 +493,11 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
           mma_16816(s[nt], qa[2 * c][0], 0u, qa[2 * c][1], 0u, r[0], r[1]);
           mma_16816(s[nt], qa[2 * c + 1][0], 0u, qa[2 * c + 1][1], 0u, r[2], r[3]);
         }
+      }
       // scores of head gq for keys key0 + 8 nt + 2 tq + e (s[nt][e]; [2], [3] are padding rows)
       float mx = -INFINITY;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           s[nt][e] = key0 + 8 * nt + 2 * tq + e < rows && gq < group ? s[nt][e] * d.scale : -INFINITY;
@@ -500,57 +508,64 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
       const float m_new = fmaxf(m, mx);
       const bool none = m_new == -INFINITY;
       const float alpha = none ? 1.f : exp2f(m - m_new);
-      float p[2][2];
+      float p[4][2];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) p[nt][e] = none ? 0.f : exp2f(s[nt][e] - m_new);
-      l = l * alpha + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+      l = l * alpha + ((p[0][0] + p[0][1]) + (p[1][0] + p[1][1])) + ((p[2][0] + p[2][1]) + (p[3][0] + p[3][1]));
       m = m_new;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         o[j][0] *= alpha;
         o[j][1] *= alpha;
       }
-      // P as the A fragment of O += P V (16 keys = k), V through transposed loads
-      const uint32_t pa0 = pack_bf16(p[0][0], p[0][1]), pa2 = pack_bf16(p[1][0], p[1][1]);
 #pragma unroll
-      for (int u = 0; u < 8; u += 2) {  // dimension units u, u + 1
-        const int key = key0 + (lane & 7) + 8 * ((lane >> 3) & 1), unit = u + (lane >> 4);
-        uint32_t r[4];
-        ldmatrix_x4_trans(r, vb + key * kHeadDim + ((unit ^ key) & 7) * 8);
-        mma_16816(o[u], pa0, 0u, pa2, 0u, r[0], r[1]);
-        mma_16816(o[u + 1], pa0, 0u, pa2, 0u, r[2], r[3]);
+      for (int ks = 0; ks < 2; ++ks) {  // P (16 keys = k) as the A fragment, V through transposed loads
+        const uint32_t pa0 = pack_bf16(p[2 * ks][0], p[2 * ks][1]), pa2 = pack_bf16(p[2 * ks + 1][0], p[2 * ks + 1][1]);
+#pragma unroll
+        for (int u = 0; u < 8; u += 2) {  // dimension units u, u + 1
+          const int key = key0 + 16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1), unit = u + (lane >> 4);
+          uint32_t r[4];
+          ldmatrix_x4_trans(r, vb + key * kHeadDim + ((unit ^ key) & 7) * 8);
+          mma_16816(o[u], pa0, 0u, pa2, 0u, r[0], r[1]);
+          mma_16816(o[u + 1], pa0, 0u, pa2, 0u, r[2], r[3]);
+        }
       }
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
     wr.step(S::kW);
+    if (tr && (t + 1) * kBK >= old) tr[5] = global_ns();  // the last slot of keys and values done
   }
-  // merge the warps: rescale each warp's state to the head's overall max and add up in shared memory
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  if (tq == 0) mbuf[warp * kMaxGroup + gq] = m;
-  consumer_sync();
-  float mall = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kConsumerWarps; ++w) mall = fmaxf(mall, mbuf[w * kMaxGroup + gq]);
-  if (gq < group) {
-    const float sc = m == -INFINITY ? 0.f : exp2f(m - mall);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      atomicAdd(acc + gq * kHeadDim + 8 * j + 2 * tq, o[j][0] * sc);
-      atomicAdd(acc + gq * kHeadDim + 8 * j + 2 * tq + 1, o[j][1] * sc);
+  if (keys) {  // this warp's state, unscaled, to the scratch
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (tq == 0) {
+      mbuf[warp * kMaxGroup + gq] = m;
+      lbuf[warp * kMaxGroup + gq] = l;
     }
-    if (tq == 0) atomicAdd(lsum + gq, l * sc);
-    if (warp == 0 && tq == 0) mfin[gq] = mall;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      *reinterpret_cast<float2*>(obuf + (warp * kMaxGroup + gq) * kHeadDim + 8 * j + 2 * tq) = make_float2(o[j][0], o[j][1]);
   }
   consumer_sync();
   if (tr) tr[2] = global_ns();
   mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
-  if (warp < group) {  // head `warp`: the new position, then the output
-    float m_h = mfin[warp], l_h = lsum[warp];
-    float o0 = acc[warp * kHeadDim + 2 * lane], o1 = acc[warp * kHeadDim + 2 * lane + 1];
+  if (warp < group) {  // head `warp`: the warps' states, the new position, the output
+    float mall = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) mall = fmaxf(mall, mbuf[w * kMaxGroup + warp]);
+    float l_h = 0.f, o0 = 0.f, o1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) {
+      const float mw = mbuf[w * kMaxGroup + warp];
+      const float sc = mw == -INFINITY ? 0.f : exp2f(mw - mall);
+      const float2 ow = *reinterpret_cast<const float2*>(obuf + (w * kMaxGroup + warp) * kHeadDim + 2 * lane);
+      l_h += sc * lbuf[w * kMaxGroup + warp];
+      o0 += sc * ow.x;
+      o1 += sc * ow.y;
+    }
     if (old >= 0) {
       const int c = cache_col(old, 2 * lane);  // the new key and value rows are in the stream layout
       const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + warp * kHeadDim + 2 * lane));
@@ -560,8 +575,8 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
       sc *= d.scale;
-      const float m_new = fmaxf(m_h, sc);
-      const float alpha = exp2f(m_h - m_new), pn = exp2f(sc - m_new);  // m_h = -inf: alpha 0
+      const float m_new = fmaxf(mall, sc);
+      const float alpha = exp2f(mall - m_new), pn = exp2f(sc - m_new);  // mall = -inf: alpha 0
       o0 = o0 * alpha + pn * v2.x;
       o1 = o1 * alpha + pn * v2.y;
       l_h = l_h * alpha + pn;
@@ -630,6 +645,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         ++issued;
       };
       for (int i = 0; i < n; ++i) {
+        if (i + kKvLead < n && !(flags & 8)) {
+          // Pull an attention item's cached keys and values into L2 a few segments ahead: they are fetched
+          // while this SM (and the rest) wait at the qkv boundary with a full ring, and the ring's copies of
+          // them later come from L2.
+          const Segment a = segment_at(prog, list, i + kKvLead);
+          const int old = a.d.out == OUT_ATTENTION ? row_pos(a.d, a.tile % kM) : 0;
+          if (old > 0) {
+            const uint32_t bytes = (uint32_t)((old + kBK - 1) / kBK) * kBK * kHeadDim * 2;
+            const size_t base = ((size_t)(a.tile % kM) * (a.d.kv_cols / kHeadDim) + a.tile / kM) * a.d.max_len * kHeadDim;
+            prefetch_l2(a.d.kc + base, bytes);
+            prefetch_l2(a.d.vc + base, bytes);
+          }
+        }
         const Segment s = segment_at(prog, list, i);
         int64_t* tr = trace != nullptr ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
         if (s.d.out == OUT_ATTENTION) {
