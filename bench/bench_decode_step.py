@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             err = check(step)
             t = graph_us(lambda kw=kw: step.run(**kw), reps=50)
-            t_in = graph_us(lambda kw=kw: (step.set_inputs(emb, positions), step.run(**kw)), reps=50)
+            t_in = graph_us(lambda kw=kw, positions=positions: (step.set_inputs(emb, positions), step.run(**kw)), reps=50)
             err2 = check(step)
             table.append((pos, f"{v}, {inflight} in flight", floor, t, t_in, max(err, err2)))
             diag = {f: graph_us(lambda kw=kw, f=f: step.run(flags=f, **kw), reps=50) for f in args.diagnose}

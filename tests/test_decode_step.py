@@ -131,7 +131,7 @@ def test_kernel_matches_the_definition_and_replays(grid, variant):
             if p.out == "qkv":
                 ref = ref[:, :p.attn["q_cols"]]
             torch.testing.assert_close(prog.output(i).float(), ref.float(), rtol=2e-2, atol=2e-2,
-                                       msg=lambda m, i=i, launch=launch: f"launch {launch}, op {i} ({p.out}): {m}")
+                                       msg=lambda m, i=i, launch=launch, out=p.out: f"launch {launch}, op {i} ({out}): {m}")
         for got, ref in zip(k_caches + v_caches, want_k + want_v):
             torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
         n = len(LENGTHS)

@@ -1,4 +1,5 @@
-// A persistent kernel that runs the matrix products of a decode step as one stream of weight bytes.
+// A persistent kernel that runs a decode step (its matrix products, and with them the norms, rope, the
+// cache append, attention and the residual adds) as one stream of weight bytes.
 //
 // Why: at decode batch sizes (M = 64 rows) every product is bound by reading its weight matrix, and a
 // library GEMM per product pays its own ramp-up and tail (the 89 products of the 1.1B model's step read
@@ -31,10 +32,22 @@
 // Weights [N, K] are packed as [N/128 tiles][K/128 chunks][2 halves][2 blocks][64 rows][64] (each half laid
 // out like an input chunk): a ring slot is one contiguous copy.
 //
-// Program: products (int64 [P, 16] rows: y = x @ W^T), and per CTA a segment list (int32 [S, L, 8]: p,
-// tile, c0, c1, slot, slot0, nslots, -; `lens` [S] entries each).
+// Program: operations (int64 [P, 32] rows, F_*: products y = x @ W^T, or attention phases), and per CTA a
+// segment list (int32 [S, L, 8]: p, tile, c0, c1, slot, slot0, nslots, -; `lens` [S] entries each).
 //   out 0: y[:, tile*128 ...] = the tile's 128 outputs; out 1 (SwiGLU): each 64-row half of a tile holds 32
 //   gate rows and then the 32 matching up rows, and y[:, half_tile*32 ...] = silu(gate) * up.
+//   out 2 (residual): y = res + x W^T (chunked), and each row's sum of squares of y (as rounded) is added
+//   to ss_out[row] (fp32 [64] in the zeroed scratch) for a later norm.
+//   out 3 (qkv): W = [Wq; Wk; Wv], a half tile = one head of 64; rope (rotate-half pairs i, i + 32, angle
+//   pos[row] * freq[i]) on q and k; q to rows y, k and v into the layer's caches [rows][kv heads][max_len][64]
+//   at pos[row] (-1: a padding row, nothing written), in the stream layout (cache_col).
+//   out 4 (attention): items (row b, kv group g) instead of tiles (tile = g * 64 + b, no weight chunks): the
+//   cached keys and values stream through the weight ring, the query heads and new key/value through the
+//   input ring (attend). Its output chunks need 64 arrivals (every row's item).
+//   ss_in (a norm): the finalizing epilogue scales row r by rsqrt(ss_in[r] / K + eps) (the norm's weight is
+//   folded into W); under a norm the exchange warp first waits for every input chunk, so ss_in is complete.
+//   A residual read needs no wait of its own: every input chunk a segment reads was written by a tile or
+//   item that itself waited (through a norm) for the whole residual.
 //   y_layout 0: chunked activation (the next product's input); 1: row-major, y_stride apart.
 //   slot >= 0 (a piece of a tile spread over segments): the partial is added to sums tile `slot` of the
 //   product (fp32, 32 KB each, thread-major so the adds coalesce; zero between launches); nslots > 0 (the
@@ -66,7 +79,6 @@ constexpr int kThreads = 32 * (kConsumerWarps + 3);
 constexpr int kSignalStages = 2;  // segments the consumers may finish ahead of the exchange warp's signals
 constexpr int kPartialFloats = kTile * kM;  // one partial slot (32 KB)
 constexpr int kTrace = 8;  // timers per segment (run's trace argument)
-constexpr int kKvLead = 4;  // segments ahead the weight warp pulls an attention item's keys and values to L2
 
 // Program row fields.
 enum : int { F_W, F_X, F_Y, F_PARTIAL, F_TICKETS, F_N, F_K, F_YSTRIDE, F_OUT, F_YLAYOUT, F_READY_IN, F_NEED,
@@ -182,11 +194,6 @@ __device__ __forceinline__ void red_release(int* p, int v) {
 __device__ __forceinline__ void red_add4(float* sums, float4 v) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(sums), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
-}
-
-// Pull [p, p + bytes) into L2 (bytes a multiple of 16), without waiting.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
 // Generic-proxy writes of activations are read by other SMs' bulk copies (the async proxy).
@@ -645,19 +652,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         ++issued;
       };
       for (int i = 0; i < n; ++i) {
-        if (i + kKvLead < n && !(flags & 8)) {
-          // Pull an attention item's cached keys and values into L2 a few segments ahead: they are fetched
-          // while this SM (and the rest) wait at the qkv boundary with a full ring, and the ring's copies of
-          // them later come from L2.
-          const Segment a = segment_at(prog, list, i + kKvLead);
-          const int old = a.d.out == OUT_ATTENTION ? row_pos(a.d, a.tile % kM) : 0;
-          if (old > 0) {
-            const uint32_t bytes = (uint32_t)((old + kBK - 1) / kBK) * kBK * kHeadDim * 2;
-            const size_t base = ((size_t)(a.tile % kM) * (a.d.kv_cols / kHeadDim) + a.tile / kM) * a.d.max_len * kHeadDim;
-            prefetch_l2(a.d.kc + base, bytes);
-            prefetch_l2(a.d.vc + base, bytes);
-          }
-        }
         const Segment s = segment_at(prog, list, i);
         int64_t* tr = trace != nullptr ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
         if (s.d.out == OUT_ATTENTION) {

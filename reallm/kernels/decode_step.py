@@ -86,7 +86,7 @@ class DecodeStep:
         self.weight_bytes = sum(p.w.numel() * 2 for p in prog.products if p.w is not None)
 
     @classmethod
-    def from_hf(cls, model, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> "DecodeStep":
+    def from_hf(cls, model, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> DecodeStep:
         """From a ``transformers`` LLaMA-style causal LM (its state dict, config and rotary frequencies)."""
         cfg = model.config
         rotary = model.model.rotary_emb

@@ -5,7 +5,11 @@ output of an earlier product; ``run`` executes all of them in one launch. Inside
 share of every product's weights into shared memory ahead of the activations, so the memory system does
 not idle at product boundaries (the reason a chain of library GEMMs reads a decode step's weights at 2/3
 of copy bandwidth). A product may end in SwiGLU: ``out="swiglu"`` takes W = [gate; up] (2I rows) and
-writes ``silu(gate) * up`` (I columns), from the fp32 sums.
+writes ``silu(gate) * up`` (I columns), from the fp32 sums; in a residual add (``out="residual"``, which
+also keeps its rows' sums of squares); it may be scaled by its input rows' RMSNorm (``norm=``). A qkv
+product (:meth:`StreamProgram.add_qkv`) applies rope and appends k and v to the caches, and an attention
+phase (:meth:`StreamProgram.add_attention`) reads them: with those, a whole decode step is one program
+(:mod:`reallm.kernels.decode_step`).
 
 Work is split stream-K style (:func:`schedule`): each product's (128-row tile, 128-column chunk) units are
 cut into one equal contiguous range per SM, so every SM reads the same bytes of every product; tiles
@@ -30,7 +34,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v49", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v50", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -456,9 +460,11 @@ class StreamProgram:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
-        arithmetic (3: the two streams alone). ``trace``: int64 [grid, segments, 8] to receive each segment's
-        global timers (ns): consumers' start, first input chunk, end of products, end of epilogue; first
-        weight copy issued; the other pieces' sums landed (a finalizer); first input copy issued; publication (csrc/cuda/decode_stream.cu). ``variant``:
+        product arithmetic (3: the two streams alone), 4 no partial sums. ``trace``: int64 [grid, segments,
+        8] to receive each segment's global timers (ns): consumers' start, first input chunk, end of products
+        (attention: of the merge), end of epilogue; first weight (or key/value) copy issued; the other
+        pieces' sums landed (a finalizer; attention: the last key/value slot done); first input copy issued;
+        publication (csrc/cuda/decode_stream.cu). ``variant``:
         the ring shape, :data:`VARIANTS`. ``max_inflight``: weight copies (32 KB) an SM keeps in flight (0: as
         many as the ring has free slots). One is enough for full bandwidth (16 KB is not: its copies
         alone take 1070 µs), and more only lengthens every queue on the way to L2 — the readiness
