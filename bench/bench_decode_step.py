@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_decode_gpu import copy_bandwidth  # noqa: E402
 from bench.bench_decode_products import graph_us  # noqa: E402
-from reallm.kernels import decode_step, decode_stream  # noqa: E402
+from bench.bench_decode_stream import kernel_status  # noqa: E402
+from reallm.kernels import decode_step  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, INTER, VOCAB, MAX_LEN = 22, 2048, 32, 4, 5632, 32000, 512
 
@@ -102,12 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--diagnose", nargs="*", type=int, default=[],
                     help="also time these kernel flags (1 inputs do not wait, 3 the streams alone)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        print("needs an sm_90+ CUDA GPU", file=sys.stderr)
-        return 2
-    if not decode_stream.available(verbose=True):
-        print(f"kernel did not build: {decode_stream._EXT.error}", file=sys.stderr)
-        return 1
+    status = kernel_status()
+    if status:
+        return status
     step = build()
     bw = copy_bandwidth()
     emb = torch.randn(64, HIDDEN, device="cuda", dtype=torch.bfloat16)

@@ -115,6 +115,18 @@ def trace_table(prog: decode_stream.StreamProgram, layer: int, flags: int = 0, *
     return "\n".join(lines)
 
 
+def kernel_status() -> int:
+    """0 when the stream kernel can run here; else prints why and returns the exit status (2: no sm_90
+    GPU, 1: the kernel did not build)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        print("needs an sm_90+ CUDA GPU", file=sys.stderr)
+        return 2
+    if not decode_stream.available(verbose=True):
+        print(f"kernel did not build: {decode_stream._EXT.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="*", type=int, default=list(decode_stream.VARIANTS),
@@ -126,12 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", nargs="*", default=[],
                     help="runs to trace (per-segment timers), VARIANT[/FLAGS] (one weight copy in flight)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        print("needs an sm_90+ CUDA GPU", file=sys.stderr)
-        return 2
-    if not decode_stream.available(verbose=True):
-        print(f"kernel did not build: {decode_stream._EXT.error}", file=sys.stderr)
-        return 1
+    status = kernel_status()
+    if status:
+        return status
     chain = Chain()
     bw = copy_bandwidth()
     floor = chain.bytes / bw * 1e6
