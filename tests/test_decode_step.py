@@ -96,6 +96,14 @@ def test_decode_step_rejects_bad_shapes():
     short = [torch.zeros(2, 2, 96, 64, dtype=torch.bfloat16) for _ in range(2)]
     with pytest.raises(ValueError, match="max_len must be a multiple of 128, got 96"):
         DecodeStep.from_hf(model, short, short)
+    state = dict(model.state_dict())
+    cfg = model.config
+    kw = dict(layers=2, heads=4, eps=1e-5, inv_freq=model.model.rotary_emb.inv_freq, k_caches=caches, v_caches=caches)
+    with pytest.raises(ValueError, match=r"k_proj.weight is \[128, 256\], expected \[64, 256\]"):
+        DecodeStep(state, kv_heads=1, **kw)
+    with pytest.raises(ValueError, match="q_proj has a bias"):
+        DecodeStep({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(256)}, kv_heads=2, **kw)
+    assert cfg.num_key_value_heads == 2
     step = DecodeStep.from_hf(model, caches, caches)
     with pytest.raises(ValueError, match="one position each"):
         step.set_inputs(torch.zeros(3, 256, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.int64))

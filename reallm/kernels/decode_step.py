@@ -66,6 +66,13 @@ class DecodeStep:
         h, norm_src, dep = self.h0, self.ss0, None
         for i in range(layers):
             pre = f"model.layers.{i}."
+            for p, rows in (("q", q_cols), ("k", kv_heads * HEAD), ("v", kv_heads * HEAD)):
+                got = weights[pre + f"self_attn.{p}_proj.weight"].shape
+                if got != (rows, hidden):
+                    raise ValueError(f"DecodeStep: {pre}self_attn.{p}_proj.weight is {list(got)}, expected "
+                                     f"[{rows}, {hidden}] ({heads} heads, {kv_heads} kv heads of {HEAD})")
+                if pre + f"self_attn.{p}_proj.bias" in weights:
+                    raise ValueError(f"DecodeStep: {pre}self_attn.{p}_proj has a bias; the stream step has none")
             qkv_w = torch.cat([w(pre + f"self_attn.{p}_proj.weight") for p in "qkv"])
             gu_w = torch.cat([w(pre + "mlp.gate_proj.weight"), w(pre + "mlp.up_proj.weight")])
             inter = gu_w.shape[0] // 2
