@@ -63,8 +63,13 @@ def _setup(device, seed=0):
     tokens = [torch.randint(0, 512, (n,), generator=g).tolist() for n in LENGTHS]
     next_tokens = torch.randint(0, 512, (len(LENGTHS),), generator=g)
     logits, before, added = _hf_step(model, tokens, next_tokens)
-    k_caches = [stream_cache(c.to(device, torch.bfloat16)) for c in before[0]]
-    v_caches = [stream_cache(c.to(device, torch.bfloat16)) for c in before[1]]
+    def full(c):  # 64 rows like an executor's batch: the rows past the prompts are padding
+        rows = torch.zeros(64, *c.shape[1:])
+        rows[:c.shape[0]] = c
+        return stream_cache(rows.to(device, torch.bfloat16))
+
+    k_caches = [full(c) for c in before[0]]
+    v_caches = [full(c) for c in before[1]]
     step = DecodeStep.from_hf(model.to(device), k_caches, v_caches)
     emb = model.model.embed_tokens.weight[next_tokens.to(device)].to(torch.bfloat16)
     step.set_inputs(emb, torch.tensor(LENGTHS, device=device))
@@ -87,26 +92,54 @@ def test_definition_matches_hf_transformers():
 
 def test_decode_step_rejects_bad_shapes():
     model = _hf_model()
-    caches = [torch.zeros(2, 2, 128, 64, dtype=torch.bfloat16) for _ in range(2)]
+    def caches(heads=2, max_len=128):
+        return [torch.zeros(2, heads, max_len, 64, dtype=torch.bfloat16) for _ in range(2)]
+
+    k, v = caches(), caches()
     with pytest.raises(ValueError, match="2 layers but 1 k"):
-        DecodeStep.from_hf(model, caches[:1], caches)
-    bad = [torch.zeros(2, 3, 128, 64, dtype=torch.bfloat16) for _ in range(2)]
+        DecodeStep.from_hf(model, k[:1], v)
     with pytest.raises(ValueError, match=r"k_cache must be a contiguous bf16 \[rows, 2, max_len, 64\]"):
-        DecodeStep.from_hf(model, bad, bad)
-    short = [torch.zeros(2, 2, 96, 64, dtype=torch.bfloat16) for _ in range(2)]
+        DecodeStep.from_hf(model, caches(heads=3), caches(heads=3))
     with pytest.raises(ValueError, match="max_len must be a multiple of 128, got 96"):
-        DecodeStep.from_hf(model, short, short)
+        DecodeStep.from_hf(model, caches(max_len=96), caches(max_len=96))
+    with pytest.raises(ValueError, match="caches overlap each other or an earlier layer's"):
+        DecodeStep.from_hf(model, k, k)
+    with pytest.raises(ValueError, match="caches overlap"):
+        DecodeStep.from_hf(model, [k[0], k[0]], v)
     state = dict(model.state_dict())
-    cfg = model.config
-    kw = dict(layers=2, heads=4, eps=1e-5, inv_freq=model.model.rotary_emb.inv_freq, k_caches=caches, v_caches=caches)
+    kw = dict(layers=2, heads=4, eps=1e-5, inv_freq=model.model.rotary_emb.inv_freq, k_caches=k, v_caches=v)
     with pytest.raises(ValueError, match=r"k_proj.weight is \[128, 256\], expected \[64, 256\]"):
         DecodeStep(state, kv_heads=1, **kw)
-    with pytest.raises(ValueError, match="q_proj has a bias"):
-        DecodeStep({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(256)}, kv_heads=2, **kw)
-    assert cfg.num_key_value_heads == 2
-    step = DecodeStep.from_hf(model, caches, caches)
+    with pytest.raises(ValueError, match=r"no biases; the weights have \['model.layers.1.mlp.up_proj.bias'\]"):
+        DecodeStep({**state, "model.layers.1.mlp.up_proj.bias": torch.zeros(384)}, kv_heads=2, **kw)
+    step = DecodeStep.from_hf(model, k, v)
     with pytest.raises(ValueError, match="one position each"):
         step.set_inputs(torch.zeros(3, 256, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="3 rows but the caches hold 2"):
+        step.set_inputs(torch.zeros(3, 256, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 128\), got 5 .. 128"):
+        step.set_inputs(torch.zeros(2, 256, dtype=torch.bfloat16), torch.tensor([5, 128]))
+
+
+def test_program_orders_what_the_kernel_reads():
+    """A norm must read the rows its dep wrote, a residual written in the launch must be a normed input on
+    the dep chain: the kernel waits for nothing else."""
+    from reallm.kernels.decode_stream import ROWS, StreamProgram, chunked_buffer
+
+    def w(n, k):
+        return torch.zeros(n, k, dtype=torch.bfloat16)
+
+    prog = StreamProgram()
+    x, h1, h2, h3, h4 = (chunked_buffer(128, "cpu") for _ in range(5))
+    ss = torch.zeros(ROWS)
+    r1 = prog.add(w(128, 128), x, h1, out="residual", residual=x, norm=(ss, 1e-5))
+    r2 = prog.add(w(128, 128), h1, h2, out="residual", residual=x, dep=r1)  # x: ready before the launch
+    with pytest.raises(ValueError, match="norm over product 1's rows needs dep=1"):
+        prog.add(w(128, 128), h1, h3, dep=r1, norm=(r2, 1e-5))
+    with pytest.raises(ValueError, match="residual is written in this launch but is not the input of a normed"):
+        prog.add(w(128, 128), h2, h3, out="residual", residual=h1, dep=r2)  # h1 read by an unnormed product
+    n3 = prog.add(w(128, 128), h2, h3, dep=r2, norm=(r2, 1e-5))
+    prog.add(w(128, 128), h3, h4, out="residual", residual=h2, dep=n3)  # h2: the normed input of n3
 
 
 needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,

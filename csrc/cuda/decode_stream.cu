@@ -225,7 +225,7 @@ struct Product {
   float eps;
   const __nv_bfloat16* res;  // OUT_RESIDUAL: the chunked residual added to the product
   float* ss_out;             // OUT_RESIDUAL: the output rows' sums of squares are added here
-  __nv_bfloat16 *kc, *vc;    // OUT_QKV, OUT_ATTENTION: this layer's caches [64 rows][groups][max_len][64]
+  __nv_bfloat16 *kc, *vc;    // OUT_QKV, OUT_ATTENTION: this layer's caches [rows][kv heads][max_len][64]
   const int64_t* pos;        // OUT_QKV, OUT_ATTENTION: each row's position (-1: a padding row)
   const float* freq;         // OUT_QKV: rope's inverse frequencies [32]
   int q_cols, kv_cols, max_len, group, x_stride;
@@ -313,16 +313,6 @@ __device__ __forceinline__ float4 acc4(const float (&acc)[32], int j) {
 
 __device__ __forceinline__ void red_add(float* p, float v) {
   asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
-}
-
-// Eight bf16 (one 16-byte unit) as floats.
-__device__ __forceinline__ void unpack8(uint4 u, float (&f)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
 }
 
 // A row's position (a padding row: -1).
@@ -687,7 +677,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else if (warp == kInputWarp) {  // ------------------------------------------------------- input stream
     // The whole warp polls up to 32 chunk counters at once; lane 0 copies the ready run of chunks.
     const uint64_t policy = l2_policy(false);  // activations are read by many SMs
-    const uint64_t once = l2_policy(true);     // cached keys and values: read once a step
     Ring r;
     for (int i = 0; i < n; ++i) {
       const Segment s = segment_at(prog, list, i);
@@ -883,6 +872,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     __threadfence();
     sm.flag = atomicAdd(exit_ticket, 1) == (int)gridDim.x - 1;
+    __threadfence();  // fence, ticket, fence: the last CTA's resets come after every CTA's adds
   }
   __syncthreads();
   if (sm.flag) {
@@ -895,7 +885,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-// Run a program (see the header): prog int64 [P, 16] and segs int32 [grid, L, 8] (lens int32 [grid]) on the
+// Run a program (see the header): prog int64 [P, 32] and segs int32 [grid, L, 8] (lens int32 [grid]) on the
 // device; counters int32 (every product's output-chunk counters) and exit_ticket int32 [1] zeroed once at
 // allocation (the kernel leaves them zeroed). flags (diagnostics, 0 in use): 1 inputs do not wait for their
 // products, 2 no arithmetic, 4 no partial sums. trace (optional, int64 [grid, L, 8]): per segment the global

@@ -35,7 +35,9 @@ class DecodeStep:
     ``weights``: HF LLaMA names (``model.layers.{i}.self_attn.q_proj.weight`` …, ``model.norm.weight``,
     ``lm_head.weight``; no biases); ``k_caches``/``v_caches``: per layer ``[rows, kv_heads, max_len, 64]``
     bf16 in the stream layout (:func:`~reallm.kernels.decode_stream.stream_cache` of what
-    :class:`reallm.model.transformer.KVCache` holds; max_len a multiple of 128). ``inv_freq``: rope's [32] inverse
+    :class:`reallm.model.transformer.KVCache` holds; max_len a multiple of 128; the entries past a row's
+    position finite — the kernel reads whole slots of 128 positions and masks the rest: zero a new cache,
+    never ``torch.empty``). ``inv_freq``: rope's [32] inverse
     frequencies. Shapes: hidden, heads × 64 and the MLP width multiples of 128; an even number of query heads
     (at most 8) per kv head.
     """
@@ -45,7 +47,12 @@ class DecodeStep:
         dev = weights["model.norm.weight"].device
         hidden = weights["model.norm.weight"].numel()
         self.hidden, self.vocab = hidden, weights["lm_head.weight"].shape[0]
+        self.cache_rows, self.max_len = (k_caches[0].shape[0], k_caches[0].shape[2]) if k_caches else (0, 0)
         q_cols = heads * HEAD
+        biased = sorted(name for name in weights if name.endswith(".bias"))
+        if biased:
+            raise ValueError(f"DecodeStep: the stream step has no biases; the weights have {biased[:3]}"
+                             f"{' …' if len(biased) > 3 else ''}")
         if len(k_caches) != layers or len(v_caches) != layers:
             raise ValueError(f"DecodeStep: {layers} layers but {len(k_caches)} k / {len(v_caches)} v caches")
         bf = torch.bfloat16
@@ -71,8 +78,6 @@ class DecodeStep:
                 if got != (rows, hidden):
                     raise ValueError(f"DecodeStep: {pre}self_attn.{p}_proj.weight is {list(got)}, expected "
                                      f"[{rows}, {hidden}] ({heads} heads, {kv_heads} kv heads of {HEAD})")
-                if pre + f"self_attn.{p}_proj.bias" in weights:
-                    raise ValueError(f"DecodeStep: {pre}self_attn.{p}_proj has a bias; the stream step has none")
             qkv_w = torch.cat([w(pre + f"self_attn.{p}_proj.weight") for p in "qkv"])
             gu_w = torch.cat([w(pre + "mlp.gate_proj.weight"), w(pre + "mlp.up_proj.weight")])
             inter = gu_w.shape[0] // 2
@@ -111,6 +116,13 @@ class DecodeStep:
         if b > ROWS or positions.shape != (b,):
             raise ValueError(f"DecodeStep: up to {ROWS} rows with one position each, got {list(hidden.shape)} "
                              f"and positions {list(positions.shape)}")
+        if b > self.cache_rows:
+            raise ValueError(f"DecodeStep: {b} rows but the caches hold {self.cache_rows}")
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and b and not bool(((positions >= 0) & (positions < self.max_len)).all()):
+            # (a write past max_len would land in another head's or row's entries; checked outside captures)
+            raise ValueError(f"DecodeStep: positions must be in [0, {self.max_len}), got "
+                             f"{positions.min().item()} .. {positions.max().item()}")
         rows = torch.zeros(ROWS, self.hidden, dtype=torch.bfloat16, device=hidden.device)
         rows[:b] = hidden
         self.h0.copy_(to_chunks(rows))

@@ -34,14 +34,14 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v50", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v51", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
 ROWS, TILE, HALF, CHUNK = 64, 128, 64, 128
 #: Columns of an attention head (the rope and attention phases assume it).
 HEAD = 64
-#: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``; 16 int64 per row).
+#: Program row layout (``csrc/cuda/decode_stream.cu``, ``F_*``; 32 int64 per row).
 _FIELDS = ("w", "x", "y", "partial", "tickets", "N", "K", "y_stride", "out", "y_layout", "ready_in", "need",
            "ready_out", "ss_in", "eps", "res", "ss_out", "k_cache", "v_cache", "pos", "freq", "q_cols", "kv_cols",
            "max_len", "group", "x_stride", "scale")
@@ -228,6 +228,11 @@ class _Product:
         return {"swiglu": 2, "attention": ROWS}.get(self.out, 1)
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _float_bits(v: float) -> int:
     return int(torch.tensor([v], dtype=torch.float32).view(torch.int32).item())
 
@@ -250,18 +255,38 @@ class StreamProgram:
             raise ValueError(f"{where}: x must be product {dep}'s chunked output buffer (dep={dep})")
         return dep
 
-    def _check_norm(self, where: str, norm, k: int):
+    def _check_norm(self, where: str, norm, x: torch.Tensor, k: int, dep: int):
         if norm is None:
             return None
         src, eps = norm
         if isinstance(src, int):
             if src not in self._ss:
                 raise ValueError(f"{where}: norm source {src} must be an earlier product with out='residual'")
+            if src != dep:
+                # the epilogue waits for the dep's output chunks: only then are the source's sums complete
+                raise ValueError(f"{where}: a norm over product {src}'s rows needs dep={src} (x its output), "
+                                 f"got dep={None if dep < 0 else dep}")
             if self.products[src].out_cols != k:
                 raise ValueError(f"{where}: the norm's rows have {self.products[src].out_cols} columns, K is {k}")
-        elif src.dtype != torch.float32 or src.numel() < ROWS:
-            raise ValueError(f"{where}: norm sums of squares must be float32 [{ROWS}]")
+        elif src.dtype != torch.float32 or src.numel() < ROWS or not src.is_contiguous() or src.device != x.device:
+            raise ValueError(f"{where}: norm sums of squares must be a contiguous float32 [{ROWS}] on the "
+                             f"program's device")
         return (src, float(eps))
+
+    def _check_residual(self, where: str, residual: torch.Tensor, dep: int) -> None:
+        """A residual is read with no wait of its own: it must be ready before the launch, or the input of a
+        normed product this one depends on (whose epilogues waited for all of it)."""
+        made = {p.y.data_ptr() for p in self.products if p.y.dim() == 1}
+        if residual.data_ptr() not in made:
+            return
+        a = dep
+        while a >= 0:
+            p = self.products[a]
+            if p.norm is not None and p.x.data_ptr() == residual.data_ptr():
+                return
+            a = p.dep
+        raise ValueError(f"{where}: the residual is written in this launch but is not the input of a normed "
+                         f"product on this one's dep chain: nothing orders the read after its writes")
 
     def add(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, out: str = "plain",
             dep: Optional[int] = None, norm: Optional[tuple] = None, residual: Optional[torch.Tensor] = None) -> int:
@@ -281,12 +306,13 @@ class StreamProgram:
             raise ValueError(f"{where}: out must be one of ['plain', 'residual', 'swiglu'], got {out!r}")
         n, k = self._check_product(where, w, x, y, out)
         dep_i = self._check_dep(where, dep, x)
-        norm = self._check_norm(where, norm, k)
+        norm = self._check_norm(where, norm, x, k, dep_i)
         if out == "residual":
             if y.dim() != 1:
                 raise ValueError(f"{where}: a residual output is a chunked buffer")
             if residual is None or residual.dim() != 1 or residual.numel() < n * ROWS or residual.dtype != torch.bfloat16:
                 raise ValueError(f"{where}: out='residual' needs residual=, a chunked buffer of ≥ {n} columns")
+            self._check_residual(where, residual, dep_i)
         elif residual is not None:
             raise ValueError(f"{where}: residual= needs out='residual'")
         self.products.append(_Product(w, pack_weight(w, glu=out == "swiglu"), x, y, out, dep_i, norm, residual))
@@ -328,7 +354,8 @@ class StreamProgram:
         n, k = w.shape
         where = f"product {len(self.products)} (qkv {list(w.shape)})"
         kv_cols = (n - q_cols) // 2
-        if q_cols % HEAD or kv_cols % HEAD or q_cols + 2 * kv_cols != n or q_cols % CHUNK:
+        if q_cols <= 0 or kv_cols <= 0 or q_cols % HEAD or kv_cols % HEAD or q_cols + 2 * kv_cols != n \
+                or q_cols % CHUNK:
             raise ValueError(f"{where}: w must be [Wq; Wk; Wv] with heads of {HEAD} columns and q_cols a multiple of "
                              f"{CHUNK}, got N {n}, q_cols {q_cols}")
         self._check_product(where, w, x, q, "plain", cols=q_cols)
@@ -338,26 +365,31 @@ class StreamProgram:
         if inv_freq.dtype != torch.float32 or inv_freq.numel() != HEAD // 2:
             raise ValueError(f"{where}: inv_freq must be float32 [{HEAD // 2}]")
         dep_i = self._check_dep(where, dep, x)
-        norm = self._check_norm(where, norm, k)
+        norm = self._check_norm(where, norm, x, k, dep_i)
         attn = {"q_cols": q_cols, "kv_cols": kv_cols, "k": k_cache, "v": v_cache, "pos": positions,
                 "freq": inv_freq.contiguous()}
         self.products.append(_Product(w, pack_weight(w), x, q, "qkv", dep_i, norm, None, attn))
         self._built = {}
         return len(self.products) - 1
 
-    @staticmethod
-    def _check_cache(where, k_cache, v_cache, heads, positions):
+    def _check_cache(self, where, k_cache, v_cache, heads, positions):
         for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
             if c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[1] != heads or c.shape[3] != HEAD \
-                    or not c.is_contiguous():
+                    or not c.is_contiguous() or c.data_ptr() % 16:
                 raise ValueError(f"{where}: {name} must be a contiguous bf16 [rows, {heads}, max_len, {HEAD}], "
-                                 f"got {c.dtype} {list(c.shape)}")
+                                 f"16-byte aligned, got {c.dtype} {list(c.shape)}")
+        taken = [t for p in self.products if p.out == "qkv" for t in (p.attn["k"], p.attn["v"])]
+        for c in [v_cache] + taken:
+            if _overlap(k_cache, c) or (c is not v_cache and _overlap(v_cache, c)):
+                raise ValueError(f"{where}: the caches overlap each other or an earlier layer's: every layer needs "
+                                 f"its own k and v storage")
         if k_cache.shape[2] % CHUNK:
             raise ValueError(f"{where}: the caches' max_len must be a multiple of {CHUNK}, got {k_cache.shape[2]}")
         if k_cache.shape != v_cache.shape:
             raise ValueError(f"{where}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
-        if positions.dtype != torch.int64 or positions.numel() != ROWS:
-            raise ValueError(f"{where}: positions must be int64 [{ROWS}] (−1 for padding rows)")
+        if positions.dtype != torch.int64 or positions.numel() != ROWS or not positions.is_contiguous():
+            raise ValueError(f"{where}: positions must be a contiguous int64 [{ROWS}] (−1 for padding rows; "
+                             f"each other row r below the caches' rows, its position below max_len)")
 
     def add_attention(self, qkv: int, y: torch.Tensor, *, scale: float) -> int:
         """Append the attention of product ``qkv``'s rows (its query rows against its caches, positions
