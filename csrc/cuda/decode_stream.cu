@@ -332,12 +332,16 @@ __device__ __forceinline__ int attention_input_chunk(const Product& d, int g, in
 // accumulators, already summed over the tile's pieces and scaled by the input rows' norm.
 __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, int wq, int lane, float (&acc)[32]) {
   const int col0 = (2 * tile + half) * kHalf;
+  // (Every load of an epilogue comes before its first store: the compiler cannot move a load past a store
+  // that may alias it, and a load between stores waits a whole round trip — sixteen of them in a row cost
+  // the residual epilogue ~10 µs.)
   if (d.out == OUT_QKV) {  // the half is one head: q (to rows), k or v (to the caches at the rows' positions)
     const int kind = col0 < d.q_cols ? 0 : col0 < d.q_cols + d.kv_cols ? 1 : 2;
+    const int pos[2] = {row_pos(d, wq * 16 + (lane >> 2)), row_pos(d, wq * 16 + (lane >> 2) + 8)};
     if (kind < 2) {  // rope: column i < 32 pairs with i + 32, which the same thread holds (pair j and j + 4)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float p = (float)max(row_pos(d, wq * 16 + (lane >> 2) + 8 * h), 0);
+        const float p = (float)max(pos[h], 0);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -357,7 +361,7 @@ __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, i
         *reinterpret_cast<__nv_bfloat162*>(d.y + (size_t)row * d.y_stride + col0 + c) = v;
         return;
       }
-      const int p = row_pos(d, row);
+      const int p = pos[h];
       if (p < 0) return;
       __nv_bfloat16* cache = kind == 1 ? d.kc : d.vc;  // the stream layout (cache_col)
       *reinterpret_cast<__nv_bfloat162*>(
@@ -366,11 +370,16 @@ __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, i
     return;
   }
   if (d.out == OUT_RESIDUAL) {  // y = residual + product (chunked), and the rows' sums of squares of y
+    unsigned int res[8][2];
+    for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
+      const int col = col0 + c;
+      res[j][h] = __ldcg(reinterpret_cast<const unsigned int*>(d.res + (size_t)(col / kBK) * kXChunk + swz(row, col % kBK)));
+    });
     float ss[2] = {0.f, 0.f};
     for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
       const int col = col0 + c;
       const size_t off = (size_t)(col / kBK) * kXChunk + swz(row, col % kBK);
-      const unsigned int r = __ldcg(reinterpret_cast<const unsigned int*>(d.res + off));
+      const unsigned int r = res[j][h];
       const __nv_bfloat162 v = __floats2bfloat162_rn(__uint_as_float(r << 16) + acc[4 * j + 2 * h],
                                                      __uint_as_float(r & 0xffff0000u) + acc[4 * j + 2 * h + 1]);
       *reinterpret_cast<__nv_bfloat162*>(d.y + off) = v;
@@ -447,7 +456,7 @@ __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;"
 
 template <typename S>
 __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& wr, Ring& xr, Ring& done,
-                                       int64_t* tr) {
+                                       int64_t* tr, bool skip) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row (head) and column pair
   const int b = item % kM, g = item / kM, group = d.group;
@@ -459,7 +468,7 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
   float* mbuf = reinterpret_cast<float*>(xs + kAttnM);  // [4 warps][8 heads]
   float* lbuf = reinterpret_cast<float*>(xs + kAttnL);  // [4 warps][8 heads]
   float* obuf = reinterpret_cast<float*>(xs + kAttnO);  // [4 warps][8 heads][64]
-  const bool keys = warp < kAttnWarps;
+  const bool keys = !skip && warp < kAttnWarps;
   uint32_t qa[4][2];  // the query heads as mma A fragments (rows 8-15 padding), one per 16 dimensions
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks)
@@ -549,7 +558,7 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
   consumer_sync();
   if (tr) tr[2] = global_ns();
   mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
-  if (warp < group) {  // head `warp`: the warps' states, the new position, the output
+  if (!skip && warp < group) {  // head `warp`: the warps' states, the new position, the output
     float mall = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) mall = fmaxf(mall, mbuf[w * kMaxGroup + warp]);
@@ -694,7 +703,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 6] = global_ns();
           mbar_wait(&sm.x_empty[r.slot], r.phase ^ 1);
           const int pos = row_pos(d, b);
-          if (pos >= 0) {  // one slot: [query heads of the group][new key][new value]
+          if (pos >= 0 && !(flags & 8)) {  // one slot: [query heads of the group][new key][new value]
             const uint32_t qbytes = d.group * kHeadDim * 2;
             const size_t at = (((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len + pos) * kHeadDim;
             mbar_expect_tx(&sm.x_full[r.slot], qbytes + 4 * kHeadDim);
@@ -724,8 +733,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (trace != nullptr && c == s.c0) trace[((size_t)cta * L + i) * kTrace + 6] = global_ns();
           for (int j = 0; j < run && c + j < s.c1; ++j) {
             mbar_wait(&sm.x_empty[r.slot], r.phase ^ 1);
-            mbar_expect_tx(&sm.x_full[r.slot], kXChunk * 2);
-            bulk_copy(sm.x[r.slot], d.x + (size_t)(c + j) * kXChunk, kXChunk * 2, &sm.x_full[r.slot], policy);
+            if (flags & 8) {
+              mbar_arrive(&sm.x_full[r.slot]);
+            } else {
+              mbar_expect_tx(&sm.x_full[r.slot], kXChunk * 2);
+              bulk_copy(sm.x[r.slot], d.x + (size_t)(c + j) * kXChunk, kXChunk * 2, &sm.x_full[r.slot], policy);
+            }
             r.step(kXStages);
           }
         }
@@ -747,7 +760,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Once the other pieces have added theirs (acquire) and, under a norm, every input chunk is written
         // (so are its rows' sums of squares), tell the consumers. At most one such signal is outstanding:
         // segment i's comes after every earlier segment is done.
-        if (s.nslots > 0 && lane == 0)
+        if (s.nslots > 0 && lane == 0 && !(flags & 64))
           while (load_acquire(d.tickets + s.tile) < s.nslots) __nanosleep(32);
         if (d.ss_in != nullptr && d.ready_in != nullptr && !(flags & 1))
           for (int c = lane; c < d.K / kBK; c += 32)
@@ -788,7 +801,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int64_t* tr = trace != nullptr && tid == 0 ? trace + ((size_t)cta * L + i) * kTrace : nullptr;
       if (tr) tr[0] = global_ns();  // timing: [start, first input, products, end]
       if (d.out == OUT_ATTENTION) {
-        attend(sm, d, s.tile, wr, xr, done, tr);
+        attend(sm, d, s.tile, wr, xr, done, tr, flags & 16);
         continue;
       }
       float acc[32];
@@ -858,7 +871,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
-        epilogue(d, s.tile, half, wq, lane, acc);
+        if (!(flags & 32)) epilogue(d, s.tile, half, wq, lane, acc);
         fence_proxy_async();
       }
       __syncwarp();
@@ -888,7 +901,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Run a program (see the header): prog int64 [P, 32] and segs int32 [grid, L, 8] (lens int32 [grid]) on the
 // device; counters int32 (every product's output-chunk counters) and exit_ticket int32 [1] zeroed once at
 // allocation (the kernel leaves them zeroed). flags (diagnostics, 0 in use): 1 inputs do not wait for their
-// products, 2 no arithmetic, 4 no partial sums. trace (optional, int64 [grid, L, 8]): per segment the global
+// products, 2 no arithmetic, 4 no partial sums, 8 no input copies, 16 no attention arithmetic, 32 no
+// epilogue stores, 64 finalizers do not wait for their pieces. trace (optional, int64 [grid, L, 8]): per segment the global
 // timer (ns) at its start, first input chunk, end of its products, end of its epilogue (consumers), first
 // weight copy issued (weight warp), the other pieces' sums landed (exchange warp; a finalizer's segment,
 // else 0), first input copy issued (input warp) and its publication (exchange warp).
