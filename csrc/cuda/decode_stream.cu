@@ -186,6 +186,12 @@ __device__ __forceinline__ int load_acquire(const int* p) {
 
 // Add to a counter after every write of this CTA ordered before it (a barrier, then one thread: release is
 // cumulative), without waiting for the result.
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+__device__ __forceinline__ void red_relaxed(int* p, int v) {
+  asm volatile("red.relaxed.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 __device__ __forceinline__ void red_release(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -330,29 +336,57 @@ __device__ __forceinline__ int attention_input_chunk(const Product& d, int g, in
 
 // Writes a tile half's outputs (64 weight rows: 64 output columns, 32 for SwiGLU) from a consumer thread's
 // accumulators, already summed over the tile's pieces and scaled by the input rows' norm.
-__device__ __forceinline__ void epilogue(const Product& d, int tile, int half, int wq, int lane, float (&acc)[32]) {
+// What a finalizing epilogue reads that does not depend on the tile's sums, loaded (and rope's angles
+// computed) while the exchange warp still waits for them: the residual's words, the rows' positions.
+// Every load of an epilogue comes before its first store: the compiler cannot move a load past a store
+// that may alias it, and a load between stores waits a whole round trip (sixteen of them in a row cost the
+// residual epilogue ~10 µs).
+struct Pre {
+  unsigned int res[8][2];  // OUT_RESIDUAL: the residual's bf16 pairs, as for_each_pair visits them
+  int pos[2];              // OUT_QKV: rows wq * 16 + lane / 4 (+ 8)
+  float cs[2][4][2], sn[2][4][2];  // OUT_QKV (q and k heads): rope's cos and sin, [h][j][e]
+};
+
+__device__ __forceinline__ void prepare(const Product& d, int tile, int half, int wq, int lane, Pre& pre) {
   const int col0 = (2 * tile + half) * kHalf;
-  // (Every load of an epilogue comes before its first store: the compiler cannot move a load past a store
-  // that may alias it, and a load between stores waits a whole round trip — sixteen of them in a row cost
-  // the residual epilogue ~10 µs.)
+  if (d.out == OUT_QKV) {
+    pre.pos[0] = row_pos(d, wq * 16 + (lane >> 2));
+    pre.pos[1] = row_pos(d, wq * 16 + (lane >> 2) + 8);
+    if (col0 < d.q_cols + d.kv_cols) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            sincosf((float)max(pre.pos[h], 0) * __ldg(d.freq + j * 8 + (lane & 3) * 2 + e), &pre.sn[h][j][e],
+                    &pre.cs[h][j][e]);
+    }
+  } else if (d.out == OUT_RESIDUAL) {
+    for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
+      const int col = col0 + c;
+      pre.res[j][h] = __ldcg(reinterpret_cast<const unsigned int*>(d.res + (size_t)(col / kBK) * kXChunk + swz(row, col % kBK)));
+    });
+  }
+}
+
+__device__ __forceinline__ void epilogue(const Product& d, int tile, int half, int wq, int lane, float (&acc)[32],
+                                         const Pre& pre) {
+  const int col0 = (2 * tile + half) * kHalf;
   if (d.out == OUT_QKV) {  // the half is one head: q (to rows), k or v (to the caches at the rows' positions)
     const int kind = col0 < d.q_cols ? 0 : col0 < d.q_cols + d.kv_cols ? 1 : 2;
-    const int pos[2] = {row_pos(d, wq * 16 + (lane >> 2)), row_pos(d, wq * 16 + (lane >> 2) + 8)};
     if (kind < 2) {  // rope: column i < 32 pairs with i + 32, which the same thread holds (pair j and j + 4)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float p = (float)max(pos[h], 0);
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            float sn, cs;
-            sincosf(p * __ldg(d.freq + j * 8 + (lane & 3) * 2 + e), &sn, &cs);
+            const float sn = pre.sn[h][j][e], cs = pre.cs[h][j][e];
             const float x1 = acc[4 * j + 2 * h + e], x2 = acc[4 * (j + 4) + 2 * h + e];
             acc[4 * j + 2 * h + e] = x1 * cs - x2 * sn;
             acc[4 * (j + 4) + 2 * h + e] = x2 * cs + x1 * sn;
           }
-      }
     }
     const int g = (col0 - d.q_cols - (kind == 2 ? d.kv_cols : 0)) / kHeadDim;
     for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
@@ -361,7 +395,7 @@ __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, i
         *reinterpret_cast<__nv_bfloat162*>(d.y + (size_t)row * d.y_stride + col0 + c) = v;
         return;
       }
-      const int p = pos[h];
+      const int p = pre.pos[h];
       if (p < 0) return;
       __nv_bfloat16* cache = kind == 1 ? d.kc : d.vc;  // the stream layout (cache_col)
       *reinterpret_cast<__nv_bfloat162*>(
@@ -370,16 +404,11 @@ __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, i
     return;
   }
   if (d.out == OUT_RESIDUAL) {  // y = residual + product (chunked), and the rows' sums of squares of y
-    unsigned int res[8][2];
-    for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
-      const int col = col0 + c;
-      res[j][h] = __ldcg(reinterpret_cast<const unsigned int*>(d.res + (size_t)(col / kBK) * kXChunk + swz(row, col % kBK)));
-    });
     float ss[2] = {0.f, 0.f};
     for_each_pair(wq, lane, [&](int j, int h, int row, int c) {
       const int col = col0 + c;
       const size_t off = (size_t)(col / kBK) * kXChunk + swz(row, col % kBK);
-      const unsigned int r = res[j][h];
+      const unsigned int r = pre.res[j][h];
       const __nv_bfloat162 v = __floats2bfloat162_rn(__uint_as_float(r << 16) + acc[4 * j + 2 * h],
                                                      __uint_as_float(r & 0xffff0000u) + acc[4 * j + 2 * h + 1]);
       *reinterpret_cast<__nv_bfloat162*>(d.y + off) = v;
@@ -777,8 +806,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           red_release(d.tickets + s.tile, 1);
         } else if (d.out == OUT_ATTENTION) {  // the chunks of the item's query heads
           const int g = s.tile / kM;
+          fence_acq_rel();  // one fence for the item's chunks (a release each waited for the one before)
           for (int c = g * d.group * kHeadDim / kBK; c * kBK < (g + 1) * d.group * kHeadDim; ++c)
-            red_release(d.ready_out + c, 1);
+            red_relaxed(d.ready_out + c, 1);
         } else if (d.ready_out != nullptr)
           red_release(d.ready_out + s.tile * (d.out == 1 ? kHalf : kTile) / kBK, 1);
         mbar_arrive(&sm.done_empty[done.slot]);
@@ -844,12 +874,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int j = 0; j < 8; ++j) red_add4(sums_tile + (j * kConsumerThreads + tid) * 4, acc4(acc, j));  // coalesced
       } else {
         const bool gated = s.nslots > 0 || d.ss_in != nullptr;
+        Pre pre;
+        prepare(d, s.tile, half, wq, lane, pre);
         if (gated) mbar_wait(&sm.sums_ready, sums.phase);
+        float ss_in[2] = {0.f, 0.f};
+        if (d.ss_in != nullptr)  // (loaded with the sums: one round trip)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) ss_in[h] = __ldcg(d.ss_in + wq * 16 + (lane >> 2) + 8 * h);
         if (s.nslots > 0) {
           const float4* sums_tile = reinterpret_cast<const float4*>(d.partial) + (size_t)s.slot0 * (kPartialFloats / 4);
           float4 got[8];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) got[j] = __ldcg(sums_tile + j * kConsumerThreads + tid);  // one round trip
+          for (int j = 0; j < 8; ++j) got[j] = __ldcg(sums_tile + j * kConsumerThreads + tid);
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             const float4 v = got[j];
@@ -863,7 +899,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (d.ss_in != nullptr) {  // RMSNorm (its weight folded into W): scale row r by rsqrt(mean(x_r^2) + eps)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float rs = rsqrtf(__ldcg(d.ss_in + wq * 16 + (lane >> 2) + 8 * h) / (float)d.K + d.eps);
+            const float rs = rsqrtf(ss_in[h] / (float)d.K + d.eps);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
               acc[4 * j + 2 * h] *= rs;
@@ -871,7 +907,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
-        if (!(flags & 32)) epilogue(d, s.tile, half, wq, lane, acc);
+        if (!(flags & 32)) epilogue(d, s.tile, half, wq, lane, acc, pre);
         fence_proxy_async();
       }
       __syncwarp();
