@@ -19,6 +19,9 @@ Variants (all capture the decode step in a CUDA graph):
                   (``ParallelModel.keep_decode_graphs``: a generation call with its devices to itself)
   executor-fused  the same with each block of a decode step as 5 fused Triton kernels
                   (``Transformer.use_fused_decode``; slower than ``executor`` so far, BENCHMARKS.md)
+  stream          ``generate`` with the one-launch stream step (``reallm.model.stream_decode``)
+  The executor variants use the stream step where it runs (sm_90) unless named ``…-library``
+  (e.g. ``executor-kept-library``); the others run the library step unless named ``stream``.
   hf              ``transformers`` ``generate`` (static cache off: defaults), for reference
 """
 
@@ -114,8 +117,10 @@ def main(argv=None) -> int:
                 run_one = executor_runner(spec, prompts, args, new=1)
                 run_half = executor_runner(spec, prompts, args, new=args.new // 2)
                 _PM.model.use_fused_decode = v == "executor-fused"
-                _PM.keep_decode_graphs(v == "executor-kept")
+                _PM.model.use_stream_decode = not v.endswith("-library")
+                _PM.keep_decode_graphs(v.startswith("executor-kept"))
             else:
+                model.use_stream_decode = v == "stream"
                 model.use_decode_kernel = v.startswith("kernel")
                 model.compile(v.endswith("compiled"))
 

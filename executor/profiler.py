@@ -403,9 +403,7 @@ def rank0_model(spec: ModelSpec, tp: int, settings: ProfileSettings, *, is_criti
 def decode_graphed(model, settings: ProfileSettings) -> bool:
     """Does generation replay this stage's decode steps from a CUDA graph? The executor's rule
     (``reallm.parallel.generate``): on CUDA, without tp hooks (their NCCL collectives are not captured)."""
-    from reallm.parallel.generate import _has_tp_hooks
-
-    return settings.decode_cuda_graph and settings.device == "cuda" and not _has_tp_hooks(model)
+    return settings.decode_cuda_graph and settings.device == "cuda" and not model.has_tp_hooks()
 
 
 def inference_graphed(pm) -> bool:

@@ -39,30 +39,23 @@ class DecodeStep:
     position finite — the kernel reads whole slots of 128 positions and masks the rest: zero a new cache,
     never ``torch.empty``). ``inv_freq``: rope's [32] inverse
     frequencies. Shapes: hidden, heads × 64 and the MLP width multiples of 128; an even number of query heads
-    (at most 8) per kv head.
+    (at most 8) per kv head. ``keep_plain=False`` keeps only the packed weights the kernel reads (half the
+    memory; :meth:`reference` then refuses). :meth:`load` packs new weights in place.
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], *, layers: int, heads: int, kv_heads: int, eps: float,
-                 inv_freq: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
+                 inv_freq: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                 keep_plain: bool = True):
         dev = weights["model.norm.weight"].device
         hidden = weights["model.norm.weight"].numel()
         self.hidden, self.vocab = hidden, weights["lm_head.weight"].shape[0]
+        self.layers, self.heads, self.kv_heads = layers, heads, kv_heads
         self.cache_rows, self.max_len = (k_caches[0].shape[0], k_caches[0].shape[2]) if k_caches else (0, 0)
         q_cols = heads * HEAD
-        biased = sorted(name for name in weights if name.endswith(".bias"))
-        if biased:
-            raise ValueError(f"DecodeStep: the stream step has no biases; the weights have {biased[:3]}"
-                             f"{' …' if len(biased) > 3 else ''}")
         if len(k_caches) != layers or len(v_caches) != layers:
             raise ValueError(f"DecodeStep: {layers} layers but {len(k_caches)} k / {len(v_caches)} v caches")
+        mats = self._matrices(weights)
         bf = torch.bfloat16
-
-        def w(name):
-            return weights[name].to(bf)
-
-        def fold(mat, norm):  # W · diag(γ): the norm's weight applied to the columns it scales
-            return (mat.float() * weights[norm].float()[None, :]).to(bf)
-
         self.positions = torch.full((ROWS,), -1, dtype=torch.int64, device=dev)
         self.h0 = chunked_buffer(hidden, dev)
         self.ss0 = torch.zeros(ROWS, dtype=torch.float32, device=dev)
@@ -72,30 +65,59 @@ class DecodeStep:
         prog = StreamProgram()
         h, norm_src, dep = self.h0, self.ss0, None
         for i in range(layers):
-            pre = f"model.layers.{i}."
-            for p, rows in (("q", q_cols), ("k", kv_heads * HEAD), ("v", kv_heads * HEAD)):
-                got = weights[pre + f"self_attn.{p}_proj.weight"].shape
-                if got != (rows, hidden):
-                    raise ValueError(f"DecodeStep: {pre}self_attn.{p}_proj.weight is {list(got)}, expected "
-                                     f"[{rows}, {hidden}] ({heads} heads, {kv_heads} kv heads of {HEAD})")
-            qkv_w = torch.cat([w(pre + f"self_attn.{p}_proj.weight") for p in "qkv"])
-            gu_w = torch.cat([w(pre + "mlp.gate_proj.weight"), w(pre + "mlp.up_proj.weight")])
+            qkv_w, o_w, gu_w, down_w = (next(mats) for _ in range(4))
             inter = gu_w.shape[0] // 2
             a, h_mid, act, h_next = (chunked_buffer(c, dev) for c in (q_cols, hidden, inter, hidden))
             q = torch.zeros(ROWS, q_cols, dtype=bf, device=dev)  # a buffer per layer: every output its own
             self.buffers += [q, a, h_mid, act, h_next]
-            qkv = prog.add_qkv(fold(qkv_w, pre + "input_layernorm.weight"), h, q, k_caches[i], v_caches[i],
-                               self.positions, self.inv_freq, q_cols=q_cols, dep=dep, norm=(norm_src, eps))
+            qkv = prog.add_qkv(qkv_w, h, q, k_caches[i], v_caches[i], self.positions, self.inv_freq, q_cols=q_cols,
+                               dep=dep, norm=(norm_src, eps))
             att = prog.add_attention(qkv, a, scale=1.0 / math.sqrt(HEAD))
-            o = prog.add(w(pre + "self_attn.o_proj.weight"), a, h_mid, out="residual", residual=h, dep=att)
-            g = prog.add(fold(gu_w, pre + "post_attention_layernorm.weight"), h_mid, act, out="swiglu", dep=o,
-                         norm=(o, eps))
-            dep = prog.add(w(pre + "mlp.down_proj.weight"), act, h_next, out="residual", residual=h_mid, dep=g)
+            o = prog.add(o_w, a, h_mid, out="residual", residual=h, dep=att)
+            g = prog.add(gu_w, h_mid, act, out="swiglu", dep=o, norm=(o, eps))
+            dep = prog.add(down_w, act, h_next, out="residual", residual=h_mid, dep=g)
             h, norm_src = h_next, dep
-        self.head = prog.add(fold(w("lm_head.weight"), "model.norm.weight"), h, self.logits, dep=dep,
-                             norm=(norm_src, eps))
+        self.head = prog.add(next(mats), h, self.logits, dep=dep, norm=(norm_src, eps))
         self.program = prog
-        self.weight_bytes = sum(p.w.numel() * 2 for p in prog.products if p.w is not None)
+        self.weight_bytes = sum(p.packed.numel() * 2 for p in prog.products if p.packed is not None)
+        if not keep_plain:
+            prog.drop_plain()
+
+    def _matrices(self, weights: dict[str, torch.Tensor]):
+        """The products' matrices in program order (per layer [Wq; Wk; Wv]·diag(γ), Wo, [Wg; Wu]·diag(γ), Wd;
+        then Whead·diag(γ)), each made when asked for: one folded copy alive at a time."""
+        biased = sorted(name for name in weights if name.endswith(".bias"))
+        if biased:
+            raise ValueError(f"DecodeStep: the stream step has no biases; the weights have {biased[:3]}"
+                             f"{' …' if len(biased) > 3 else ''}")
+        hidden, q_cols, kv_cols = self.hidden, self.heads * HEAD, self.kv_heads * HEAD
+
+        def w(name):
+            return weights[name].to(torch.bfloat16)
+
+        def fold(mat, norm):  # W · diag(γ): the norm's weight applied to the columns it scales
+            return (mat.float() * weights[norm].float()[None, :]).to(torch.bfloat16)
+
+        for i in range(self.layers):
+            pre = f"model.layers.{i}."
+            for p, rows in (("q", q_cols), ("k", kv_cols), ("v", kv_cols)):
+                got = weights[pre + f"self_attn.{p}_proj.weight"].shape
+                if got != (rows, hidden):
+                    raise ValueError(f"DecodeStep: {pre}self_attn.{p}_proj.weight is {list(got)}, expected "
+                                     f"[{rows}, {hidden}] ({self.heads} heads, {self.kv_heads} kv heads of {HEAD})")
+            yield fold(torch.cat([w(pre + f"self_attn.{p}_proj.weight") for p in "qkv"]), pre + "input_layernorm.weight")
+            yield w(pre + "self_attn.o_proj.weight")
+            yield fold(torch.cat([w(pre + "mlp.gate_proj.weight"), w(pre + "mlp.up_proj.weight")]),
+                       pre + "post_attention_layernorm.weight")
+            yield w(pre + "mlp.down_proj.weight")
+        yield fold(w("lm_head.weight"), "model.norm.weight")
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        """New weights of the same shapes (HF names), packed in place: launches captured earlier read them."""
+        mats = self._matrices(weights)
+        for i, p in enumerate(self.program.products):
+            if p.packed is not None:
+                self.program.reload(i, next(mats))
 
     @classmethod
     def from_hf(cls, model, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> DecodeStep:

@@ -321,6 +321,22 @@ class StreamProgram:
         self._built = {}
         return len(self.products) - 1
 
+    def reload(self, i: int, w: torch.Tensor) -> None:
+        """New weights for product ``i`` (its shape, bf16), packed in place: launches captured earlier read them."""
+        p = self.products[i]
+        if p.w is None or tuple(w.shape) != tuple(p.w.shape) or w.dtype != torch.bfloat16:
+            raise ValueError(f"reload: product {i} takes a bf16 {list(p.w.shape) if p.w is not None else 'nothing'}, "
+                             f"got {w.dtype} {list(w.shape)}")
+        p.packed.copy_(pack_weight(w, glu=p.out == "swiglu"))
+        if p.w.device.type != "meta":
+            p.w = w
+
+    def drop_plain(self) -> None:
+        """Free the plain weight matrices (the kernel reads only the packed ones; :meth:`reference` then refuses)."""
+        for p in self.products:
+            if p.w is not None:
+                p.w = p.w.to("meta")
+
     def _check_product(self, where, w, x, y, out, cols=None):
         n, k = w.shape
         if any(t.dtype != torch.bfloat16 for t in (w, x, y)):
@@ -573,6 +589,8 @@ class StreamProgram:
 
     def reference(self) -> None:
         """The whole program in torch, in order (the kernel's definition)."""
+        if any(p.w is not None and p.w.device.type == "meta" for p in self.products):
+            raise RuntimeError("reference: the plain weights were dropped (drop_plain); only run() is left")
         for i, p in enumerate(self.products):
             y = self.reference_output(i)
             if p.out == "qkv":

@@ -265,6 +265,9 @@ class DecodeRunner:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.calls = 0
 
+    def after_prefill(self) -> None:
+        """A prefill wrote the cache (nothing to do: the library step reads the layout prefill writes)."""
+
     def __call__(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if not self.use_graph:
@@ -289,6 +292,27 @@ class DecodeRunner:
         self.static_positions.copy_(positions_B)
         self.graph.replay()
         return self.static_out
+
+
+def stream_decode_usable(model: Transformer, batch: int, device) -> bool:
+    """Whether decode steps of ``model`` for ``batch`` sequences run as the one-launch stream kernel
+    (``reallm.model.stream_decode``; its caches need whole slots of 128 positions: ``cache_capacity``)."""
+    from reallm.model import stream_decode
+
+    return stream_decode.unusable(model, batch, device) is None
+
+
+def decode_runner(model: Transformer, cache: KVCache, use_graph: bool):
+    """The decode step for ``cache``'s sequences: the stream kernel's runner where it can run them (a CUDA
+    sm_90 GPU, a LLaMA-shaped bf16 actor, ≤ 64 sequences, a cache of whole 128-position slots), else the
+    library step's. Call its ``after_prefill`` after every prefill into ``cache``."""
+    from reallm.model import stream_decode
+
+    device = next(model.parameters()).device
+    if cache.max_len == stream_decode.cache_capacity(cache.max_len) and stream_decode_usable(model, cache.batch_size,
+                                                                                             device):
+        return stream_decode.StreamDecodeRunner(model, cache, use_graph)
+    return DecodeRunner(model, cache, use_graph)
 
 
 @contextlib.contextmanager
@@ -369,14 +393,19 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
     N = cfg.max_new_tokens
-    cache = model.new_kv_cache(B, max(len(p) for p in prompts) + N)
+    capacity = max(len(p) for p in prompts) + N
+    if stream_decode_usable(model, B, device):
+        from reallm.model.stream_decode import cache_capacity
+
+        capacity = cache_capacity(capacity)
+    cache = model.new_kv_cache(B, capacity)
     tokens, cu = pack_sequences(prompts, device=device)
     logits = model.prefill(tokens, cu, cache, model.prefill_chunk_tokens(cfg.lean_memory))  # [B, V]
     u_BN = None if cfg.greedy else torch.from_numpy(keyed_uniforms(seed, step, seq_ids, N)).to(device)
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out_tok, out_lp, out_mask = [], [], []
-    runner = DecodeRunner(model, cache, use_cuda_graph and device.type == "cuda")
+    runner = decode_runner(model, cache, use_cuda_graph and device.type == "cuda")
     for t in range(N):
         tok, lp, mask = sampling_step(logits, cfg, t, eos, None if u_BN is None else u_BN[:, t], vocab_size)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)

@@ -406,6 +406,9 @@ class Transformer(nn.Module):
         #: default: on an H100 its split-K products are slower than cuBLAS's for the short inner sizes
         #: (BENCHMARKS.md, decode), so the step is slower as a whole.
         self.use_fused_decode = False
+        #: Generation's decode steps run as one persistent kernel launch where it fits (CUDA sm_90, a
+        #: LLaMA-shaped bf16 actor, ≤ 64 sequences: ``reallm.model.stream_decode``).
+        self.use_stream_decode = True
         self._inv_freq: Optional[torch.Tensor] = None
 
     def tie_weights(self) -> None:
@@ -445,11 +448,16 @@ class Transformer(nn.Module):
         around the eager attention. CUDA only, and only for a stage without tensor-parallel hooks (tp = 1):
         the tp collectives live in module hooks that the regions do not call."""
         if enabled:
-            if any(layer.self_attn._forward_pre_hooks or layer.self_attn.o_proj._forward_hooks
-                   or layer.mlp._forward_pre_hooks for layer in self.model.layers.values()):
+            if self.has_tp_hooks():
                 raise ValueError("compiled blocks need a stage without tensor-parallel hooks (tp = 1)")
         self.compiled = enabled
         return self
+
+    def has_tp_hooks(self) -> bool:
+        """Whether tensor-parallel collectives hang on the blocks' modules (tp > 1): code that runs the blocks
+        other than through their modules would skip them."""
+        return any(layer.self_attn._forward_pre_hooks or layer.self_attn.o_proj._forward_hooks
+                   or layer.mlp._forward_pre_hooks for layer in self.model.layers.values())
 
     def decode_kernel_usable(self, x: torch.Tensor) -> bool:
         w = next(iter(self.model.layers.values())).self_attn.q_proj.weight if self.model.layers else None
@@ -468,10 +476,9 @@ class Transformer(nn.Module):
             return False
         if torch.is_grad_enabled() or self.score is not None:
             return False
-        return all(not (layer.self_attn._forward_pre_hooks or layer.self_attn.o_proj._forward_hooks
-                        or layer.mlp._forward_pre_hooks)
-                   and layer.self_attn.fused_qkv() is not None and layer.mlp.fused_gate_up() is not None
-                   for layer in self.model.layers.values())
+        return not self.has_tp_hooks() and all(
+            layer.self_attn.fused_qkv() is not None and layer.mlp.fused_gate_up() is not None
+            for layer in self.model.layers.values())
 
     # -- rope ------------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,10 +33,10 @@ from typing import Optional
 import torch
 
 from reallm.model.generate import (
-    DecodeRunner,
     GenerationConfig,
     GenerationOutput,
     checked_seq_ids,
+    decode_runner,
     keyed_uniforms,
     sampling_step,
     should_poll,
@@ -191,7 +191,7 @@ class DecodePool:
 
     def __init__(self, max_entries: int = 4):
         self.max_entries = max_entries
-        self.entries: list[tuple[tuple, int, object, DecodeRunner]] = []
+        self.entries: list[tuple[tuple, int, object, object]] = []  # (key, weights, cache, runner)
 
     def capacity(self, tokens: int) -> int:
         return -(-tokens // self.CAPACITY_STEP) * self.CAPACITY_STEP
@@ -205,7 +205,7 @@ class DecodePool:
                 return e[2], e[3]
         return None
 
-    def give(self, key: tuple, weights_at: int, cache, runner: DecodeRunner) -> None:
+    def give(self, key: tuple, weights_at: int, cache, runner) -> None:
         self.entries.append((key, weights_at, cache, runner))
         del self.entries[:-self.max_entries]
 
@@ -236,7 +236,7 @@ class _MicroBatch:
                 return
         self.cache = model.new_kv_cache(self.B, capacity)
         # One tp rank on a GPU: decode steps replay a captured CUDA graph (collectives stay uncaptured).
-        self.decode = DecodeRunner(model, self.cache, device.type == "cuda" and not _has_tp_hooks(model))
+        self.decode = decode_runner(model, self.cache, device.type == "cuda" and not model.has_tp_hooks())
         self._init_state(device)
 
     def _init_state(self, device) -> None:
@@ -254,10 +254,6 @@ class _MicroBatch:
         if completed and self.pool is not None and self.cache is not None:
             self.pool.give(self.pool_key, self.weights_at, self.cache, self.decode)
         self.cache = self.decode = None
-
-
-def _has_tp_hooks(model) -> bool:
-    return any(layer.mlp._forward_pre_hooks for layer in model.model.layers.values())
 
 
 @torch.no_grad()
@@ -335,8 +331,10 @@ def _run_ring(pm, mbs, cfg, eos, eos_t, pad_token_id, P, s, G, N, dev, h) -> Non
             return
         if t == -1 and P == 1:
             y = model.prefill(x, m.cu, m.cache, model.prefill_chunk_tokens(cfg.lean_memory))  # bounded groups
+            m.decode.after_prefill()
         elif t == -1:
             y = model(x, m.cu, kv_cache=m.cache, select_rows=(m.cu[1:] - 1).long() if last else None)
+            m.decode.after_prefill()
         else:
             y = m.decode(x, m.lengths + t)
         if not last:

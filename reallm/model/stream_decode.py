@@ -1,0 +1,145 @@
+"""Decode steps as one persistent kernel launch (:mod:`reallm.kernels.decode_step`), behind the interface of
+:class:`reallm.model.generate.DecodeRunner`.
+
+Where the model and the batch fit the kernel (:func:`unusable` says why not), a generation's decode steps run
+as one ``DecodeStep`` launch, replayed from a CUDA graph, instead of about ten library kernels a layer
+(BENCHMARKS.md, decode step). Two things differ from the library step:
+
+- the kernel reads its own packed copy of the weights (the norms' weights folded in), packed when the runner
+  is made and again at the first step after any parameter changed (an optimizer step or a reallocation bumps
+  the parameters' version counters; a moved buffer changes their addresses);
+- it reads and appends keys and values in its *stream layout* (:func:`~reallm.kernels.decode_stream.stream_cache`),
+  while a prefill writes the plain one: at the first step after a prefill (:meth:`StreamDecodeRunner.after_prefill`)
+  the runner permutes the whole cache in place. From then until the next prefill only its decode steps may
+  touch the cache — the generation loops own their caches, so nothing else does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from reallm.kernels import decode_step, decode_stream
+
+ROWS = decode_stream.ROWS
+
+
+def unusable(model, batch: int, device) -> Optional[str]:
+    """Why decode steps of ``model`` for ``batch`` sequences on ``device`` cannot run as the stream kernel
+    (None: they can)."""
+    spec = model.spec
+    if not getattr(model, "use_stream_decode", True):
+        return "turned off (use_stream_decode)"
+    if torch.device(device).type != "cuda":
+        return "not on CUDA"
+    if model.is_critic or not (model.stage.has_embedding and model.stage.has_head):
+        return "not a whole actor model (one stage with the embedding and the LM head)"
+    if model.has_tp_hooks():
+        return "tensor parallel (its collectives hang on the blocks' modules)"
+    if not 0 < batch <= ROWS:
+        return f"{batch} sequences (the kernel's step has {ROWS} rows)"
+    if spec.head_dim != decode_stream.HEAD or spec.qkv_bias:
+        return f"head_dim {spec.head_dim}, qkv bias {spec.qkv_bias} (the kernel needs 64, none)"
+    group, rem = divmod(spec.num_heads, spec.num_kv_heads)
+    if rem or group % 2 or group > 8:
+        return f"{spec.num_heads} query heads over {spec.num_kv_heads} kv heads (an even number ≤ 8 per kv head)"
+    chunk, tile = decode_stream.CHUNK, decode_stream.TILE
+    if spec.hidden_size % chunk or spec.intermediate_size % chunk or spec.vocab_size % tile \
+            or spec.num_heads * spec.head_dim % chunk:
+        return (f"hidden {spec.hidden_size}, MLP {spec.intermediate_size}, vocab {spec.vocab_size} (multiples of "
+                f"{chunk}, {chunk} and {tile} needed, and a multiple of {chunk} of query columns)")
+    if any(model.arch.sliding_window(i) is not None for i in model.stage.layers):
+        return "sliding-window attention"
+    if any(p.dtype != torch.bfloat16 for p in model.parameters()):
+        return "parameters not in bfloat16"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return f"a {torch.cuda.get_device_name(device)} (the kernel is built for sm_90)"
+    if not decode_step.available():
+        return f"the decode_stream kernel did not build: {decode_stream._EXT.error}"
+    return None
+
+
+def cache_capacity(tokens: int) -> int:
+    """Cache length the stream step needs for ``tokens`` positions (whole slots of 128)."""
+    return -(-tokens // decode_stream.CHUNK) * decode_stream.CHUNK
+
+
+def hf_weights(model) -> dict[str, torch.Tensor]:
+    """The model's parameters by HF name (a tied LM head under both names)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.setdefault("lm_head.weight", model.model.embed_tokens.weight)
+    return named
+
+
+def _weights_key(model) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+class StreamDecodeRunner:
+    """``runner(tokens_B, positions_B) -> logits [B, V]`` over ``cache`` (module docstring).
+
+    ``use_graph``: replay the step (embedding, input preparation, the kernel) from a CUDA graph, captured at
+    the second call like ``DecodeRunner``'s. ``kernel=False`` runs the kernel's torch definition instead
+    (``DecodeStep.reference``; any device): what the tests compare the integration with.
+    """
+
+    def __init__(self, model, cache, use_graph: bool = True, kernel: bool = True):
+        layers = list(model.stage.layers)
+        if cache.max_len % decode_stream.CHUNK:
+            raise ValueError(f"StreamDecodeRunner: the cache holds {cache.max_len} positions, not a multiple of "
+                             f"{decode_stream.CHUNK} (make it with cache_capacity)")
+        spec = model.spec
+        device = model.model.embed_tokens.weight.device
+        self.model, self.cache, self.kernel = model, cache, kernel
+        self.use_graph = use_graph and kernel and device.type == "cuda"
+        self.step = decode_step.DecodeStep(
+            hf_weights(model), layers=len(layers), heads=spec.num_heads, kv_heads=spec.num_kv_heads,
+            eps=spec.rms_norm_eps, inv_freq=model.arch.rope.inv_freq(spec.head_dim, device=device),
+            k_caches=[cache.k[i] for i in layers], v_caches=[cache.v[i] for i in layers], keep_plain=not kernel)
+        self._weights = _weights_key(model)
+        self._plain_cache = True  # a prefill wrote the plain layout: permute before the next step
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.calls = 0
+
+    def after_prefill(self) -> None:
+        """A prefill wrote the cache (plain layout): the next step permutes it first."""
+        self._plain_cache = True
+
+    def _begin(self) -> None:
+        key = _weights_key(self.model)
+        if key != self._weights:
+            self.step.load(hf_weights(self.model))
+            self._weights = key
+        for t in (*self.cache.k.values(), *self.cache.v.values()):
+            t.copy_(decode_stream.stream_cache(t))
+        self._plain_cache = False
+
+    def _run(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        self.step.set_inputs(self.model.model.embed_tokens(tokens_B), positions_B)
+        return self.step.run() if self.kernel else self.step.reference()
+
+    def __call__(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        B = tokens_B.shape[0]
+        if self._plain_cache:  # the first step of a generation (weights only change between generations)
+            self._begin()
+        if not self.use_graph:
+            return self._run(tokens_B, positions_B)[:B]
+        if self.graph is None and self.calls > 1:  # the first call ran eagerly: nothing lazy left to capture
+            from reallm.model.generate import _capture_stream
+
+            stream = _capture_stream(tokens_B.device)
+            self.static_tokens, self.static_positions = tokens_B.clone(), positions_B.clone()
+            stream.wait_stream(torch.cuda.current_stream())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                self.static_out = self._run(self.static_tokens, self.static_positions)[:B]
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = graph  # only a completed capture is replayed
+        if self.graph is None:
+            return self._run(tokens_B, positions_B)[:B]
+        self.static_tokens.copy_(tokens_B)
+        self.static_positions.copy_(positions_B)
+        self.graph.replay()
+        return self.static_out
