@@ -12,9 +12,16 @@
 
 The lean policy (``memory.offload_idle_train_states``; ``GenerationConfig.lean_memory``) trades those
 launches for the least device memory.
+
+* Decode steps run as one persistent kernel launch (``reallm.model.stream_decode``) where the shapes fit
+  (``stream_decode_unfit``) on an sm_90 GPU (``stream_decode_device``): the call then also holds the
+  kernel's packed copy of the weights and its buffers (``stream_decode_bytes``), and its cache is rounded up
+  to whole slots of 128 positions (``stream_cache_len``).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 PREFILL_CHUNK_BYTES = 512 << 20
 LEAN_PREFILL_CHUNK_BYTES = 32 << 20
@@ -55,3 +62,54 @@ def bucket(n: int, min_step: int = MIN_TOKEN_STEP) -> int:
         return min_step
     step = max(min_step, 1 << max(n.bit_length() - 4, 0))  # 2^(floor(log2 n) - 3)
     return -(-n // step) * step
+
+
+#: The stream step's rows (sequences) per launch, cache slot (positions), weight tile (rows) and head width.
+STREAM_ROWS, STREAM_SLOT, STREAM_TILE, STREAM_HEAD = 64, 128, 128, 64
+#: fp32 sums of one spread weight tile (128 rows x 64 sequences).
+STREAM_SUMS_TILE_BYTES = STREAM_TILE * STREAM_ROWS * 4
+
+
+def stream_decode_unfit(spec, batch: int, tp: int = 1, pp: int = 1) -> Optional[str]:
+    """Why the shapes rule the stream step out for ``batch`` sequences of ``spec`` on a (tp, pp) stage
+    (None: they fit; the device and the model's own settings are checked where it runs)."""
+    if tp != 1 or pp != 1:
+        return f"tp {tp}, pp {pp} (the step is the whole model on one device)"
+    if not 0 < batch <= STREAM_ROWS:
+        return f"{batch} sequences (the kernel's step has {STREAM_ROWS} rows)"
+    if spec.is_critic:
+        return "a critic (the step ends in the LM head)"
+    if spec.head_dim != STREAM_HEAD or spec.qkv_bias:
+        return f"head_dim {spec.head_dim}, qkv bias {spec.qkv_bias} (the kernel needs {STREAM_HEAD}, none)"
+    group, rem = divmod(spec.num_heads, spec.num_kv_heads)
+    if rem or group % 2 or group > 8:
+        return f"{spec.num_heads} query heads over {spec.num_kv_heads} kv heads (an even number ≤ 8 per kv head)"
+    if spec.hidden_size % STREAM_SLOT or spec.intermediate_size % STREAM_SLOT or spec.vocab_size % STREAM_TILE \
+            or spec.num_heads * spec.head_dim % STREAM_SLOT:
+        return (f"hidden {spec.hidden_size}, MLP {spec.intermediate_size}, vocab {spec.vocab_size} (multiples of "
+                f"{STREAM_SLOT}, {STREAM_SLOT} and {STREAM_TILE} needed, and a multiple of {STREAM_SLOT} of query "
+                f"columns)")
+    return None
+
+
+def stream_decode_device(name: str) -> bool:
+    """Whether a device (by name, as a profile records it) runs the stream step: an sm_90 GPU."""
+    return any(gpu in name for gpu in ("H100", "H200", "H800", "H20", "GH200"))
+
+
+def stream_cache_len(tokens: int) -> int:
+    """Cache length the stream step needs for ``tokens`` positions (whole slots)."""
+    return -(-tokens // STREAM_SLOT) * STREAM_SLOT
+
+
+def stream_decode_bytes(spec) -> int:
+    """Device bytes the stream step holds besides the model and its cache: the packed weights (every matrix
+    but the embedding table, the LM head included; bf16), the per-layer activation buffers, the logits and
+    the fp32 sums of spread weight tiles (at most one per tile)."""
+    q, kv, h, inter, v = (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.hidden_size,
+                          spec.intermediate_size, spec.vocab_size)
+    layer = h * (q + 2 * kv) + q * h + 2 * inter * h + inter * h
+    packed = 2 * (spec.num_layers * layer + v * h)
+    buffers = 2 * STREAM_ROWS * (spec.num_layers * (2 * q + 2 * h + inter) + v)
+    tiles = spec.num_layers * (q + 2 * kv + h + 2 * inter + h) // STREAM_TILE + v // STREAM_TILE
+    return packed + buffers + tiles * STREAM_SUMS_TILE_BYTES

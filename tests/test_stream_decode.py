@@ -5,7 +5,7 @@ new weights packed between generations, CUDA graphs on the GPU — and when it i
 import pytest
 import torch
 
-from reallm.model import stream_decode
+from reallm import working_set
 from reallm.model.generate import DecodeRunner, decode_runner
 from reallm.model.stream_decode import StreamDecodeRunner, unusable
 from reallm.model.transformer import Transformer, pack_sequences
@@ -101,4 +101,38 @@ def test_when_it_is_chosen():
     assert "bfloat16" in unusable(Transformer(SPEC, device="cpu", dtype=torch.float32), 4, "cuda")
     with pytest.raises(ValueError, match="multiple of 128"):
         StreamDecodeRunner(_model("cpu"), _model("cpu").new_kv_cache(2, 100), kernel=False)
-    assert stream_decode.cache_capacity(129) == 256 and stream_decode.cache_capacity(128) == 128
+
+
+def test_the_memory_rules_match_what_the_step_holds():
+    """``working_set.stream_decode_bytes`` (what the planner charges a generation call) against the runner's
+    own tensors: the packed weights exactly, buffers and sums tiles within the bound; the planner charges
+    them, and the cache's whole slots, only where the stream step runs."""
+    from planner.cost_model.memory import call_memory
+    from planner.cost_model.shapes import ModelOptions
+    from reallm.dataflow import Call
+    from reallm.placement import Placement
+
+    model = _model("cpu")
+    runner = StreamDecodeRunner(model, model.new_kv_cache(4, 256), use_graph=False, kernel=False)
+    step, prog = runner.step, runner.step.program
+    built = prog._build(132)  # an H100's grid
+    held = step.weight_bytes + sum(t.numel() * t.element_size() for t in step.buffers + [step.logits]) \
+        + built["partial"].numel() * 4
+    packed = 2 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("norm.weight")
+                     and "embed_tokens" not in n)
+    assert step.weight_bytes == packed
+    bound = working_set.stream_decode_bytes(SPEC)
+    assert 0.9 * bound <= held <= bound
+    assert working_set.stream_cache_len(129) == 256 and working_set.stream_cache_len(128) == 128
+    assert working_set.stream_decode_unfit(SPEC, 4) is None
+    assert "tp 2" in working_set.stream_decode_unfit(SPEC, 4, tp=2)
+    assert "critic" in working_set.stream_decode_unfit(ModelSpec(**dict(SPEC.__dict__, is_critic=True)), 4)
+    assert working_set.stream_decode_device("NVIDIA H100 80GB HBM3") and not working_set.stream_decode_device("cpu")
+    gen = Call("actor_gen", "actor", "generate", ("prompts",), ("tokens",), n_seqs=4, max_seqlen=200,
+               max_new_tokens=100)
+    one = Placement((0,))
+    lib, stream = (call_memory(gen, one, SPEC, ModelOptions(stream_decode=s)) for s in (False, True))
+    kv_per_pos = 4 * 2 * SPEC.num_layers * SPEC.num_kv_heads * SPEC.head_dim * 2
+    assert stream.transient_bytes - lib.transient_bytes == pytest.approx(bound + (256 - 200) * kv_per_pos)
+    assert call_memory(gen, Placement((0, 1), tp=2), SPEC, ModelOptions(stream_decode=True)).transient_bytes \
+        == call_memory(gen, Placement((0, 1), tp=2), SPEC, ModelOptions()).transient_bytes

@@ -55,7 +55,10 @@ bytes, or with compiled blocks (fused chunks) one chunk in the logits' dtype, d�
                           + one copy of the logits mask (recorded step by step), the logits mask's copies at
                           the end, when the caches are already freed); T_g = the largest prefill group's
                           tokens (pp = 1; ``shapes.prefill_groups``) or b·P (pp > 1), r = min(b, sampling
-                          chunk rows)
+                          chunk rows). Where decode steps run as the one-launch stream kernel (an sm_90
+                          profile, tp = pp = 1, shapes that fit: ``working_set.stream_decode_unfit``), P+N is
+                          rounded up to whole slots of 128 and the kernel's packed weights and buffers
+                          (``working_set.stream_decode_bytes``) join the caches
   logits mask           (PPO's default: a call with ``packed_logits_mask`` among its outputs or inputs) one
                           byte per token and vocabulary entry: generation records ⌈n/dp⌉·N·V of them step
                           by step, and at its end, when the KV caches are freed, (3·⌈n/dp⌉ + b)·N·V are
@@ -100,6 +103,7 @@ from planner.cost_model.shapes import (
     stages_of,
     train_graphed,
 )
+from reallm import working_set
 from reallm.dataflow import Call
 from reallm.placement import Placement
 from reallm.spec import ModelSpec
@@ -294,6 +298,10 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
     prefill_tokens = max(t for t, _ in groups)
     rows = min(b, sampling_chunk_rows(vocab_rows(spec, p.tp) * p.tp, opts, b))
     end_mask = GENERATED_MASK_COPIES * mask + (mask / n_rank * b if mask else 0.0)
+    # the one-launch decode step (working_set): its packed weights and buffers, a cache of whole slots
+    stream = opts.stream_decode and d == 2 and working_set.stream_decode_unfit(spec, b, p.tp, p.pp) is None
+    kv_len = working_set.stream_cache_len(P + N) if stream else P + N
+    extra = working_set.stream_decode_bytes(spec) if stream else 0.0
 
     def stage_bytes(st: Stage) -> float:
         working = block_working_bytes(spec, p.tp, False, prefill_tokens, d)
@@ -302,7 +310,7 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
         working += logits_bytes(spec, p.tp, b, d) + logits_bytes(spec, 1, rows, SAMPLING_BYTES_PER_LOGIT)
         # while decoding: the caches, the working set and the mask recorded so far; at the end (caches freed):
         # the mask's copies
-        return max(kv_cache_bytes(spec, p.tp, st.num_blocks, n_rank, P + N, d) + working + mask, end_mask)
+        return max(kv_cache_bytes(spec, p.tp, st.num_blocks, n_rank, kv_len, d) + working + mask + extra, end_mask)
 
     act = max(stage_bytes(st) for st in sts)
     return CallMemory(w + act, act, 0.0, w)

@@ -58,6 +58,9 @@ class ModelOptions:
     #: The model config's ``train_cuda_graphs``: train micro-batches replayed from CUDA graphs where
     #: ``train_graphed`` (tp = pp = 1, compiled blocks, on a GPU).
     train_graphs: bool = True
+    #: Generation's decode steps run as the one-launch stream kernel where the shapes fit (the profile's
+    #: device is an sm_90 GPU: ``working_set.stream_decode_device``): the call holds its packed weights too.
+    stream_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from planner.cost_model.realloc import (
 from planner.cost_model.shapes import ModelOptions, max_params_per_device, seqs_per_rank, train_graphed
 from planner.cost_model.transfer import edge_bytes
 from planner.simulate import CostTables, mask_of
+from reallm import working_set
 from reallm.dataflow import Call, build_graph, topological_order
 from reallm.layout.params import tp_problems
 from reallm.placement import Placement
@@ -67,6 +68,7 @@ def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOpt
     the element size from the profile's dtype (fp32 on CPU); greedy or filtered sampling from the PPO or gen
     settings (``greedy``, ``top_k``, ``top_p`` of ``ppo`` / ``gen``)."""
     dtype_bytes = 4 if profile is not None and profile.dtype == "fp32" else 2
+    stream = profile is not None and working_set.stream_decode_device(profile.device)
     gen = getattr(getattr(exp, "config", None), "ppo", None) or getattr(getattr(exp, "config", None), "gen", None)
     greedy = bool(getattr(gen, "greedy", False))
     filtered = int(getattr(gen, "top_k", 1) or 0) > 0 or float(getattr(gen, "top_p", 0.0)) < 1.0
@@ -81,9 +83,10 @@ def model_options(exp, role: str, profile: Optional[Profile] = None) -> ModelOpt
                             filtered_sampling=filtered,
                             compile_blocks=bool(getattr(m, "compile", True)),
                             train_graphs=bool(getattr(m, "train_cuda_graphs", True)),
-                            lean_memory=bool(getattr(memory, "offload_idle_train_states", False)))
+                            lean_memory=bool(getattr(memory, "offload_idle_train_states", False)),
+                            stream_decode=stream)
     except (AttributeError, KeyError, TypeError):
-        return ModelOptions(dtype_bytes=dtype_bytes, greedy=greedy, filtered_sampling=filtered)
+        return ModelOptions(dtype_bytes=dtype_bytes, greedy=greedy, filtered_sampling=filtered, stream_decode=stream)
 
 
 def _pow2_upto(n: int) -> list[int]:

@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from reallm import working_set
 from reallm.errors import UserError
 from reallm.model.transformer import KVCache, Transformer, pack_sequences
 from reallm.working_set import sampling_chunk_logits, sampling_chunk_rows
@@ -309,7 +310,7 @@ def decode_runner(model: Transformer, cache: KVCache, use_graph: bool):
     from reallm.model import stream_decode
 
     device = next(model.parameters()).device
-    if cache.max_len == stream_decode.cache_capacity(cache.max_len) and stream_decode_usable(model, cache.batch_size,
+    if cache.max_len == working_set.stream_cache_len(cache.max_len) and stream_decode_usable(model, cache.batch_size,
                                                                                              device):
         return stream_decode.StreamDecodeRunner(model, cache, use_graph)
     return DecodeRunner(model, cache, use_graph)
@@ -395,9 +396,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
     N = cfg.max_new_tokens
     capacity = max(len(p) for p in prompts) + N
     if stream_decode_usable(model, B, device):
-        from reallm.model.stream_decode import cache_capacity
-
-        capacity = cache_capacity(capacity)
+        capacity = working_set.stream_cache_len(capacity)  # the one-launch step's whole slots
     cache = model.new_kv_cache(B, capacity)
     tokens, cu = pack_sequences(prompts, device=device)
     logits = model.prefill(tokens, cu, cache, model.prefill_chunk_tokens(cfg.lean_memory))  # [B, V]

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from reallm import working_set
 from reallm.kernels import decode_step, decode_stream
 
 ROWS = decode_stream.ROWS
@@ -27,28 +28,18 @@ ROWS = decode_stream.ROWS
 
 def unusable(model, batch: int, device) -> Optional[str]:
     """Why decode steps of ``model`` for ``batch`` sequences on ``device`` cannot run as the stream kernel
-    (None: they can)."""
-    spec = model.spec
+    (None: they can): the shapes (``working_set.stream_decode_unfit``), then this model and device."""
     if not getattr(model, "use_stream_decode", True):
         return "turned off (use_stream_decode)"
     if torch.device(device).type != "cuda":
         return "not on CUDA"
-    if model.is_critic or not (model.stage.has_embedding and model.stage.has_head):
-        return "not a whole actor model (one stage with the embedding and the LM head)"
+    if not (model.stage.has_embedding and model.stage.has_head):
+        return "not a whole model (one stage with the embedding and the LM head)"
     if model.has_tp_hooks():
         return "tensor parallel (its collectives hang on the blocks' modules)"
-    if not 0 < batch <= ROWS:
-        return f"{batch} sequences (the kernel's step has {ROWS} rows)"
-    if spec.head_dim != decode_stream.HEAD or spec.qkv_bias:
-        return f"head_dim {spec.head_dim}, qkv bias {spec.qkv_bias} (the kernel needs 64, none)"
-    group, rem = divmod(spec.num_heads, spec.num_kv_heads)
-    if rem or group % 2 or group > 8:
-        return f"{spec.num_heads} query heads over {spec.num_kv_heads} kv heads (an even number ≤ 8 per kv head)"
-    chunk, tile = decode_stream.CHUNK, decode_stream.TILE
-    if spec.hidden_size % chunk or spec.intermediate_size % chunk or spec.vocab_size % tile \
-            or spec.num_heads * spec.head_dim % chunk:
-        return (f"hidden {spec.hidden_size}, MLP {spec.intermediate_size}, vocab {spec.vocab_size} (multiples of "
-                f"{chunk}, {chunk} and {tile} needed, and a multiple of {chunk} of query columns)")
+    unfit = working_set.stream_decode_unfit(model.spec, batch)
+    if unfit is not None:
+        return unfit
     if any(model.arch.sliding_window(i) is not None for i in model.stage.layers):
         return "sliding-window attention"
     if any(p.dtype != torch.bfloat16 for p in model.parameters()):
@@ -58,11 +49,6 @@ def unusable(model, batch: int, device) -> Optional[str]:
     if not decode_step.available():
         return f"the decode_stream kernel did not build: {decode_stream._EXT.error}"
     return None
-
-
-def cache_capacity(tokens: int) -> int:
-    """Cache length the stream step needs for ``tokens`` positions (whole slots of 128)."""
-    return -(-tokens // decode_stream.CHUNK) * decode_stream.CHUNK
 
 
 def hf_weights(model) -> dict[str, torch.Tensor]:
@@ -88,7 +74,7 @@ class StreamDecodeRunner:
         layers = list(model.stage.layers)
         if cache.max_len % decode_stream.CHUNK:
             raise ValueError(f"StreamDecodeRunner: the cache holds {cache.max_len} positions, not a multiple of "
-                             f"{decode_stream.CHUNK} (make it with cache_capacity)")
+                             f"{decode_stream.CHUNK} (make it with working_set.stream_cache_len)")
         spec = model.spec
         device = model.model.embed_tokens.weight.device
         self.model, self.cache, self.kernel = model, cache, kernel

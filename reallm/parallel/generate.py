@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from reallm import working_set
 from reallm.model.generate import (
     GenerationConfig,
     GenerationOutput,
@@ -40,6 +41,7 @@ from reallm.model.generate import (
     keyed_uniforms,
     sampling_step,
     should_poll,
+    stream_decode_usable,
 )
 from reallm.model.transformer import pack_sequences
 from reallm.parallel.pipeline import Msg, PipeOp, Schedule, StageProgram, run_schedule
@@ -224,6 +226,8 @@ class _MicroBatch:
         self.lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
         self.tokens, self.cu = pack_sequences(self.prompts, device=device)
         capacity = max(len(p) for p in prompts) + max_new_tokens
+        if stream_decode_usable(model, self.B, device):
+            capacity = working_set.stream_cache_len(capacity)  # the one-launch step's whole slots
         self.pool, self.weights_at = pool, weights_at
         self.pool_key = None
         if pool is not None:
