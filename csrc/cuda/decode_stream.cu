@@ -41,9 +41,9 @@
 //   out 3 (qkv): W = [Wq; Wk; Wv], a half tile = one head of 64; rope (rotate-half pairs i, i + 32, angle
 //   pos[row] * freq[i]) on q and k; q to rows y, k and v into the layer's caches [rows][kv heads][max_len][64]
 //   at pos[row] (-1: a padding row, nothing written), in the stream layout (cache_col).
-//   out 4 (attention): items (row b, kv group g) instead of tiles (tile = g * 64 + b, no weight chunks): the
-//   cached keys and values stream through the weight ring, the query heads and new key/value through the
-//   input ring (attend). Its output chunks need 64 arrivals (every row's item).
+//   out 4 (attention): items (rows 2 p and 2 p + 1, kv group g) instead of tiles (tile = g * 32 + p, no weight
+//   chunks): the cached keys and values stream through the weight ring, the query heads and new key/value
+//   through the input ring (attend). Its output chunks need 32 arrivals (every pair's item).
 //   ss_in (a norm): the finalizing epilogue scales row r by rsqrt(ss_in[r] / K + eps) (the norm's weight is
 //   folded into W); under a norm the exchange warp first waits for every input chunk, so ss_in is complete.
 //   A residual read needs no wait of its own: every input chunk a segment reads was written by a tile or
@@ -334,8 +334,6 @@ __device__ __forceinline__ int attention_input_chunk(const Product& d, int g, in
   return -1;
 }
 
-// Writes a tile half's outputs (64 weight rows: 64 output columns, 32 for SwiGLU) from a consumer thread's
-// accumulators, already summed over the tile's pieces and scaled by the input rows' norm.
 // What a finalizing epilogue reads that does not depend on the tile's sums, loaded (and rope's angles
 // computed) while the exchange warp still waits for them: the residual's words, the rows' positions.
 // Every load of an epilogue comes before its first store: the compiler cannot move a load past a store
@@ -370,6 +368,8 @@ __device__ __forceinline__ void prepare(const Product& d, int tile, int half, in
   }
 }
 
+// Writes a tile half's outputs (64 weight rows: 64 output columns, 32 for SwiGLU) from a consumer thread's
+// accumulators, already summed over the tile's pieces and scaled by the input rows' norm.
 __device__ __forceinline__ void epilogue(const Product& d, int tile, int half, int wq, int lane, float (&acc)[32],
                                          const Pre& pre) {
   const int col0 = (2 * tile + half) * kHalf;
@@ -468,36 +468,53 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// One attention item (row b, kv group g) = (item % 64, item / 64), with tensor cores. The cached keys and
-// values (positions 0 .. old - 1) arrive through the weight ring, 128 positions a slot (keys, then values,
-// both in the stream layout); the group's query heads and the row's new key and value through the input
-// ring (one slot, whose tail is the item's scratch). Consumer warp w < 4 takes keys 32 w .. 32 w + 31 of
-// every slot: scores S = Q K^T (m16n8k16, the heads as rows, padded to 16), its own running max and sum per
-// head (fp32, exp2 with the scale holding log2 e), then O += P V with P rounded to bf16. At the end the four
-// warps' states meet in the scratch (plain stores, one barrier: shared-memory float atomics are
-// compare-and-swap loops, and eight warps adding into one tile took 7.5 µs an item), and warp h rescales
-// and adds them for head h, adds the new position and writes the head, rounded once to bf16, into the
-// chunked attention output.
-constexpr int kAttnWarps = 4, kMaxGroup = 8;
+// One attention item: rows b0 = 2 (item % 32) and b0 + 1 of kv group g = item / 32, with tensor cores; warps
+// 0-3 take row b0, warps 4-7 row b0 + 1, side by side (an SM's items per layer run at once, not one after
+// the other). A row's cached keys and values (positions 0 .. old - 1) arrive through the weight ring, 128
+// positions a slot (keys, then values, both in the stream layout), row b0's slots first; its query heads and
+// new key and value through the input ring (a slot per row, whose tail is the row's scratch). Warp w of a
+// row's four takes keys 32 w .. 32 w + 31 of every slot: scores S = Q K^T (m16n8k16, the heads as rows,
+// padded to 16), its own running max and sum per head (fp32, exp2 with the scale holding log2 e), then
+// O += P V with P rounded to bf16; it only releases the other row's slots. At the end a row's four warps'
+// states meet in its scratch (plain stores, one barrier of the four: shared-memory float atomics are
+// compare-and-swap loops, and eight warps adding into one tile took 7.5 µs an item), and warp w rescales
+// and adds them for heads w and w + 4, adds the new position and writes the head, rounded once to bf16,
+// into the chunked attention output.
+constexpr int kAttnWarps = 4, kMaxGroup = 8, kPairs = kM / 2;
 constexpr int kAttnM = 2048, kAttnL = 2176, kAttnO = 4096;  // scratch offsets in the slot (bytes)
 
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory"); }
+__device__ __forceinline__ void row_sync(int row) {  // the four warps of one row of an attention item
+  asm volatile("bar.sync %0, %1;" ::"r"(2 + row), "n"(32 * kAttnWarps) : "memory");
+}
+
+// Cached key/value slots of a row with `old` cached positions.
+__device__ __forceinline__ int kv_slots(int old) { return old > 0 ? (old + kBK - 1) / kBK : 0; }
 
 template <typename S>
 __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& wr, Ring& xr, Ring& done,
                                        int64_t* tr, bool skip) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row (head) and column pair
-  const int b = item % kM, g = item / kM, group = d.group;
+  const int row = warp / kAttnWarps, wk = warp % kAttnWarps;  // this warp's row of the pair, its keys
+  const int b0 = 2 * (item % kPairs), b = b0 + row, g = item / kPairs, group = d.group;
   const int old = row_pos(d, b);  // cached positions 0 .. old - 1; the new one is `old` (-1: a padding row)
-  mbar_wait(&sm.x_full[xr.slot], xr.phase);
+  const int before = row == 0 ? 0 : kv_slots(row_pos(d, b0)), after = row == 0 ? kv_slots(row_pos(d, b0 + 1)) : 0;
+  Ring mine = xr;  // this row's input slot: the pair's first or second
+  if (row == 1) mine.step(S::kX);
+  mbar_wait(&sm.x_full[mine.slot], mine.phase);
   if (tr) tr[1] = global_ns();
-  unsigned char* xs = reinterpret_cast<unsigned char*>(sm.x[xr.slot]);
+  unsigned char* xs = reinterpret_cast<unsigned char*>(sm.x[mine.slot]);
   const __nv_bfloat16* q = reinterpret_cast<const __nv_bfloat16*>(xs);  // [group][64], new k, new v
   float* mbuf = reinterpret_cast<float*>(xs + kAttnM);  // [4 warps][8 heads]
   float* lbuf = reinterpret_cast<float*>(xs + kAttnL);  // [4 warps][8 heads]
   float* obuf = reinterpret_cast<float*>(xs + kAttnO);  // [4 warps][8 heads][64]
-  const bool keys = !skip && warp < kAttnWarps;
+  const bool keys = !skip;
+  for (int t = 0; t < before; ++t) {  // row b0's slots: released once they are this use's
+    mbar_wait(&sm.w_full[wr.slot], wr.phase);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
+    wr.step(S::kW);
+  }
   uint32_t qa[4][2];  // the query heads as mma A fragments (rows 8-15 padding), one per 16 dimensions
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks)
@@ -512,10 +529,10 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
   for (int t = 0; t * kBK < old; ++t) {
     const int rows = min(kBK, old - t * kBK);
     mbar_wait(&sm.w_full[wr.slot], wr.phase);
-    if (keys && 32 * warp < rows) {
+    if (keys && 32 * wk < rows) {
       const __nv_bfloat16* kb = sm.w[wr.slot];
       const __nv_bfloat16* vb = sm.w[wr.slot] + kXChunk;
-      const int key0 = 32 * warp;
+      const int key0 = 32 * wk;
       float s[4][4];
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
@@ -573,37 +590,43 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
     wr.step(S::kW);
     if (tr && (t + 1) * kBK >= old) tr[5] = global_ns();  // the last slot of keys and values done
   }
-  if (keys) {  // this warp's state, unscaled, to the scratch
+  for (int t = 0; t < after; ++t) {  // row b0 + 1's slots
+    mbar_wait(&sm.w_full[wr.slot], wr.phase);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
+    wr.step(S::kW);
+  }
+  if (keys) {  // this warp's state, unscaled, to the row's scratch
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     if (tq == 0) {
-      mbuf[warp * kMaxGroup + gq] = m;
-      lbuf[warp * kMaxGroup + gq] = l;
+      mbuf[wk * kMaxGroup + gq] = m;
+      lbuf[wk * kMaxGroup + gq] = l;
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      *reinterpret_cast<float2*>(obuf + (warp * kMaxGroup + gq) * kHeadDim + 8 * j + 2 * tq) = make_float2(o[j][0], o[j][1]);
+      *reinterpret_cast<float2*>(obuf + (wk * kMaxGroup + gq) * kHeadDim + 8 * j + 2 * tq) = make_float2(o[j][0], o[j][1]);
   }
-  consumer_sync();
+  row_sync(row);
   if (tr) tr[2] = global_ns();
   mbar_wait(&sm.done_empty[done.slot], done.phase ^ 1);
-  if (!skip && warp < group) {  // head `warp`: the warps' states, the new position, the output
+  for (int h = wk; !skip && h < group; h += kAttnWarps) {  // head h: the warps' states, the new position, the output
     float mall = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) mall = fmaxf(mall, mbuf[w * kMaxGroup + warp]);
+    for (int w = 0; w < kAttnWarps; ++w) mall = fmaxf(mall, mbuf[w * kMaxGroup + h]);
     float l_h = 0.f, o0 = 0.f, o1 = 0.f;
 #pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) {
-      const float mw = mbuf[w * kMaxGroup + warp];
+      const float mw = mbuf[w * kMaxGroup + h];
       const float sc = mw == -INFINITY ? 0.f : exp2f(mw - mall);
-      const float2 ow = *reinterpret_cast<const float2*>(obuf + (w * kMaxGroup + warp) * kHeadDim + 2 * lane);
-      l_h += sc * lbuf[w * kMaxGroup + warp];
+      const float2 ow = *reinterpret_cast<const float2*>(obuf + (w * kMaxGroup + h) * kHeadDim + 2 * lane);
+      l_h += sc * lbuf[w * kMaxGroup + h];
       o0 += sc * ow.x;
       o1 += sc * ow.y;
     }
     if (old >= 0) {
       const int c = cache_col(old, 2 * lane);  // the new key and value rows are in the stream layout
-      const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + warp * kHeadDim + 2 * lane));
+      const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + h * kHeadDim + 2 * lane));
       const float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + group * kHeadDim + c));
       const float2 v2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(q + (group + 1) * kHeadDim + c));
       float sc = q2.x * k2.x + q2.y * k2.y;
@@ -617,18 +640,22 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
       l_h = l_h * alpha + pn;
     }
     const float inv = l_h > 0.f ? 1.f / l_h : 0.f;  // a padding row (no keys): zeros
-    const int col = (g * group + warp) * kHeadDim + 2 * lane;
+    const int col = (g * group + h) * kHeadDim + 2 * lane;
     *reinterpret_cast<__nv_bfloat162*>(d.y + (size_t)(col / kBK) * kXChunk + swz(b, col % kBK)) =
         __floats2bfloat162_rn(o0 * inv, o1 * inv);
-    fence_proxy_async();
   }
-  // the slot's scratch was written by this proxy; the next bulk copy into the slot comes from the async one
+  fence_proxy_async();
+  // the slots' scratch was written by this proxy; the next bulk copies into them come from the async one
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncwarp();
-  if (lane == 0) {
+  if (lane == 0) {  // both of the pair's input slots (in ring order), then the segment
     mbar_arrive(&sm.x_empty[xr.slot]);
+    Ring second = xr;
+    second.step(S::kX);
+    mbar_arrive(&sm.x_empty[second.slot]);
     mbar_arrive(&sm.done_full[done.slot]);
   }
+  xr.step(S::kX);
   xr.step(S::kX);
   done.step(kSignalStages);
   if (tr) tr[3] = global_ns();
@@ -688,17 +715,20 @@ __global__ void __launch_bounds__(kThreads, 1)
           // in its second. Whole slots (max_len is a multiple of 128): the positions past the row's are
           // masked, and must be finite values (a zeroed cache, or older entries), not stale shared memory.
           const Product& d = s.d;
-          const int b = s.tile % kM, g = s.tile / kM, old = row_pos(d, b);
-          const size_t base = ((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len * kHeadDim;
-          for (int t = 0; t * kBK < old; ++t) {
-            const uint32_t bytes = kBK * kHeadDim * 2;
-            next_slot();
-            if (tr && t == 0) tr[4] = global_ns();
-            mbar_expect_tx(&sm.w_full[r.slot], 2 * bytes);
-            bulk_copy(sm.w[r.slot], d.kc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot], policy);
-            bulk_copy(sm.w[r.slot] + kXChunk, d.vc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot],
-                      policy);
-            r.step(kWStages);
+          const int g = s.tile / kPairs;
+          for (int b = 2 * (s.tile % kPairs); b < 2 * (s.tile % kPairs) + 2; ++b) {  // the pair's rows in turn
+            const int old = row_pos(d, b);
+            const size_t base = ((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len * kHeadDim;
+            for (int t = 0; t * kBK < old; ++t) {
+              const uint32_t bytes = kBK * kHeadDim * 2;
+              next_slot();
+              if (tr && t == 0 && b % 2 == 0) tr[4] = global_ns();
+              mbar_expect_tx(&sm.w_full[r.slot], 2 * bytes);
+              bulk_copy(sm.w[r.slot], d.kc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot], policy);
+              bulk_copy(sm.w[r.slot] + kXChunk, d.vc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot],
+                        policy);
+              r.step(kWStages);
+            }
           }
           continue;
         }
@@ -720,8 +750,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Segment s = segment_at(prog, list, i);
       const Product& d = s.d;
       const bool wait = d.ready_in != nullptr && !(flags & 1);
-      if (d.out == OUT_ATTENTION) {  // item (row b, kv group g): its query heads and the new key and value
-        const int b = s.tile % kM, g = s.tile / kM;
+      if (d.out == OUT_ATTENTION) {  // item (rows b0, b0 + 1, kv group g): their query heads, new keys and values
+        const int g = s.tile / kPairs;
         if (wait) {
           const int c = attention_input_chunk(d, g, lane);
           while (__any_sync(0xffffffffu, c >= 0 && load_acquire(d.ready_in + c) < d.need)) __nanosleep(20);
@@ -730,20 +760,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) {
           if (wait) fence_proxy_async();
           if (trace != nullptr) trace[((size_t)cta * L + i) * kTrace + 6] = global_ns();
-          mbar_wait(&sm.x_empty[r.slot], r.phase ^ 1);
-          const int pos = row_pos(d, b);
-          if (pos >= 0 && !(flags & 8)) {  // one slot: [query heads of the group][new key][new value]
-            const uint32_t qbytes = d.group * kHeadDim * 2;
-            const size_t at = (((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len + pos) * kHeadDim;
-            mbar_expect_tx(&sm.x_full[r.slot], qbytes + 4 * kHeadDim);
-            bulk_copy(sm.x[r.slot], d.x + (size_t)b * d.x_stride + g * d.group * kHeadDim, qbytes,
-                      &sm.x_full[r.slot], policy);
-            bulk_copy(sm.x[r.slot] + d.group * kHeadDim, d.kc + at, 2 * kHeadDim, &sm.x_full[r.slot], policy);
-            bulk_copy(sm.x[r.slot] + (d.group + 1) * kHeadDim, d.vc + at, 2 * kHeadDim, &sm.x_full[r.slot], policy);
-          } else {
-            mbar_arrive(&sm.x_full[r.slot]);  // a padding row: nothing to copy
+          for (int b = 2 * (s.tile % kPairs); b < 2 * (s.tile % kPairs) + 2; ++b) {  // a slot per row
+            mbar_wait(&sm.x_empty[r.slot], r.phase ^ 1);
+            const int pos = row_pos(d, b);
+            if (pos >= 0 && !(flags & 8)) {  // [query heads of the group][new key][new value]
+              const uint32_t qbytes = d.group * kHeadDim * 2;
+              const size_t at = (((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len + pos) * kHeadDim;
+              mbar_expect_tx(&sm.x_full[r.slot], qbytes + 4 * kHeadDim);
+              bulk_copy(sm.x[r.slot], d.x + (size_t)b * d.x_stride + g * d.group * kHeadDim, qbytes,
+                        &sm.x_full[r.slot], policy);
+              bulk_copy(sm.x[r.slot] + d.group * kHeadDim, d.kc + at, 2 * kHeadDim, &sm.x_full[r.slot], policy);
+              bulk_copy(sm.x[r.slot] + (d.group + 1) * kHeadDim, d.vc + at, 2 * kHeadDim, &sm.x_full[r.slot],
+                        policy);
+            } else {
+              mbar_arrive(&sm.x_full[r.slot]);  // a padding row: nothing to copy
+            }
+            r.step(kXStages);
           }
-          r.step(kXStages);
         }
         __syncwarp();
         continue;
@@ -805,7 +838,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (s.slot >= 0) {
           red_release(d.tickets + s.tile, 1);
         } else if (d.out == OUT_ATTENTION) {  // the chunks of the item's query heads
-          const int g = s.tile / kM;
+          const int g = s.tile / kPairs;
           fence_acq_rel();  // one fence for the item's chunks (a release each waited for the one before)
           for (int c = g * d.group * kHeadDim / kBK; c * kBK < (g + 1) * d.group * kHeadDim; ++c)
             red_relaxed(d.ready_out + c, 1);

@@ -34,7 +34,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v54", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v55", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -224,8 +224,9 @@ class _Product:
 
     @property
     def chunk_need(self) -> int:
-        """Arrivals that make one of its output chunks ready: the tiles (or attention rows) writing it."""
-        return {"swiglu": 2, "attention": ROWS}.get(self.out, 1)
+        """Arrivals that make one of its output chunks ready: the tiles (or attention items, a pair of rows each)
+        writing it."""
+        return {"swiglu": 2, "attention": ROWS // 2}.get(self.out, 1)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -427,10 +428,10 @@ class StreamProgram:
         return len(self.products) - 1
 
     def shapes(self) -> list:
-        """(tiles, chunks per tile) of every product, the rows (items) of every attention phase: the work
+        """(tiles, chunks per tile) of every product, the items (pairs of rows) of every attention phase: the work
         :func:`schedule` splits."""
         return [(p.w.shape[0] // TILE, p.w.shape[1] // CHUNK) if p.w is not None
-                else ROWS * (p.attn["kv_cols"] // HEAD) for p in self.products]
+                else ROWS // 2 * (p.attn["kv_cols"] // HEAD) for p in self.products]
 
     def _row(self, i: int, ptrs: dict) -> list[int]:
         p = self.products[i]
