@@ -34,7 +34,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v55", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v57", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -509,7 +509,9 @@ class StreamProgram:
         """Launch the kernel on the current stream (capturable in a CUDA graph after one eager run).
 
         ``flags`` are timing diagnostics (wrong results): 1 inputs do not wait for their products, 2 no
-        product arithmetic (3: the two streams alone), 4 no partial sums. ``trace``: int64 [grid, segments,
+        product arithmetic (3: the two streams alone), 4 no partial sums, 8 no input copies, 16 no attention
+        arithmetic, 32 no epilogue stores, 64 finalizers do not wait for their pieces, 128 rope's angles
+        computed for every qkv tile (not once). ``trace``: int64 [grid, segments,
         8] to receive each segment's global timers (ns): consumers' start, first input chunk, end of products
         (attention: of the merge), end of epilogue; first weight (or key/value) copy issued; the other
         pieces' sums landed (a finalizer; attention: the last key/value slot done); first input copy issued;
