@@ -478,7 +478,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // One attention item: rows b0 = 2 (item % 32) and b0 + 1 of kv group g = item / 32, with tensor cores; warps
 // 0-3 take row b0, warps 4-7 row b0 + 1, side by side (an SM's items per layer run at once, not one after
 // the other). A row's cached keys and values (positions 0 .. old - 1) arrive through the weight ring, 128
-// positions a slot (keys, then values, both in the stream layout), row b0's slots first; its query heads and
+// positions a slot (keys, then values, both in the stream layout), the two rows' slots interleaved; its query heads and
 // new key and value through the input ring (a slot per row, whose tail is the row's scratch). Warp w of a
 // row's four takes keys 32 w .. 32 w + 31 of every slot: scores S = Q K^T (m16n8k16, the heads as rows,
 // padded to 16), its own running max and sum per head (fp32, exp2 with the scale holding log2 e), then
@@ -505,7 +505,7 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
   const int row = warp / kAttnWarps, wk = warp % kAttnWarps;  // this warp's row of the pair, its keys
   const int b0 = 2 * (item % kPairs), b = b0 + row, g = item / kPairs, group = d.group;
   const int old = row_pos(d, b);  // cached positions 0 .. old - 1; the new one is `old` (-1: a padding row)
-  const int before = row == 0 ? 0 : kv_slots(row_pos(d, b0)), after = row == 0 ? kv_slots(row_pos(d, b0 + 1)) : 0;
+  const int n0 = kv_slots(row_pos(d, b0)), n1 = kv_slots(row_pos(d, b0 + 1));
   Ring mine = xr;  // this row's input slot: the pair's first or second
   if (row == 1) mine.step(S::kX);
   mbar_wait(&sm.x_full[mine.slot], mine.phase);
@@ -516,12 +516,6 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
   float* lbuf = reinterpret_cast<float*>(xs + kAttnL);  // [4 warps][8 heads]
   float* obuf = reinterpret_cast<float*>(xs + kAttnO);  // [4 warps][8 heads][64]
   const bool keys = !skip;
-  for (int t = 0; t < before; ++t) {  // row b0's slots: released once they are this use's
-    mbar_wait(&sm.w_full[wr.slot], wr.phase);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
-    wr.step(S::kW);
-  }
   uint32_t qa[4][2];  // the query heads as mma A fragments (rows 8-15 padding), one per 16 dimensions
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks)
@@ -533,10 +527,12 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
   float o[8][4];
 #pragma unroll
   for (int j = 0; j < 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  for (int t = 0; t * kBK < old; ++t) {
+  for (int k = 0; k < 2 * max(n0, n1); ++k) {  // the rows' slots interleaved: slot t of row b0, of row b0 + 1, ...
+    const int r = k & 1, t = k >> 1;
+    if (t >= (r == 0 ? n0 : n1)) continue;
     const int rows = min(kBK, old - t * kBK);
-    mbar_wait(&sm.w_full[wr.slot], wr.phase);
-    if (keys && 32 * wk < rows) {
+    mbar_wait(&sm.w_full[wr.slot], wr.phase);  // (the other row's slot: released once it is this use's)
+    if (r == row && keys && 32 * wk < rows) {
       const __nv_bfloat16* kb = sm.w[wr.slot];
       const __nv_bfloat16* vb = sm.w[wr.slot] + kXChunk;
       const int key0 = 32 * wk;
@@ -595,13 +591,7 @@ __device__ __forceinline__ void attend(S& sm, const Product& d, int item, Ring& 
     __syncwarp();
     if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
     wr.step(S::kW);
-    if (tr && (t + 1) * kBK >= old) tr[5] = global_ns();  // the last slot of keys and values done
-  }
-  for (int t = 0; t < after; ++t) {  // row b0 + 1's slots
-    mbar_wait(&sm.w_full[wr.slot], wr.phase);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&sm.w_empty[wr.slot]);
-    wr.step(S::kW);
+    if (tr && r == row && (t + 1) * kBK >= old) tr[5] = global_ns();  // the last slot of keys and values done
   }
   if (keys) {  // this warp's state, unscaled, to the row's scratch
     l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -722,20 +712,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           // in its second. Whole slots (max_len is a multiple of 128): the positions past the row's are
           // masked, and must be finite values (a zeroed cache, or older entries), not stale shared memory.
           const Product& d = s.d;
-          const int g = s.tile / kPairs;
-          for (int b = 2 * (s.tile % kPairs); b < 2 * (s.tile % kPairs) + 2; ++b) {  // the pair's rows in turn
-            const int old = row_pos(d, b);
-            const size_t base = ((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len * kHeadDim;
-            for (int t = 0; t * kBK < old; ++t) {
-              const uint32_t bytes = kBK * kHeadDim * 2;
-              next_slot();
-              if (tr && t == 0 && b % 2 == 0) tr[4] = global_ns();
-              mbar_expect_tx(&sm.w_full[r.slot], 2 * bytes);
-              bulk_copy(sm.w[r.slot], d.kc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot], policy);
-              bulk_copy(sm.w[r.slot] + kXChunk, d.vc + base + (size_t)t * kBK * kHeadDim, bytes, &sm.w_full[r.slot],
-                        policy);
-              r.step(kWStages);
-            }
+          const int g = s.tile / kPairs, b0 = 2 * (s.tile % kPairs);
+          const int n0 = kv_slots(row_pos(d, b0)), n1 = kv_slots(row_pos(d, b0 + 1));
+          for (int k = 0; k < 2 * max(n0, n1); ++k) {  // the pair's rows' slots interleaved (both end together)
+            const int b = b0 + (k & 1), t = k >> 1;
+            if (t >= ((k & 1) == 0 ? n0 : n1)) continue;
+            const size_t at = (((size_t)b * (d.kv_cols / kHeadDim) + g) * d.max_len + (size_t)t * kBK) * kHeadDim;
+            const uint32_t bytes = kBK * kHeadDim * 2;
+            next_slot();
+            if (tr && k < 2) tr[4] = global_ns();
+            mbar_expect_tx(&sm.w_full[r.slot], 2 * bytes);
+            bulk_copy(sm.w[r.slot], d.kc + at, bytes, &sm.w_full[r.slot], policy);
+            bulk_copy(sm.w[r.slot] + kXChunk, d.vc + at, bytes, &sm.w_full[r.slot], policy);
+            r.step(kWStages);
           }
           continue;
         }
