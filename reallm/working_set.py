@@ -76,7 +76,8 @@ def stream_decode_unfit(spec, batch: int, tp: int = 1, pp: int = 1) -> Optional[
     if tp != 1 or pp != 1:
         return f"tp {tp}, pp {pp} (the step is the whole model on one device)"
     if not 0 < batch <= STREAM_ROWS:
-        return f"{batch} sequences (the kernel's step has {STREAM_ROWS} rows)"
+        return (f"{batch} sequences in a micro-batch (the kernel's step has {STREAM_ROWS} rows: split the "
+                f"generation into micro-batches of at most {STREAM_ROWS})")
     if spec.is_critic:
         return "a critic (the step ends in the LM head)"
     if spec.head_dim != STREAM_HEAD or spec.qkv_bias:
@@ -102,14 +103,15 @@ def stream_cache_len(tokens: int) -> int:
     return -(-tokens // STREAM_SLOT) * STREAM_SLOT
 
 
-def stream_decode_bytes(spec) -> int:
-    """Device bytes the stream step holds besides the model and its cache: the packed weights (every matrix
-    but the embedding table, the LM head included; bf16), the per-layer activation buffers, the logits and
-    the fp32 sums of spread weight tiles (at most one per tile)."""
+def stream_decode_bytes(spec, runners: int = 1) -> int:
+    """Device bytes the stream step holds besides the model and its caches: the packed weights (every matrix
+    but the embedding table, the LM head included; bf16; one copy per model), and per runner (a micro-batch's
+    cache) the per-layer activation buffers, the logits and the fp32 sums of spread weight tiles (at most one
+    per tile)."""
     q, kv, h, inter, v = (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.hidden_size,
                           spec.intermediate_size, spec.vocab_size)
     layer = h * (q + 2 * kv) + q * h + 2 * inter * h + inter * h
     packed = 2 * (spec.num_layers * layer + v * h)
     buffers = 2 * STREAM_ROWS * (spec.num_layers * (2 * q + 2 * h + inter) + v)
     tiles = spec.num_layers * (q + 2 * kv + h + 2 * inter + h) // STREAM_TILE + v // STREAM_TILE
-    return packed + buffers + tiles * STREAM_SUMS_TILE_BYTES
+    return packed + runners * (buffers + tiles * STREAM_SUMS_TILE_BYTES)

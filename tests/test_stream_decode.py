@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from reallm import working_set
+from reallm.model import stream_decode
 from reallm.model.generate import DecodeRunner, decode_runner
 from reallm.model.stream_decode import StreamDecodeRunner, unusable
 from reallm.model.transformer import Transformer, pack_sequences
@@ -136,3 +137,62 @@ def test_the_memory_rules_match_what_the_step_holds():
     assert stream.transient_bytes - lib.transient_bytes == pytest.approx(bound + (256 - 200) * kv_per_pos)
     assert call_memory(gen, Placement((0, 1), tp=2), SPEC, ModelOptions(stream_decode=True)).transient_bytes \
         == call_memory(gen, Placement((0, 1), tp=2), SPEC, ModelOptions()).transient_bytes
+
+
+def test_the_ring_keeps_a_runner_and_permutes_after_each_prefill(monkeypatch):
+    """The executor's generation (``ParallelModel.generate``, one rank, kept decode graphs) through the stream
+    runner (its torch definition, on CPU): a second call reuses the kept runner and cache and gives the
+    first call's tokens — which it does not when the ring's ``after_prefill`` is skipped (the cache left in
+    the prefill's layout): the check can tell."""
+    from executor.comm import Group
+    from reallm.model.generate import GenerationConfig
+    from reallm.parallel import ParallelModel
+    from reallm.parallel.groups import ParallelGroups
+    from reallm.placement import Placement
+
+    made = []
+
+    class Reference(StreamDecodeRunner):
+        def __init__(self, model, cache, use_graph=True, kernel=True):
+            super().__init__(model, cache, use_graph=False, kernel=False)
+            made.append(self)
+
+    monkeypatch.setattr(stream_decode, "unusable", lambda model, batch, device: None)
+    monkeypatch.setattr(stream_decode, "StreamDecodeRunner", Reference)
+    groups = ParallelGroups.build(Placement((0,)), 0, lambda ranks: Group(tuple(ranks), None))
+    pm = ParallelModel.build(None, groups, spec=SPEC, dtype=torch.bfloat16, device="cpu", init_seed=3,
+                             compile_blocks=False, inference_graphs=False)
+    with torch.no_grad():
+        for p in pm.model.parameters():
+            p.mul_(4.0)  # std 0.08: attention far from uniform, so a wrong cache layout shows
+    pm.keep_decode_graphs(True)
+    cfg = GenerationConfig(max_new_tokens=8, greedy=True)
+    prompts = [p[:40] for p in PROMPTS]
+
+    def run():
+        return pm.generate(prompts, cfg, eos_token_id=None, pad_token_id=0).tokens_BN
+
+    first, second = run(), run()
+    assert len(made) == 1 and torch.equal(first, second)
+    monkeypatch.setattr(Reference, "after_prefill", lambda self: None)
+    assert not torch.equal(run(), first)
+
+
+def test_runners_of_one_model_share_its_packed_weights_and_repack_them():
+    """The kernel's runners (made on CPU; nothing launched): no plain copy kept, one packed copy per model
+    shared by runners over different caches, packed again at the first step after a prefill — equal to a
+    fresh pack of the new weights."""
+    model = _model("cpu")
+    one = StreamDecodeRunner(model, model.new_kv_cache(2, 128), use_graph=False)
+    two = StreamDecodeRunner(model, model.new_kv_cache(3, 256), use_graph=False)
+    assert all(p.w is None or p.w.device.type == "meta" for p in one.step.program.products)
+    assert all(a is b for a, b in zip(one.step.packed(), two.step.packed(), strict=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    one._begin()  # what the first step after a prefill does first
+    fresh = StreamDecodeRunner(_model("cpu"), model.new_kv_cache(2, 128), use_graph=False, kernel=False)
+    fresh.step.load(stream_decode.hf_weights(model))
+    for a, b in zip(two.step.packed(), fresh.step.packed(), strict=True):
+        assert torch.equal(a, b)
+    assert not any(t.requires_grad for t in one.step.packed())

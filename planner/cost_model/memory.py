@@ -57,8 +57,9 @@ bytes, or with compiled blocks (fused chunks) one chunk in the logits' dtype, d�
                           tokens (pp = 1; ``shapes.prefill_groups``) or b·P (pp > 1), r = min(b, sampling
                           chunk rows). Where decode steps run as the one-launch stream kernel (an sm_90
                           profile, tp = pp = 1, shapes that fit: ``working_set.stream_decode_unfit``), P+N is
-                          rounded up to whole slots of 128 and the kernel's packed weights and buffers
-                          (``working_set.stream_decode_bytes``) join the caches
+                          rounded up to whole slots of 128 and the kernel's packed weights (one copy) and
+                          each micro-batch runner's buffers (``working_set.stream_decode_bytes``) join the
+                          caches
   logits mask           (PPO's default: a call with ``packed_logits_mask`` among its outputs or inputs) one
                           byte per token and vocabulary entry: generation records ⌈n/dp⌉·N·V of them step
                           by step, and at its end, when the KV caches are freed, (3·⌈n/dp⌉ + b)·N·V are
@@ -301,7 +302,7 @@ def call_memory(call: Call, p: Placement, spec: ModelSpec, opts: ModelOptions = 
     # the one-launch decode step (working_set): its packed weights and buffers, a cache of whole slots
     stream = opts.stream_decode and d == 2 and working_set.stream_decode_unfit(spec, b, p.tp, p.pp) is None
     kv_len = working_set.stream_cache_len(P + N) if stream else P + N
-    extra = working_set.stream_decode_bytes(spec) if stream else 0.0
+    extra = working_set.stream_decode_bytes(spec, runners=math.ceil(n_rank / b)) if stream else 0.0
 
     def stage_bytes(st: Stage) -> float:
         working = block_working_bytes(spec, p.tp, False, prefill_tokens, d)

@@ -40,12 +40,14 @@ class DecodeStep:
     never ``torch.empty``). ``inv_freq``: rope's [32] inverse
     frequencies. Shapes: hidden, heads × 64 and the MLP width multiples of 128; an even number of query heads
     (at most 8) per kv head. ``keep_plain=False`` keeps only the packed weights the kernel reads (half the
-    memory; :meth:`reference` then refuses). :meth:`load` packs new weights in place.
+    memory; :meth:`reference` then refuses); ``packed`` reuses another step's (:meth:`packed`: steps over
+    several caches of one model share one copy). :meth:`load` packs new weights in place.
     """
 
+    @torch.no_grad()
     def __init__(self, weights: dict[str, torch.Tensor], *, layers: int, heads: int, kv_heads: int, eps: float,
                  inv_freq: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 keep_plain: bool = True):
+                 keep_plain: bool = True, packed: Optional[list[torch.Tensor]] = None):
         dev = weights["model.norm.weight"].device
         hidden = weights["model.norm.weight"].numel()
         self.hidden, self.vocab = hidden, weights["lm_head.weight"].shape[0]
@@ -55,6 +57,11 @@ class DecodeStep:
         if len(k_caches) != layers or len(v_caches) != layers:
             raise ValueError(f"DecodeStep: {layers} layers but {len(k_caches)} k / {len(v_caches)} v caches")
         mats = self._matrices(weights)
+        packs = iter(packed) if packed is not None else None
+
+        def pk():
+            return next(packs) if packs is not None else None
+
         bf = torch.bfloat16
         self.positions = torch.full((ROWS,), -1, dtype=torch.int64, device=dev)
         self.h0 = chunked_buffer(hidden, dev)
@@ -62,7 +69,7 @@ class DecodeStep:
         self.logits = torch.zeros(ROWS, self.vocab, dtype=bf, device=dev)
         self.inv_freq = inv_freq.float().to(dev).contiguous()
         self.buffers = []
-        prog = StreamProgram()
+        prog = StreamProgram(keep_plain=keep_plain)
         h, norm_src, dep = self.h0, self.ss0, None
         for i in range(layers):
             qkv_w, o_w, gu_w, down_w = (next(mats) for _ in range(4))
@@ -71,17 +78,19 @@ class DecodeStep:
             q = torch.zeros(ROWS, q_cols, dtype=bf, device=dev)  # a buffer per layer: every output its own
             self.buffers += [q, a, h_mid, act, h_next]
             qkv = prog.add_qkv(qkv_w, h, q, k_caches[i], v_caches[i], self.positions, self.inv_freq, q_cols=q_cols,
-                               dep=dep, norm=(norm_src, eps))
+                               dep=dep, norm=(norm_src, eps), packed=pk())
             att = prog.add_attention(qkv, a, scale=1.0 / math.sqrt(HEAD))
-            o = prog.add(o_w, a, h_mid, out="residual", residual=h, dep=att)
-            g = prog.add(gu_w, h_mid, act, out="swiglu", dep=o, norm=(o, eps))
-            dep = prog.add(down_w, act, h_next, out="residual", residual=h_mid, dep=g)
+            o = prog.add(o_w, a, h_mid, out="residual", residual=h, dep=att, packed=pk())
+            g = prog.add(gu_w, h_mid, act, out="swiglu", dep=o, norm=(o, eps), packed=pk())
+            dep = prog.add(down_w, act, h_next, out="residual", residual=h_mid, dep=g, packed=pk())
             h, norm_src = h_next, dep
-        self.head = prog.add(next(mats), h, self.logits, dep=dep, norm=(norm_src, eps))
+        self.head = prog.add(next(mats), h, self.logits, dep=dep, norm=(norm_src, eps), packed=pk())
         self.program = prog
         self.weight_bytes = sum(p.packed.numel() * 2 for p in prog.products if p.packed is not None)
-        if not keep_plain:
-            prog.drop_plain()
+
+    def packed(self) -> list[torch.Tensor]:
+        """The packed weights, in product order: ``packed=`` of another step over the same model shares them."""
+        return [p.packed for p in self.program.products if p.packed is not None]
 
     def _matrices(self, weights: dict[str, torch.Tensor]):
         """The products' matrices in program order (per layer [Wq; Wk; Wv]·diag(γ), Wo, [Wg; Wu]·diag(γ), Wd;
@@ -112,6 +121,7 @@ class DecodeStep:
             yield w(pre + "mlp.down_proj.weight")
         yield fold(w("lm_head.weight"), "model.norm.weight")
 
+    @torch.no_grad()
     def load(self, weights: dict[str, torch.Tensor]) -> None:
         """New weights of the same shapes (HF names), packed in place: launches captured earlier read them."""
         mats = self._matrices(weights)

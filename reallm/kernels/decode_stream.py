@@ -241,10 +241,22 @@ def _float_bits(v: float) -> int:
 class StreamProgram:
     """Products (and attention phases) to run in one launch, in dependency order."""
 
-    def __init__(self):
+    def __init__(self, keep_plain: bool = True):
         self.products: list[_Product] = []
         self._built: dict[int, dict] = {}
         self._ss: dict[int, int] = {}  # residual product -> its row in the sums-of-squares scratch
+        #: Keep each product's plain matrix (what :meth:`reference` reads); False: only the packed one the
+        #: kernel reads (half the memory, at no point both).
+        self.keep_plain = keep_plain
+
+    def _pack(self, w: torch.Tensor, glu: bool, packed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the product's plain matrix as kept, its packed weights): ``packed`` (made by :func:`pack_weight` of
+        such a matrix, e.g. shared with another program over the same model) or packed here."""
+        if packed is None:
+            packed = pack_weight(w, glu=glu)
+        elif packed.numel() != w.numel() or packed.dtype != torch.bfloat16:
+            raise ValueError(f"packed weights of {packed.numel()} bf16 elements for a {list(w.shape)} matrix")
+        return (w if self.keep_plain else w.to("meta")), packed
 
     def _check_dep(self, where: str, dep: Optional[int], x: torch.Tensor) -> int:
         if dep is None:
@@ -290,7 +302,8 @@ class StreamProgram:
                          f"product on this one's dep chain: nothing orders the read after its writes")
 
     def add(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, out: str = "plain",
-            dep: Optional[int] = None, norm: Optional[tuple] = None, residual: Optional[torch.Tensor] = None) -> int:
+            dep: Optional[int] = None, norm: Optional[tuple] = None, residual: Optional[torch.Tensor] = None,
+            packed: Optional[torch.Tensor] = None) -> int:
         """Append ``y = x[:, :K] @ w.T`` (or its SwiGLU); returns the product's index.
 
         ``x``: a chunked buffer with at least K columns. ``y``: a chunked buffer, or a [64, ≥ N'] bf16 view
@@ -316,7 +329,7 @@ class StreamProgram:
             self._check_residual(where, residual, dep_i)
         elif residual is not None:
             raise ValueError(f"{where}: residual= needs out='residual'")
-        self.products.append(_Product(w, pack_weight(w, glu=out == "swiglu"), x, y, out, dep_i, norm, residual))
+        self.products.append(_Product(*self._pack(w, out == "swiglu", packed), x, y, out, dep_i, norm, residual))
         if out == "residual":
             self._ss[len(self.products) - 1] = len(self._ss)
         self._built = {}
@@ -332,11 +345,6 @@ class StreamProgram:
         if p.w.device.type != "meta":
             p.w = w
 
-    def drop_plain(self) -> None:
-        """Free the plain weight matrices (the kernel reads only the packed ones; :meth:`reference` then refuses)."""
-        for p in self.products:
-            if p.w is not None:
-                p.w = p.w.to("meta")
 
     def _check_product(self, where, w, x, y, out, cols=None):
         n, k = w.shape
@@ -360,7 +368,7 @@ class StreamProgram:
 
     def add_qkv(self, w: torch.Tensor, x: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, q_cols: int,
-                dep: Optional[int] = None, norm: Optional[tuple] = None) -> int:
+                dep: Optional[int] = None, norm: Optional[tuple] = None, packed: Optional[torch.Tensor] = None) -> int:
         """Append an attention block's projections: ``w`` = [Wq; Wk; Wv] (q_cols, then kv_cols twice, heads of
         64); rope (``inv_freq`` [32] fp32, rotate-half pairs i, i + 32) on q and k at each row's position;
         q to the rows ``q`` [64, ≥ q_cols]; k, v to ``k_cache``/``v_cache`` [≥ rows, kv heads, max_len, 64]
@@ -385,7 +393,7 @@ class StreamProgram:
         norm = self._check_norm(where, norm, x, k, dep_i)
         attn = {"q_cols": q_cols, "kv_cols": kv_cols, "k": k_cache, "v": v_cache, "pos": positions,
                 "freq": inv_freq.contiguous()}
-        self.products.append(_Product(w, pack_weight(w), x, q, "qkv", dep_i, norm, None, attn))
+        self.products.append(_Product(*self._pack(w, False, packed), x, q, "qkv", dep_i, norm, None, attn))
         self._built = {}
         return len(self.products) - 1
 
@@ -593,7 +601,7 @@ class StreamProgram:
     def reference(self) -> None:
         """The whole program in torch, in order (the kernel's definition)."""
         if any(p.w is not None and p.w.device.type == "meta" for p in self.products):
-            raise RuntimeError("reference: the plain weights were dropped (drop_plain); only run() is left")
+            raise RuntimeError("reference: a program made with keep_plain=False has no plain weights; only run()")
         for i, p in enumerate(self.products):
             y = self.reference_output(i)
             if p.out == "qkv":

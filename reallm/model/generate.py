@@ -297,10 +297,11 @@ class DecodeRunner:
 
 def stream_decode_usable(model: Transformer, batch: int, device) -> bool:
     """Whether decode steps of ``model`` for ``batch`` sequences run as the one-launch stream kernel
-    (``reallm.model.stream_decode``; its caches need whole slots of 128 positions: ``cache_capacity``)."""
+    (``reallm.model.stream_decode``; its caches need whole slots of 128 positions:
+    ``working_set.stream_cache_len``)."""
     from reallm.model import stream_decode
 
-    return stream_decode.unusable(model, batch, device) is None
+    return stream_decode.unusable_logged(model, batch, device) is None
 
 
 def decode_runner(model: Transformer, cache: KVCache, use_graph: bool):

@@ -5,9 +5,10 @@ Where the model and the batch fit the kernel (:func:`unusable` says why not), a 
 as one ``DecodeStep`` launch, replayed from a CUDA graph, instead of about ten library kernels a layer
 (BENCHMARKS.md, decode step). Two things differ from the library step:
 
-- the kernel reads its own packed copy of the weights (the norms' weights folded in), packed when the runner
-  is made and again at the first step after any parameter changed (an optimizer step or a reallocation bumps
-  the parameters' version counters; a moved buffer changes their addresses);
+- the kernel reads its own packed copy of the weights (the norms' weights folded in; one copy per model,
+  shared by its runners over several caches), packed again at the first step of every generation: the
+  executor rewrites weights in ways no version counter sees (reallocation kernels writing a buffer that may
+  sit where the last one did), and a pack costs a few milliseconds against a generation's hundreds;
 - it reads and appends keys and values in its *stream layout* (:func:`~reallm.kernels.decode_stream.stream_cache`),
   while a prefill writes the plain one: at the first step after a prefill (:meth:`StreamDecodeRunner.after_prefill`)
   the runner permutes the whole cache in place. From then until the next prefill only its decode steps may
@@ -16,6 +17,8 @@ as one ``DecodeStep`` launch, replayed from a CUDA graph, instead of about ten l
 
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -24,6 +27,7 @@ from reallm import working_set
 from reallm.kernels import decode_step, decode_stream
 
 ROWS = decode_stream.ROWS
+logger = logging.getLogger(__name__)
 
 
 def unusable(model, batch: int, device) -> Optional[str]:
@@ -51,15 +55,34 @@ def unusable(model, batch: int, device) -> Optional[str]:
     return None
 
 
+def unusable_logged(model, batch: int, device) -> Optional[str]:
+    """:func:`unusable`, logging the reason once per model when a CUDA generation falls back to the library
+    step (a kernel that did not build on an H100, a shape that does not fit)."""
+    why = unusable(model, batch, device)
+    if why is not None and torch.device(device).type == "cuda" and getattr(model, "use_stream_decode", True):
+        seen = model.__dict__.setdefault("_stream_decode_refusals", set())
+        if why not in seen:
+            seen.add(why)
+            logger.info("decode steps run the library step, not the one-launch stream kernel: %s", why)
+    return why
+
+
+class _Packed:
+    """One model's packed weights, shared by its runners (held by them; gone with the last)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+
+
+#: id(model) -> its packed weights while a runner holds them.
+_PACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 def hf_weights(model) -> dict[str, torch.Tensor]:
     """The model's parameters by HF name (a tied LM head under both names)."""
     named = dict(model.named_parameters(remove_duplicate=False))
     named.setdefault("lm_head.weight", model.model.embed_tokens.weight)
     return named
-
-
-def _weights_key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 class StreamDecodeRunner:
@@ -70,6 +93,7 @@ class StreamDecodeRunner:
     (``DecodeStep.reference``; any device): what the tests compare the integration with.
     """
 
+    @torch.no_grad()
     def __init__(self, model, cache, use_graph: bool = True, kernel: bool = True):
         layers = list(model.stage.layers)
         if cache.max_len % decode_stream.CHUNK:
@@ -79,24 +103,25 @@ class StreamDecodeRunner:
         device = model.model.embed_tokens.weight.device
         self.model, self.cache, self.kernel = model, cache, kernel
         self.use_graph = use_graph and kernel and device.type == "cuda"
+        shared = _PACKED.get(id(model)) if kernel else None
         self.step = decode_step.DecodeStep(
             hf_weights(model), layers=len(layers), heads=spec.num_heads, kv_heads=spec.num_kv_heads,
             eps=spec.rms_norm_eps, inv_freq=model.arch.rope.inv_freq(spec.head_dim, device=device),
-            k_caches=[cache.k[i] for i in layers], v_caches=[cache.v[i] for i in layers], keep_plain=not kernel)
-        self._weights = _weights_key(model)
+            k_caches=[cache.k[i] for i in layers], v_caches=[cache.v[i] for i in layers], keep_plain=not kernel,
+            packed=shared.tensors if shared is not None else None)
+        if kernel:
+            self._packed = shared or _Packed(self.step.packed())
+            _PACKED[id(model)] = self._packed
         self._plain_cache = True  # a prefill wrote the plain layout: permute before the next step
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.calls = 0
 
     def after_prefill(self) -> None:
-        """A prefill wrote the cache (plain layout): the next step permutes it first."""
+        """A prefill wrote the cache (plain layout): the next step packs the weights and permutes the cache."""
         self._plain_cache = True
 
     def _begin(self) -> None:
-        key = _weights_key(self.model)
-        if key != self._weights:
-            self.step.load(hf_weights(self.model))
-            self._weights = key
+        self.step.load(hf_weights(self.model))
         for t in (*self.cache.k.values(), *self.cache.v.values()):
             t.copy_(decode_stream.stream_cache(t))
         self._plain_cache = False
@@ -105,10 +130,11 @@ class StreamDecodeRunner:
         self.step.set_inputs(self.model.model.embed_tokens(tokens_B), positions_B)
         return self.step.run() if self.kernel else self.step.reference()
 
+    @torch.no_grad()
     def __call__(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         B = tokens_B.shape[0]
-        if self._plain_cache:  # the first step of a generation (weights only change between generations)
+        if self._plain_cache:  # the first step of a generation
             self._begin()
         if not self.use_graph:
             return self._run(tokens_B, positions_B)[:B]
