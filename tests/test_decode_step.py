@@ -187,3 +187,26 @@ def test_stream_cache_layout_is_an_involution_with_swizzled_units():
     assert torch.equal(stream_cache(s), c)
     assert torch.equal(s[1, 2, 5, (3 ^ 5) * 8:(3 ^ 5) * 8 + 8], c[1, 2, 5, 24:32])  # position 5: unit 3 at 3 ^ 5
     assert torch.equal(s[0, 0, 8], c[0, 0, 8])  # position 8: units in place
+
+
+@needs_sm90
+@pytest.mark.parametrize("rows", [5, 64])
+def test_set_tokens_launch_equals_gather_and_set_inputs(rows):
+    """The one-launch input preparation (embedding gather into the chunked layout, sums of squares,
+    positions; padding rows zero at position -1) against the torch gather and ``set_inputs``."""
+    assert decode_step.available(), "decode_stream kernel did not build"
+    step = _setup("cuda")[0]
+    g = torch.Generator().manual_seed(rows)
+    embed = torch.randn(512, 256, generator=g).to("cuda", torch.bfloat16)
+    tokens = torch.randint(0, 512, (rows,), generator=g).cuda()
+    positions = torch.randint(0, MAX_LEN, (rows,), generator=g).cuda()
+    step.set_inputs(embed[tokens], positions)
+    want = [t.clone() for t in (step.h0, step.ss0, step.positions)]
+    for t in (step.h0, step.ss0):
+        t.fill_(7.0)  # stale values the launch must overwrite, padding rows included
+    step.positions.fill_(99)
+    step.set_tokens(tokens, positions, embed)
+    assert torch.equal(step.h0, want[0])
+    torch.testing.assert_close(step.ss0, want[1], rtol=1e-5, atol=0)
+    assert torch.equal(step.positions, want[2])
+    assert int((step.positions == -1).sum()) == 64 - rows

@@ -11,6 +11,7 @@ from reallm.kernels.decode_stream import (
     from_chunks,
     pack_weight,
     schedule,
+    stream_cache,
     to_chunks,
 )
 
@@ -145,3 +146,42 @@ def test_kernel_matches_the_reference_and_replays(grid, size, variant, inflight)
         for i in range(len(prog.products)):  # each product against torch on the kernel's own input
             torch.testing.assert_close(prog.output(i).float(), prog.reference_output(i).float(), rtol=2e-2,
                                        atol=2e-2, msg=lambda m, i=i, launch=launch: f"launch {launch}, product {i}: {m}")
+
+
+@needs_sm90
+def test_pack_many_is_bitwise_the_torch_fold_and_pack():
+    """One launch packs stacked sources ([Wq; Wk; Wv], [Wg; Wu]) with a folded norm weight, and plain
+    matrices, exactly as the torch fold and ``pack_weight`` do; a job that does not fit is refused."""
+    assert decode_stream.available(), "decode_stream kernel did not build"
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
+
+    q, k, v, gamma = rnd(256, 384), rnd(128, 384), rnd(128, 384), rnd(384) + 1
+    gate, up, gamma2 = rnd(256, 256), rnd(256, 256), rnd(256) + 1
+    plain = rnd(128, 512)
+    jobs = [([q, k, v], gamma, False), ([gate, up], gamma2, True), ([plain], None, False)]
+    want = []
+    for srcs, gam, glu in jobs:
+        mat = torch.cat(srcs)
+        if gam is not None:
+            mat = (mat.float() * gam.float()[None, :]).to(torch.bfloat16)
+        want.append(pack_weight(mat, glu=glu))
+    dsts = [torch.full_like(w, 7.0) for w in want]
+    assert decode_stream.pack_many([(d, s, gam, glu) for d, (s, gam, glu) in zip(dsts, jobs)])
+    for d, w in zip(dsts, want):
+        assert torch.equal(d, w)
+    assert not decode_stream.pack_many([(dsts[2], [plain.float()], None, False)])  # fp32 source: torch's job
+
+
+@needs_sm90
+def test_stream_caches_in_place_is_stream_cache():
+    caches = [torch.randn(3, 2, 256, 64, generator=torch.Generator().manual_seed(i)).to("cuda", torch.bfloat16)
+              for i in range(3)]
+    want = [stream_cache(c) for c in caches]
+    decode_stream.stream_caches_in_place(caches)
+    for c, w in zip(caches, want):
+        assert torch.equal(c, w)
+    decode_stream.stream_caches_in_place(caches)  # an involution: back to plain
+    assert torch.equal(caches[1], stream_cache(want[1]))

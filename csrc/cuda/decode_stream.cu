@@ -63,6 +63,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
+#include <algorithm>
 #include <cstdint>
 
 namespace {
@@ -1020,6 +1021,156 @@ void run(torch::Tensor prog, torch::Tensor segs, torch::Tensor lens, torch::Tens
     launch<5, 2>(prog, segs, lens, counters, scratch, exit_ticket, grid, flags, trace, max_inflight);
 }
 
+// A step's inputs in one launch (it was eight small torch kernels, ~20 us a step): block r < B gathers
+// embedding row tokens[r] into the chunked layout of h0 (unit u of a row stored at u ^ (r % 8)), adds up
+// the row's fp32 sum of squares for the first norm and copies its position; rows past B are zeros with
+// position -1 (padding: the kernel writes no cache entry for them).
+__global__ void __launch_bounds__(256) prepare_kernel(const int64_t* __restrict__ tokens,
+                                                      const int64_t* __restrict__ positions,
+                                                      const __nv_bfloat16* __restrict__ embed, int64_t vocab,
+                                                      int hidden, int rows, __nv_bfloat16* __restrict__ h0,
+                                                      float* __restrict__ ss0, int64_t* __restrict__ pos) {
+  const int r = blockIdx.x;
+  const bool live = r < rows;
+  int64_t tok = live ? tokens[r] : 0;
+  CUDA_KERNEL_ASSERT(tok >= 0 && tok < vocab);
+  const uint4* src = reinterpret_cast<const uint4*>(embed + tok * (int64_t)hidden);
+  float ss = 0.f;
+  for (int u = threadIdx.x; u < hidden / 8; u += blockDim.x) {  // 16-byte units of 8 columns
+    uint4 v = live ? __ldg(src + u) : make_uint4(0, 0, 0, 0);
+    const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float2 f = __bfloat1622float2(h2[j]);
+      ss += f.x * f.x + f.y * f.y;
+    }
+    const int c = u * 8, chunk = c >> 7, block = (c >> 6) & 1, unit = (c >> 3) & 7;
+    const int64_t at = ((int64_t)(chunk * 2 + block) * kM + r) * 64 + ((unit ^ (r & 7)) << 3);
+    *reinterpret_cast<uint4*>(h0 + at) = v;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  __shared__ float warp_ss[8];
+  if ((threadIdx.x & 31) == 0) warp_ss[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += warp_ss[w];
+    ss0[r] = t;
+    pos[r] = live ? positions[r] : -1;
+  }
+}
+
+void prepare_inputs(torch::Tensor tokens, torch::Tensor positions, torch::Tensor embed, torch::Tensor h0, torch::Tensor ss0,
+             torch::Tensor pos) {
+  const int64_t rows = tokens.numel(), hidden = embed.size(1);
+  TORCH_CHECK(tokens.is_cuda() && tokens.scalar_type() == torch::kInt64 && tokens.is_contiguous() &&
+              positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == rows,
+              "prepare: tokens and positions int64 [B] CUDA");
+  TORCH_CHECK(rows <= kM, "prepare: at most ", kM, " rows, got ", rows);
+  TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == torch::kBFloat16 && embed.is_contiguous() &&
+              hidden % kBK == 0, "prepare: embed bf16 [V, hidden], hidden a multiple of ", kBK);
+  TORCH_CHECK(h0.scalar_type() == torch::kBFloat16 && h0.numel() >= kM * hidden && ss0.scalar_type() == torch::kFloat32 &&
+              ss0.numel() >= kM && pos.scalar_type() == torch::kInt64 && pos.numel() >= kM,
+              "prepare: h0 bf16 [64 * hidden], ss0 fp32 [64], pos int64 [64]");
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  prepare_kernel<<<kM, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      tokens.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+      reinterpret_cast<const __nv_bfloat16*>(embed.data_ptr<at::BFloat16>()), embed.size(0), (int)hidden, (int)rows,
+      reinterpret_cast<__nv_bfloat16*>(h0.data_ptr<at::BFloat16>()), ss0.data_ptr<float>(), pos.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Packing a model's weights for the kernel in one launch (in torch it was ~12 ops a matrix: a generation's
+// first step spent ~15 ms re-packing). Table row j (int64, P_*): the packed destination, N, K, glu, the
+// norm weight gamma (bf16 [K], 0: none), the first packed unit of the row (a prefix over the table: rows
+// share one grid-stride loop) and up to three row-major bf16 sources stacked along N ([Wq; Wk; Wv],
+// [Wg; Wu]). A packed 16-byte unit q of a matrix is (tile, chunk, half, block, row, u) in pack_weight's
+// order; it holds source unit u ^ (row % 8) of row tile*128 + half*64 + row (with glu: 32 gate rows then the
+// 32 matching up rows per half), scaled column-wise by gamma in fp32 and rounded once, as the torch fold.
+enum : int { P_DST, P_N, P_K, P_GLU, P_GAMMA, P_FIRST, P_NSRC, P_SRC0, P_ROWS0, P_SRC1, P_ROWS1, P_SRC2, P_ROWS2,
+             P_COUNT = 16 };
+
+__global__ void __launch_bounds__(256) pack_kernel(const int64_t* __restrict__ table, int rows, int64_t units) {
+  int j = 0;
+  for (int64_t q0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q0 < units;
+       q0 += (int64_t)gridDim.x * blockDim.x) {
+    while (j + 1 < rows && q0 >= table[(j + 1) * P_COUNT + P_FIRST]) ++j;  // the loop only moves forward
+    const int64_t* t = table + j * P_COUNT;
+    const int64_t q = q0 - t[P_FIRST], n = t[P_N], k = t[P_K], chunks = k / kBK;
+    const int u = (int)(q & 7), row = (int)((q >> 3) & 63), block = (int)((q >> 9) & 1), half = (int)((q >> 10) & 1);
+    const int64_t chunk = (q >> 11) % chunks, tile = (q >> 11) / chunks;
+    int64_t r = tile * kTile + half * kHalf + row;
+    if (t[P_GLU]) {
+      const int64_t blk = r / kHalf, i = r % kHalf;
+      r = i < kHalf / 2 ? blk * (kHalf / 2) + i : n / 2 + blk * (kHalf / 2) + (i - kHalf / 2);
+    }
+    const int64_t col = chunk * kBK + block * 64 + ((u ^ (row & 7)) << 3);
+    int s = 0;
+    while (s < 2 && r >= t[P_ROWS0 + 2 * s]) r -= t[P_ROWS0 + 2 * s], ++s;
+    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(t[P_SRC0 + 2 * s]);
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(src + r * k + col));
+    if (t[P_GAMMA]) {
+      const uint4 g = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(t[P_GAMMA]) + col));
+      __nv_bfloat162* v2 = reinterpret_cast<__nv_bfloat162*>(&v);
+      const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = __bfloat1622float2(v2[e]), b = __bfloat1622float2(g2[e]);
+        v2[e] = __floats2bfloat162_rn(a.x * b.x, a.y * b.y);
+      }
+    }
+    reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(t[P_DST]))[q] = v;
+  }
+}
+
+void pack_weights(torch::Tensor table, int64_t units) {
+  TORCH_CHECK(table.is_cuda() && table.scalar_type() == torch::kInt64 && table.dim() == 2 && table.size(1) == P_COUNT &&
+              table.is_contiguous(), "pack: table int64 [P, ", P_COUNT, "] CUDA");
+  if (units == 0) return;
+  const c10::cuda::CUDAGuard guard(table.device());
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, table.device().index()));
+  const int64_t blocks = std::min<int64_t>((units + 255) / 256, (int64_t)sms * 8);
+  pack_kernel<<<(unsigned)blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.data_ptr<int64_t>(),
+                                                                              (int)table.size(0), units);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Plain <-> stream cache layout in place (an involution, stream_cache): in every 128-byte position row of
+// the listed caches ([rows, heads, max_len, 64] bf16; table int64 [T]: their addresses, all of `positions`
+// rows of max_len), unit u goes to u ^ (p % 8), p the row's position.
+__global__ void __launch_bounds__(256) permute_kernel(const int64_t* __restrict__ table, int64_t per_cache,
+                                                      int max_len, int64_t total) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t c = i / per_cache, prow = i % per_cache;
+    const int p = (int)(prow % max_len) & 7;
+    if (p == 0) continue;
+    uint4* row = reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(table[c])) + prow * 8;
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = row[u];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) row[u ^ p] = v[u];
+  }
+}
+
+void permute_caches(torch::Tensor table, int64_t position_rows, int64_t max_len) {
+  TORCH_CHECK(table.is_cuda() && table.scalar_type() == torch::kInt64 && table.dim() == 1, "permute: table int64 [T]");
+  const int64_t total = table.numel() * position_rows;
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(table.device());
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, table.device().index()));
+  const int64_t blocks = std::min<int64_t>((total + 255) / 256, (int64_t)sms * 8);
+  permute_kernel<<<(unsigned)blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.data_ptr<int64_t>(),
+                                                                                 position_rows, (int)max_len, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack_weights, "pack weight matrices (stacked sources, folded norm weights) for the kernel");
+  m.def("permute_caches", &permute_caches, "plain <-> stream layout of KV caches, in place");
   m.def("run", &run, "run a decode product program (persistent, weight-streaming)");
+  m.def("prepare", &prepare_inputs, "a decode step's input rows from token ids (embedding gather, chunked layout, norms)");
 }

@@ -41,13 +41,14 @@ class DecodeStep:
     frequencies. Shapes: hidden, heads × 64 and the MLP width multiples of 128; an even number of query heads
     (at most 8) per kv head. ``keep_plain=False`` keeps only the packed weights the kernel reads (half the
     memory; :meth:`reference` then refuses); ``packed`` reuses another step's (:meth:`packed`: steps over
-    several caches of one model share one copy). :meth:`load` packs new weights in place.
+    several caches of one model share one copy). :meth:`load` packs new weights in place; ``pack=False``
+    (with ``keep_plain=False``) only allocates the packed weights, for a :meth:`load` before the first run.
     """
 
     @torch.no_grad()
     def __init__(self, weights: dict[str, torch.Tensor], *, layers: int, heads: int, kv_heads: int, eps: float,
                  inv_freq: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 keep_plain: bool = True, packed: Optional[list[torch.Tensor]] = None):
+                 keep_plain: bool = True, packed: Optional[list[torch.Tensor]] = None, pack: bool = True):
         dev = weights["model.norm.weight"].device
         hidden = weights["model.norm.weight"].numel()
         self.hidden, self.vocab = hidden, weights["lm_head.weight"].shape[0]
@@ -56,7 +57,15 @@ class DecodeStep:
         q_cols = heads * HEAD
         if len(k_caches) != layers or len(v_caches) != layers:
             raise ValueError(f"DecodeStep: {layers} layers but {len(k_caches)} k / {len(v_caches)} v caches")
-        mats = self._matrices(weights)
+        if not pack and keep_plain:
+            raise ValueError("DecodeStep: pack=False keeps no plain weights (keep_plain=False)")
+        if keep_plain or (pack and packed is None):
+            mats = self._matrices(weights)
+        else:  # only the shapes: the packed weights are shared, or filled by load()
+            shapes = [(sum(t.shape[0] for t in srcs), srcs[0].shape[1]) for srcs, _, _ in self._sources(weights)]
+            mats = (torch.empty(n, k, dtype=torch.bfloat16, device="meta") for n, k in shapes)
+            if packed is None:
+                packed = [torch.empty(n * k, dtype=torch.bfloat16, device=dev) for n, k in shapes]
         packs = iter(packed) if packed is not None else None
 
         def pk():
@@ -92,21 +101,15 @@ class DecodeStep:
         """The packed weights, in product order: ``packed=`` of another step over the same model shares them."""
         return [p.packed for p in self.program.products if p.packed is not None]
 
-    def _matrices(self, weights: dict[str, torch.Tensor]):
-        """The products' matrices in program order (per layer [Wq; Wk; Wv]·diag(γ), Wo, [Wg; Wu]·diag(γ), Wd;
-        then Whead·diag(γ)), each made when asked for: one folded copy alive at a time."""
+    def _sources(self, weights: dict[str, torch.Tensor]):
+        """Per product, in program order: (the parameters stacked along N, the norm weight folded into its
+        columns or None, whether it is [gate; up]) — per layer [Wq; Wk; Wv] with the input norm, Wo,
+        [Wg; Wu] with the post-attention norm, Wd; then the LM head with the final norm."""
         biased = sorted(name for name in weights if name.endswith(".bias"))
         if biased:
             raise ValueError(f"DecodeStep: the stream step has no biases; the weights have {biased[:3]}"
                              f"{' …' if len(biased) > 3 else ''}")
         hidden, q_cols, kv_cols = self.hidden, self.heads * HEAD, self.kv_heads * HEAD
-
-        def w(name):
-            return weights[name].to(torch.bfloat16)
-
-        def fold(mat, norm):  # W · diag(γ): the norm's weight applied to the columns it scales
-            return (mat.float() * weights[norm].float()[None, :]).to(torch.bfloat16)
-
         for i in range(self.layers):
             pre = f"model.layers.{i}."
             for p, rows in (("q", q_cols), ("k", kv_cols), ("v", kv_cols)):
@@ -114,16 +117,31 @@ class DecodeStep:
                 if got != (rows, hidden):
                     raise ValueError(f"DecodeStep: {pre}self_attn.{p}_proj.weight is {list(got)}, expected "
                                      f"[{rows}, {hidden}] ({self.heads} heads, {self.kv_heads} kv heads of {HEAD})")
-            yield fold(torch.cat([w(pre + f"self_attn.{p}_proj.weight") for p in "qkv"]), pre + "input_layernorm.weight")
-            yield w(pre + "self_attn.o_proj.weight")
-            yield fold(torch.cat([w(pre + "mlp.gate_proj.weight"), w(pre + "mlp.up_proj.weight")]),
-                       pre + "post_attention_layernorm.weight")
-            yield w(pre + "mlp.down_proj.weight")
-        yield fold(w("lm_head.weight"), "model.norm.weight")
+            yield ([weights[pre + f"self_attn.{p}_proj.weight"] for p in "qkv"], weights[pre + "input_layernorm.weight"],
+                   False)
+            yield [weights[pre + "self_attn.o_proj.weight"]], None, False
+            yield ([weights[pre + "mlp.gate_proj.weight"], weights[pre + "mlp.up_proj.weight"]],
+                   weights[pre + "post_attention_layernorm.weight"], True)
+            yield [weights[pre + "mlp.down_proj.weight"]], None, False
+        yield [weights["lm_head.weight"]], weights["model.norm.weight"], False
+
+    def _matrices(self, weights: dict[str, torch.Tensor]):
+        """The products' matrices in program order (:meth:`_sources` stacked, W · diag(γ) where a norm reads
+        the input), each made when asked for: one folded copy alive at a time."""
+        for srcs, gamma, _ in self._sources(weights):
+            mat = torch.cat([t.to(torch.bfloat16) for t in srcs]) if len(srcs) > 1 else srcs[0].to(torch.bfloat16)
+            if gamma is not None:  # the norm's weight applied to the columns it scales
+                mat = (mat.float() * gamma.float()[None, :]).to(torch.bfloat16)
+            yield mat
 
     @torch.no_grad()
     def load(self, weights: dict[str, torch.Tensor]) -> None:
-        """New weights of the same shapes (HF names), packed in place: launches captured earlier read them."""
+        """New weights of the same shapes (HF names), packed in place: launches captured earlier read them.
+        Without plain copies to update (``keep_plain=False``), on CUDA: one launch (``pack_many``)."""
+        products = [p for p in self.program.products if p.packed is not None]
+        if all(p.w.device.type == "meta" for p in products) and decode_stream.pack_many(
+                [(p.packed, srcs, gamma, glu) for p, (srcs, gamma, glu) in zip(products, self._sources(weights))]):
+            return
         mats = self._matrices(weights)
         for i, p in enumerate(self.program.products):
             if p.packed is not None:
@@ -161,6 +179,26 @@ class DecodeStep:
         self.ss0.copy_(rows.float().pow(2).sum(-1))
         self.positions.fill_(-1)
         self.positions[:b] = positions
+
+    def set_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor) -> None:
+        """:meth:`set_inputs` of the embedding rows ``embed[tokens]`` ([B ≤ 64] token ids): on CUDA one launch
+        (gather, chunked layout, sums of squares, positions), elsewhere the torch gather and :meth:`set_inputs`."""
+        b = tokens.shape[0]
+        ext = decode_stream._EXT.load() if tokens.is_cuda else None
+        if ext is None or not hasattr(ext, "prepare"):
+            self.set_inputs(torch.nn.functional.embedding(tokens, embed), positions)
+            return
+        if b > ROWS or positions.shape != (b,) or b > self.cache_rows:
+            raise ValueError(f"DecodeStep: up to {min(ROWS, self.cache_rows)} rows with one position each, got "
+                             f"tokens {list(tokens.shape)} and positions {list(positions.shape)}")
+        if embed.shape[1] != self.hidden:
+            raise ValueError(f"DecodeStep: embedding rows of {embed.shape[1]}, the model's hidden size is {self.hidden}")
+        if not torch.cuda.is_current_stream_capturing() and b and not bool(
+                ((positions >= 0) & (positions < self.max_len)).all()):
+            raise ValueError(f"DecodeStep: positions must be in [0, {self.max_len}), got "
+                             f"{positions.min().item()} .. {positions.max().item()}")
+        ext.prepare(tokens.contiguous(), positions.contiguous(), embed.contiguous(), self.h0, self.ss0,
+                    self.positions)
 
     def run(self, **kw) -> torch.Tensor:
         """The kernel (capturable once it ran eagerly); returns the logits rows [64, vocab]."""

@@ -34,7 +34,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v58", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v60", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -168,6 +168,56 @@ def stream_cache(cache: torch.Tensor) -> torch.Tensor:
     units = cache.reshape(rows, heads, n, 8, 8)
     idx = torch.arange(8, device=cache.device)[None, :] ^ (torch.arange(n, device=cache.device)[:, None] % 8)
     return units.gather(3, idx[None, None, :, :, None].expand_as(units)).reshape(cache.shape)
+
+
+def stream_caches_in_place(caches: list[torch.Tensor]) -> None:
+    """``c.copy_(stream_cache(c))`` for every cache: one launch on CUDA (``permute_caches``) where the
+    extension is built and the caches are contiguous bf16 of one shape, else torch."""
+    ext = _EXT.load() if caches and caches[0].is_cuda else None
+    shape = caches[0].shape if caches else None
+    if (ext is None or not hasattr(ext, "permute_caches") or shape[-1] != HEAD
+            or any(c.shape != shape or c.dtype != torch.bfloat16 or not c.is_contiguous() for c in caches)):
+        for c in caches:
+            c.copy_(stream_cache(c))
+        return
+    table = torch.tensor([c.data_ptr() for c in caches], dtype=torch.int64).to(caches[0].device, non_blocking=True)
+    ext.permute_caches(table, shape[0] * shape[1] * shape[2], shape[2])
+
+
+#: ``pack`` table row (csrc/cuda/decode_stream.cu, ``P_*``).
+_PACK_ROW = 16
+
+
+def pack_many(jobs: list[tuple[torch.Tensor, list[torch.Tensor], Optional[torch.Tensor], bool]]) -> bool:
+    """Pack several matrices in one launch: each job is (destination of ``pack_weight``'s layout, sources
+    stacked along N (up to three row-major bf16 [rows, K]), the norm weight folded into the columns (bf16 [K])
+    or None, glu). Bitwise the torch fold and :func:`pack_weight`. False (nothing done) where the CUDA
+    extension or the tensors do not fit: the caller packs with torch."""
+    if not jobs or not jobs[0][0].is_cuda:
+        return False
+    ext = _EXT.load()
+    if ext is None or not hasattr(ext, "pack"):
+        return False
+    rows, first = [], 0
+    for dst, srcs, gamma, glu in jobs:
+        k = srcs[0].shape[-1]
+        n = sum(t.shape[0] for t in srcs)
+        ok = (1 <= len(srcs) <= 3 and dst.dtype == torch.bfloat16 and dst.is_contiguous() and dst.numel() == n * k
+              and n % TILE == 0 and k % CHUNK == 0
+              and all(t.dim() == 2 and t.shape[1] == k and t.dtype == torch.bfloat16 and t.is_contiguous()
+                      and t.device == dst.device for t in srcs)
+              and (gamma is None or (gamma.shape == (k,) and gamma.dtype == torch.bfloat16 and gamma.is_contiguous()
+                                     and gamma.device == dst.device)))
+        if not ok:
+            return False
+        row = [dst.data_ptr(), n, k, int(glu), gamma.data_ptr() if gamma is not None else 0, first, len(srcs)]
+        for t in srcs:
+            row += [t.data_ptr(), t.shape[0]]
+        rows.append(row + [0] * (_PACK_ROW - len(row)))
+        first += n * k // 8
+    table = torch.tensor(rows, dtype=torch.int64).to(jobs[0][0].device, non_blocking=True)
+    ext.pack(table, first)
+    return True
 
 
 def _stream_row(vals: torch.Tensor, pos: int) -> torch.Tensor:

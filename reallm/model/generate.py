@@ -38,6 +38,7 @@ import torch
 
 from reallm import working_set
 from reallm.errors import UserError
+from reallm.kernels import greedy
 from reallm.model.transformer import KVCache, Transformer, pack_sequences
 from reallm.working_set import sampling_chunk_logits, sampling_chunk_rows
 
@@ -159,6 +160,11 @@ def sampling_step(logits_BV: torch.Tensor, cfg: GenerationConfig, t: int, eos_to
     """(token [B], its log-prob under the processed distribution [B], removed-token mask [B, V] or None).
     Rows are independent; they are processed in chunks of ``sampling_chunk_rows`` (bounded memory)."""
     B = logits_BV.shape[0]
+    if (cfg.greedy and not cfg.return_logits_mask and logits_BV.is_cuda
+            and (vocab_size is None or vocab_size >= logits_BV.shape[-1])
+            and not (t < cfg.min_new_tokens and eos_token_ids)):  # nothing to mask: one pass over the logits
+        tok, lp = greedy.pick(logits_BV)
+        return tok, lp, None
     rows = sampling_chunk_rows(logits_BV.shape[-1], sampling_chunk_logits(cfg.lean_memory), B)
     toks, logps, masks = [], [], []
     for a in range(0, max(B, 1), rows):
@@ -408,9 +414,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generati
     runner = decode_runner(model, cache, use_cuda_graph and device.type == "cuda")
     for t in range(N):
         tok, lp, mask = sampling_step(logits, cfg, t, eos, None if u_BN is None else u_BN[:, t], vocab_size)
-        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        if eos:  # (without an EOS no row ever finishes early)
+            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            lp = torch.where(finished, torch.zeros_like(lp), lp)
         out_tok.append(tok)
-        out_lp.append(torch.where(finished, torch.zeros_like(lp), lp))
+        out_lp.append(lp)
         if mask is not None:
             out_mask.append(mask & ~finished[:, None])
         if eos:

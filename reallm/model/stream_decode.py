@@ -108,7 +108,7 @@ class StreamDecodeRunner:
             hf_weights(model), layers=len(layers), heads=spec.num_heads, kv_heads=spec.num_kv_heads,
             eps=spec.rms_norm_eps, inv_freq=model.arch.rope.inv_freq(spec.head_dim, device=device),
             k_caches=[cache.k[i] for i in layers], v_caches=[cache.v[i] for i in layers], keep_plain=not kernel,
-            packed=shared.tensors if shared is not None else None)
+            packed=shared.tensors if shared is not None else None, pack=not kernel)  # kernel: packed at _begin
         if kernel:
             self._packed = shared or _Packed(self.step.packed())
             _PACKED[id(model)] = self._packed
@@ -122,12 +122,11 @@ class StreamDecodeRunner:
 
     def _begin(self) -> None:
         self.step.load(hf_weights(self.model))
-        for t in (*self.cache.k.values(), *self.cache.v.values()):
-            t.copy_(decode_stream.stream_cache(t))
+        decode_stream.stream_caches_in_place([*self.cache.k.values(), *self.cache.v.values()])
         self._plain_cache = False
 
     def _run(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
-        self.step.set_inputs(self.model.model.embed_tokens(tokens_B), positions_B)
+        self.step.set_tokens(tokens_B, positions_B, self.model.model.embed_tokens.weight)
         return self.step.run() if self.kernel else self.step.reference()
 
     @torch.no_grad()

@@ -368,9 +368,11 @@ def _sample(m: _MicroBatch, logits_BV: torch.Tensor, cfg: GenerationConfig, i: i
     """Draw token ``i`` of micro-batch ``m`` exactly as ``reallm.model.generate.generate``; returns (tokens
     to feed next, whether the micro-batch is finished)."""
     tok, lp, mask = sampling_step(logits_BV, cfg, i, eos, None if m.u_BN is None else m.u_BN[:, i], vocab_size)
-    tok = torch.where(m.finished, torch.full_like(tok, pad_token_id), tok)
+    if eos:  # (without an EOS no row ever finishes early)
+        tok = torch.where(m.finished, torch.full_like(tok, pad_token_id), tok)
+        lp = torch.where(m.finished, torch.zeros_like(lp), lp)
     m.out_tok.append(tok)
-    m.out_lp.append(torch.where(m.finished, torch.zeros_like(lp), lp))
+    m.out_lp.append(lp)
     if mask is not None:
         m.out_mask.append(mask[:, :vocab_size] & ~m.finished[:, None])
     if eos:
