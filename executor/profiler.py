@@ -681,14 +681,16 @@ class _Progress:
             self.bar.close()
 
 
-def points_per_config(g: Grids, graphed: bool = False) -> int:
+def points_per_config(g: Grids, graphed: bool = False, stream: bool = False) -> int:
     """Grid points measured for one (shape, tp): progress bar total. ``graphed``: the graphed block tables
-    too (``prefill_graphed``, ``train_graphed[_ckpt]``: CUDA, tp = 1, compiled blocks)."""
+    too (``prefill_graphed``, ``train_graphed[_ckpt]``: CUDA, tp = 1, compiled blocks); ``stream``: the
+    stream step's (CUDA, tp = 1: batches up to its 64 rows)."""
     nt, ns, nb, nk = len(g.tokens), len(g.seqlens), len(g.batches), len(g.kv_lens)
     # embedding; block (forward, backward, prefill, checkpointed forward and backward; decode); head;
     # decode step (launch, 3 sampling modes); score head; optimizer
     return ((3 * nt) + (5 * ns * nt + nb * nk) + (2 * nt + ns * nt + nb) + 3 * nb + (3 * nt + nb) + 1
-            + (3 * ns * nt if graphed else 0))
+            + (3 * ns * nt if graphed else 0)
+            + (sum(b <= working_set.STREAM_ROWS for b in g.batches) * nk if stream else 0))
 
 
 # -- the measurements of one (shape, tp) -----------------------------------------------------------------
@@ -785,8 +787,8 @@ class LayerBench:
         dev = dc / c
         return dev, max((hc - h1) / (c - 1), 0.0), max((wc - w1) / (c - 1) - dev, 0.0)
 
-    def _check_cache(self, pm, batch: int, max_len: int) -> None:
-        layer = next(iter(pm.model.model.layers.values()))
+    def _check_cache(self, model, batch: int, max_len: int) -> None:
+        layer = next(iter(model.model.layers.values()))
         kv_width = layer.self_attn.k_proj.weight.shape[0]
         cache_bytes = 2 * batch * max_len * kv_width * torch.finfo(self.s.dtype).bits // 8
         if cache_bytes > self.s.decode_cache_bytes_max:
@@ -855,7 +857,7 @@ class LayerBench:
             return self._time(lambda: chain(x, ctx, k), grad=False) / k
 
         def blk_decode(b, K):
-            self._check_cache(pm, b, K + 1)
+            self._check_cache(model, b, K + 1)
             cache = model.new_kv_cache(b, K + 1)
             ids = torch.randint(0, V, (b,), device=self.dev)
             pos = torch.full((b,), K, dtype=torch.int64, device=self.dev)
@@ -935,6 +937,8 @@ class LayerBench:
         out["head"]["prefill"] = self.table("head", "prefill", "seqlen", g.seqlens, "tokens", g.tokens, head_prefill)
         out["head"].update(self.tables("head", DECODE_OPS, "batch", g.batches, "kv_len", g.kv_lens[:1], head_decode))
         out["decode_step"] = self.decode_step(pm)
+        for kind, tables in self.stream_step().items():
+            out[kind].update(tables)
         self.optimizer(pm)
         # Last (``run``): a capture that fails can leave the device unusable for what would follow it.
         out["block"].update(self.train_graphed(pm, blk_ctx, chain, layer, ckpt, others))
@@ -1011,6 +1015,67 @@ class LayerBench:
 
             out.update(self.tables("decode_step", (mode, f"{mode}_host"), "batch", g.batches, "kv_len", (K,), draw))
         return out
+
+    def stream_step(self) -> dict[str, dict]:
+        """The stream step's optional tables (``profile.py``; ``block``: ``stream_decode``, ``stream_capture``;
+        ``decode_step``: ``stream_launch``, ``stream_launch_host``, ``stream_capture``) where generation would
+        run it (``reallm.model.stream_decode.unusable``: sm_90, tp = 1, shapes that fit); {} elsewhere.
+
+        The step is one launch over the whole model, so each point times it on models of 1 and 3 blocks (random
+        weights): a block's share is half the difference, the rest is outside the blocks. Per model: a new
+        ``StreamDecodeRunner``'s first two calls as the one-off cost (made, packed, cache permuted, eager
+        step, capture; minus two steps), then its replayed steps (device and host, ``Timer.device_host_s``)."""
+        from reallm.model.stream_decode import StreamDecodeRunner, unusable
+        from reallm.model.transformer import Transformer
+        from reallm.working_set import stream_cache_len
+
+        if (self.tp != 1 or not self.graph or self.s.device != "cuda"
+                or not working_set.stream_decode_device(device_name(self.s.device))
+                or working_set.stream_decode_unfit(self.spec, 1) is not None):
+            return {}
+        models = {}
+        for layers in (1, 3):
+            m = Transformer(dataclasses.replace(self.spec, num_layers=layers), device=self.dev, dtype=self.s.dtype)
+            with torch.no_grad():
+                for prm in m.parameters():
+                    prm.normal_(0.0, 0.02)
+            models[layers] = m.eval()
+        why = unusable(models[1], 1, self.dev)
+        if why is not None:
+            self.log.skipped.append(f"{self.key} stream step: {why}")
+            return {}
+        g, V = self.s.grids, self.spec.vocab_size
+        batches = [b for b in g.batches if unusable(models[1], b, self.dev) is None]
+
+        def point(b, K):
+            self._check_cache(models[1], b, K + 2)
+            got = {}
+            for layers, m in models.items():
+                cache = m.new_kv_cache(b, stream_cache_len(K + 2))
+                ids = torch.randint(0, V, (b,), device=self.dev)
+                pos = torch.full((b,), K, dtype=torch.int64, device=self.dev)
+                box = {}
+                with torch.no_grad():
+                    def first(box=box, m=m, cache=cache, ids=ids, pos=pos):
+                        box["runner"] = StreamDecodeRunner(m, cache)
+                        box["runner"](ids, pos)
+                        box["runner"](ids, pos)
+
+                    wall = self.timer.wall_s(first)
+                    dev, host = self.timer.device_host_s(lambda r=box["runner"], ids=ids, pos=pos: r(ids, pos))
+                got[layers] = (dev, host, max(wall - 2 * max(dev, host), 0.0))
+                box.clear()
+            (d1, h1, c1), (d3, _, c3) = got[1], got[3]
+            per, per_capture = max((d3 - d1) / 2, 0.0), max((c3 - c1) / 2, 0.0)
+            return per, per_capture, max(d1 - per, 0.0), h1, max(c1 - per_capture, 0.0)
+
+        ops = ("stream_decode", "stream_capture", "stream_launch", "stream_launch_host", "stream_step_capture")
+        t = self.tables("stream", ops, "batch", batches, "kv_len", g.kv_lens, point)
+        if any(v is None for v in t.values()):
+            return {}
+        return {"block": {"stream_decode": t["stream_decode"], "stream_capture": t["stream_capture"]},
+                "decode_step": {"stream_launch": t["stream_launch"], "stream_launch_host": t["stream_launch_host"],
+                                "stream_capture": t["stream_step_capture"]}}
 
     def optimizer(self, pm) -> None:
         opt = pm.optimizer
@@ -1251,7 +1316,11 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
     run["collectives_measured"] = collectives or {}
     d["runs"].append(run)
     graphed = settings.device == "cuda" and settings.compile_blocks
-    progress = _Progress(sum(points_per_config(settings.grids, graphed and tp == 1) for _ in unique for tp in tps),
+    progress = _Progress(sum(points_per_config(settings.grids, graphed and tp == 1,
+                                               settings.device == "cuda" and tp == 1 and settings.decode_cuda_graph
+                                               and working_set.stream_decode_device(device_name(settings.device))
+                                               and working_set.stream_decode_unfit(spec, 1) is None)
+                             for spec in unique for tp in tps),
                          settings.show_progress)
     try:
         for spec in unique:

@@ -363,3 +363,45 @@ def test_model_options_read_the_sampling_filter_from_the_experiment():
     assert model_options(exp(greedy=False, top_k=0, top_p=0.95), "actor").filtered_sampling
     assert not model_options(exp(greedy=False, top_k=0, top_p=1.0), "actor").filtered_sampling
     assert model_options(exp(greedy=True), "actor").filtered_sampling  # unknown filters: assume the sort
+
+
+def test_stream_step_tables_price_a_fitting_generation_and_nothing_else():
+    """With the optional stream tables (an sm_90 profile, tp = pp = 1, ≤ 64 sequences a micro-batch, a shape
+    that fits), a generate call's decode steps are Σ_blocks stream_decode + stream_launch + the draw, and its
+    one-off cost the stream captures; without the tables, off sm_90, at tp 2 or past 64 sequences the
+    library tables price it as before."""
+    import json
+
+    from planner.cost_model.analytic_profile import AnalyticRates, analytic_profile_dict
+    from planner.cost_model.profile import profile_from_dict, shape_key
+    from reallm.dataflow import Call
+    from reallm.spec import ModelSpec
+
+    spec = ModelSpec("llama", 4, 256, 384, 4, 2, 64, 512, source="tiny")  # fits: head 64, 2 heads per kv head
+    d = analytic_profile_dict(AnalyticRates.h100(), [spec], device="NVIDIA H100 80GB HBM3")
+    base = profile_from_dict(json.loads(json.dumps(d)))
+    layers = d["models"][shape_key(spec)]["layers"]
+
+    def const(v):
+        return {"batch": [1, 64], "kv_len": [128, 4096], "time_s": [[v, v], [v, 2 * v]]}
+
+    layers["block"]["1"].update(stream_decode=const(1e-4), stream_capture=const(1e-3))
+    layers["decode_step"]["1"].update(stream_launch=const(5e-5), stream_launch_host=const(1e-6),
+                                      stream_capture=const(2e-3))
+    prof = profile_from_dict(json.loads(json.dumps(d)))
+    call = Call("actor_gen", "actor", "generate", ("prompts",), ("seq",), 32, 64, max_new_tokens=9)
+    p = Placement((0,))
+    on, off = ModelOptions(greedy=True, stream_decode=True), ModelOptions(greedy=True, stream_decode=False)
+    t = t_call(call, p, spec, prof, NODE, on)
+    P = 64 - 9  # prompt_len: max_seqlen − max_new_tokens
+    draw = prof.decode_time_s(spec, "decode_step", 1, 32, 0, "greedy")
+    steps = sum(4 * 1e-4 + 5e-5 + draw for _ in range(P, P + 8))  # the table is flat at 32 rows, K < 4096
+    assert t.terms["decode_s"] == pytest.approx(steps)
+    assert t.terms["capture_s"] == pytest.approx(4 * 1e-3 + 2e-3)
+    library = t_call(call, p, spec, base, NODE, on)
+    for other in (t_call(call, p, spec, prof, NODE, off), t_call(call, Placement((0, 1), tp=2), spec, prof, NODE, on)):
+        assert other.terms["decode_s"] != pytest.approx(steps)
+    assert t_call(call, p, spec, prof, NODE, off).time_s == pytest.approx(t_call(call, p, spec, base, NODE, off).time_s)
+    assert library.time_s == pytest.approx(t_call(call, p, spec, base, NODE, off).time_s)
+    big = dataclasses.replace(call, n_seqs=128)  # 128 sequences in one micro-batch: past the kernel's 64 rows
+    assert t_call(big, p, spec, prof, NODE, on).time_s == pytest.approx(t_call(big, p, spec, base, NODE, on).time_s)

@@ -30,11 +30,14 @@ from planner.cost_model.profile import (
     OPTIONAL_OPS,
     PROFILE_DIR,
     REQUIRED_OPS,
+    STREAM_BLOCK_OPS,
+    STREAM_STEP_OPS,
     default_profile,
     load_profile,
     profile_from_dict,
     shape_key,
 )
+from reallm import working_set
 from reallm.cluster import load_cluster
 from reallm.dataflow import Call
 from reallm.errors import UserError
@@ -67,9 +70,13 @@ def _assert_covers(prof, spec, tps):
     key = shape_key(spec)
     for kind in LAYER_KINDS:
         for tp in tps:
-            # the profiler also measures the optional ops (checkpointed blocks); graphed ones on CUDA only
+            # the profiler also measures the optional ops (checkpointed blocks); graphed ones on CUDA only, and
+            # the stream step's only on sm_90 for shapes that fit
             on_cuda = prof.dtype == "bf16"  # (the profiler measures bf16 on CUDA, fp32 on CPU)
             optional = set(OPTIONAL_OPS.get(kind, ())) - (set() if on_cuda and tp == 1 else set(GRAPHED_OPS))
+            if not (on_cuda and tp == 1 and working_set.stream_decode_device(prof.device)
+                    and working_set.stream_decode_unfit(spec, 1) is None):
+                optional -= set(STREAM_BLOCK_OPS + STREAM_STEP_OPS)
             assert set(prof.layers[key][kind][tp]) == set(REQUIRED_OPS[kind]) | optional, (kind, tp)
     for tp in tps:
         for kind in ("embedding", "block", "head", "score_head"):

@@ -67,6 +67,11 @@ Calls (``t_call``):
                capture = m·max over stages of [Σ_blocks decode_capture(b, P) + capture(b)
                  + head decode_capture(b)]: per micro-batch, the eager first step and the CUDA-graph capture
                  of the step beyond two ordinary steps (0 where nothing is captured, or N < 3)
+               stream step (``stream_decode_priced``: an sm_90 profile with the stream tables, tp = pp = 1,
+                 shapes that fit): the whole step is one replayed launch, so
+                 D = Σ_blocks stream_decode(b, K) + stream_launch(b) + S(b), H = stream_launch_host + S_host,
+                 and capture = m·[Σ_blocks stream_capture + decode_step stream_capture] (the runner made, the
+                 weights packed, the cache permuted, the eager step and the capture)
                Σ decode_round is integrated over K ∈ [P, P+N−2] with the trapezoid rule on 9 points
                (exact where the table is linear in K, as decode is between grid points).
 
@@ -98,6 +103,7 @@ from planner.cost_model.shapes import (
     stages_of,
     train_graphed,
 )
+from reallm import working_set
 from reallm.dataflow import Call
 from reallm.placement import Placement
 from reallm.spec import ModelSpec
@@ -225,12 +231,26 @@ def sampling_mode(opts: ModelOptions, profile: Optional[Profile] = None, spec: O
     return "sample"
 
 
+def stream_decode_priced(spec: ModelSpec, p: Placement, profile: Profile, opts: ModelOptions, batch: float) -> bool:
+    """Do this generate call's decode steps run as the one-launch stream step, priced by the profile's
+    stream tables? Where generation would choose it (``ModelOptions.stream_decode``: an sm_90 profile device;
+    tp = pp = 1 and shapes that fit, ``working_set.stream_decode_unfit``) and the profile measured it."""
+    return (opts.stream_decode and working_set.stream_decode_unfit(spec, batch, p.tp, p.pp) is None
+            and profile.has_op(spec, "block", "stream_decode", 1) and profile.has_op(spec, "decode_step",
+                                                                                  "stream_launch", 1))
+
+
 def stage_decode_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, batch: float, kv_len: float,
-                   rate: LinkRate, mode: str = "sample") -> tuple[float, float]:
-    """(device s D, host s H) of one decode step of a stage (module docstring); ``mode``: greedy | sample."""
+                   rate: LinkRate, mode: str = "sample", stream: bool = False) -> tuple[float, float]:
+    """(device s D, host s H) of one decode step of a stage (module docstring); ``mode``: greedy | sample;
+    ``stream``: the whole model's step as the one-launch stream kernel (``stream_decode_priced``)."""
     def dec(kind: str, op: str) -> float:
         return profile.decode_time_s(spec, kind, p.tp, batch, kv_len, op)
 
+    if stream:
+        dev = st.num_blocks * dec("block", "stream_decode") + dec("decode_step", "stream_launch")
+        host = dec("decode_step", "stream_launch_host")
+        return dev + dec("decode_step", mode), host + dec("decode_step", f"{mode}_host")
     dev = st.num_blocks * dec("block", "decode") + dec("decode_step", "launch")
     host = st.num_blocks * dec("block", "decode_host") + dec("decode_step", "launch_host")
     if st.has_head and spec.is_critic:
@@ -249,10 +269,14 @@ def slot_s(device_s: float, host_s: float, pp: int) -> float:
 
 
 def stage_capture_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, batch: float,
-                    kv_len: float) -> float:
-    """One micro-batch's one-off eager first step and graph capture on a stage, beyond two ordinary steps."""
+                    kv_len: float, stream: bool = False) -> float:
+    """One micro-batch's one-off eager first step and graph capture on a stage, beyond two ordinary steps
+    (``stream``: the stream step's runner made, weights packed, cache permuted, first step and capture)."""
     if spec.is_critic:
         return 0.0
+    if stream:
+        return (st.num_blocks * profile.decode_time_s(spec, "block", p.tp, batch, kv_len, "stream_capture")
+                + profile.decode_time_s(spec, "decode_step", p.tp, batch, kv_len, "stream_capture"))
     t = (st.num_blocks * profile.decode_time_s(spec, "block", p.tp, batch, kv_len, "decode_capture")
          + profile.decode_time_s(spec, "decode_step", p.tp, batch, kv_len, "capture"))
     if st.has_head:
@@ -337,14 +361,15 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
         prefill = slots * (fwd + p2p) + p.num_micro_batches * draw_s(spec, p, profile, b, mode)
         p2p_dec = pipeline_p2p_s(b, spec, p, links.pp)
         ring = max(p.num_micro_batches, p.pp)
+        stream = stream_decode_priced(spec, p, profile, opts, b)
 
         def round_s(kv: float) -> float:
-            return ring * (max(slot_s(*stage_decode_s(st, spec, p, profile, b, kv, links.tp, mode), p.pp)
+            return ring * (max(slot_s(*stage_decode_s(st, spec, p, profile, b, kv, links.tp, mode, stream), p.pp)
                                for st in sts) + p2p_dec)
 
         capture = 0.0
         if N >= 3:  # DecodeRunner: step 1 eager, step 2 captured (and replayed), then replays
-            capture = p.num_micro_batches * max(stage_capture_s(st, spec, p, profile, b, P) for st in sts)
+            capture = p.num_micro_batches * max(stage_capture_s(st, spec, p, profile, b, P, stream) for st in sts)
         decode = sum_over_steps_s(round_s, P, N - 1)
         return CallTime(prefill + capture + decode, {"prefill_s": prefill, "capture_s": capture, "decode_s": decode})
     tok, s = b * call.max_seqlen, call.max_seqlen

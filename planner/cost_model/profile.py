@@ -19,11 +19,14 @@ Schema (``"format": "reallm.profile"``, version 2)::
             "block":       {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK,
                                      "decode": DEC, "decode_host": DEC, "decode_capture": DEC,
                                      "forward_ckpt": TOK, "backward_ckpt": TOK,    # optional
-                                     "prefill_graphed": TOK}},                     # optional
+                                     "prefill_graphed": TOK,                       # optional
+                                     "stream_decode": DEC, "stream_capture": DEC}},  # optional (below)
             "head":        {"<tp>": {... the same six ...}},   # final norm + LM head (+ log-softmax)
             "score_head":  {"<tp>": {"forward": TOK, "backward": TOK, "prefill": TOK, "decode": DEC}},
             "decode_step": {"<tp>": {"launch": DEC, "launch_host": DEC, "capture": DEC,
-                                     "greedy": DEC, "greedy_host": DEC, "sample": DEC, "sample_host": DEC}}
+                                     "greedy": DEC, "greedy_host": DEC, "sample": DEC, "sample_host": DEC,
+                                     "stream_launch": DEC, "stream_launch_host": DEC,   # optional (below)
+                                     "stream_capture": DEC}}
           }
         }
       },
@@ -80,7 +83,16 @@ gather, ``reallm.parallel.generate._sample``): device and host time, greedy (``g
 and sampling (``sample``, ``sample_host``: the measuring run's ``sampling`` settings, PPO's top-k/top-p
 with the logits mask by default; optionally ``sample_plain``, ``sample_plain_host``: temperature only, no
 top-k / top-p filter, as a call with ``top_k=0, top_p=1`` samples — without them such calls read
-``sample``). ``decode_step`` tables have one ``kv_len`` column. On a CPU the host
+``sample``). ``decode_step`` tables have one ``kv_len`` column.
+
+The one-launch stream step (``reallm.model.stream_decode``: on sm_90 at tp = pp = 1, micro-batches of at
+most 64 sequences, shapes that fit) runs the whole model's step as one replayed kernel, so its time does
+not split into the layers' library tables. Optional, measured where it runs: a block's ``stream_decode``
+(its share of the step's device time) and ``stream_capture`` (of the one-off cost per generation call:
+weights packed, cache permuted), both half the difference between steps of 3- and 1-block models; and in
+``decode_step`` the rest — ``stream_launch`` (device: input preparation, final norm and LM head, launch),
+``stream_launch_host`` and ``stream_capture`` (the runner made, the first step and the capture). Batches
+past 64 are never read (generation takes the library step there). On a CPU the host
 does the work: device tables hold the wall time and the host and capture tables are 0.
 
 Version 1 (no ``decode_host``, ``decode_capture``, ``decode_step``; the head's decode included the
@@ -135,8 +147,11 @@ REQUIRED_OPS = {"embedding": TOKEN_OPS, "block": TOKEN_OPS + DECODE_OPS, "head":
 #: Ops a kind may provide (the cost model falls back to others without them).
 #: A block's no-grad forward replayed from a CUDA graph (optional, module docstring).
 GRAPHED_OPS = ("prefill_graphed", "train_graphed", "train_graphed_ckpt")
-OPTIONAL_OPS = {"block": CKPT_OPS + GRAPHED_OPS,
-                "decode_step": (PLAIN_SAMPLING_MODE, f"{PLAIN_SAMPLING_MODE}_host")}
+#: The one-launch stream step (optional, module docstring): per block, and outside the blocks.
+STREAM_BLOCK_OPS = ("stream_decode", "stream_capture")
+STREAM_STEP_OPS = ("stream_launch", "stream_launch_host", "stream_capture")
+OPTIONAL_OPS = {"block": CKPT_OPS + GRAPHED_OPS + STREAM_BLOCK_OPS,
+                "decode_step": (PLAIN_SAMPLING_MODE, f"{PLAIN_SAMPLING_MODE}_host") + STREAM_STEP_OPS}
 LINK_TYPES = ("nvlink", "ib", "host")
 
 
