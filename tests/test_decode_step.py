@@ -195,6 +195,7 @@ def test_set_tokens_launch_equals_gather_and_set_inputs(rows):
     """The one-launch input preparation (embedding gather into the chunked layout, sums of squares,
     positions; padding rows zero at position -1) against the torch gather and ``set_inputs``."""
     assert decode_step.available(), "decode_stream kernel did not build"
+    assert hasattr(decode_step.decode_stream._EXT.load(), "prepare")  # the launch, not the torch fallback
     step = _setup("cuda")[0]
     g = torch.Generator().manual_seed(rows)
     embed = torch.randn(512, 256, generator=g).to("cuda", torch.bfloat16)

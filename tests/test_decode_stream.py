@@ -161,7 +161,9 @@ def test_pack_many_is_bitwise_the_torch_fold_and_pack():
     q, k, v, gamma = rnd(256, 384), rnd(128, 384), rnd(128, 384), rnd(384) + 1
     gate, up, gamma2 = rnd(256, 256), rnd(256, 256), rnd(256) + 1
     plain = rnd(128, 512)
-    jobs = [([q, k, v], gamma, False), ([gate, up], gamma2, True), ([plain], None, False)]
+    wide, wide_gamma = rnd(1024, 2048), rnd(2048) + 1  # more 16-byte units than the grid has threads
+    jobs = [([q, k, v], gamma, False), ([gate, up], gamma2, True), ([plain], None, False), ([wide], wide_gamma, False),
+            ([gate, up], None, True)]
     want = []
     for srcs, gam, glu in jobs:
         mat = torch.cat(srcs)
@@ -173,12 +175,15 @@ def test_pack_many_is_bitwise_the_torch_fold_and_pack():
     for d, w in zip(dsts, want):
         assert torch.equal(d, w)
     assert not decode_stream.pack_many([(dsts[2], [plain.float()], None, False)])  # fp32 source: torch's job
+    odd = torch.empty(128 * 512 + 1, dtype=torch.bfloat16, device="cuda")[1:]  # not 16-byte aligned
+    assert not decode_stream.pack_many([(odd, [plain], None, False)])
 
 
 @needs_sm90
 def test_stream_caches_in_place_is_stream_cache():
     caches = [torch.randn(3, 2, 256, 64, generator=torch.Generator().manual_seed(i)).to("cuda", torch.bfloat16)
               for i in range(3)]
+    assert hasattr(decode_stream._EXT.load(), "permute_caches")  # the launch, not the torch fallback
     want = [stream_cache(c) for c in caches]
     decode_stream.stream_caches_in_place(caches)
     for c, w in zip(caches, want):

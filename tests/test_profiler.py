@@ -345,3 +345,18 @@ def test_a_failed_capture_leaves_the_generator_usable_after_reset():
     reset_cuda_generator()
     assert torch.randn(4, device="cuda").isfinite().all()
     assert torch.rand(1000, device="cuda").std() > 0.2
+
+
+def test_stream_step_points_split_into_a_blocks_share_and_the_rest():
+    """The stream step is one launch over the whole model, so the profiler times it on 1- and 3-block models:
+    a block's share is half the difference and the rest what the 1-block step has beyond one block (noise
+    that would make a share negative is clamped)."""
+    from executor.profiler import split_stream_point
+
+    one, three = (1.0e-3, 4e-5, 9e-3), (1.2e-3, 5e-5, 1.3e-2)  # (device, host, one-off) seconds
+    per, per_capture, outside, host, outside_capture = split_stream_point(one, three)
+    assert per == pytest.approx(1e-4) and per_capture == pytest.approx(2e-3)
+    assert outside == pytest.approx(9e-4) and outside_capture == pytest.approx(7e-3) and host == 4e-5
+    # a model of L blocks then costs outside + L * per: the 3-block step is reproduced
+    assert outside + 3 * per == pytest.approx(three[0]) and outside_capture + 3 * per_capture == pytest.approx(three[2])
+    assert split_stream_point(one, (0.9e-3, 4e-5, 8e-3))[:2] == (0.0, 0.0)

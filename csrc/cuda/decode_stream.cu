@@ -1071,8 +1071,13 @@ void prepare_inputs(torch::Tensor tokens, torch::Tensor positions, torch::Tensor
   TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == torch::kBFloat16 && embed.is_contiguous() &&
               hidden % kBK == 0, "prepare: embed bf16 [V, hidden], hidden a multiple of ", kBK);
   TORCH_CHECK(h0.scalar_type() == torch::kBFloat16 && h0.numel() >= kM * hidden && ss0.scalar_type() == torch::kFloat32 &&
-              ss0.numel() >= kM && pos.scalar_type() == torch::kInt64 && pos.numel() >= kM,
-              "prepare: h0 bf16 [64 * hidden], ss0 fp32 [64], pos int64 [64]");
+              ss0.numel() >= kM && pos.scalar_type() == torch::kInt64 && pos.numel() >= kM && h0.is_contiguous() &&
+              ss0.is_contiguous() && pos.is_contiguous(),
+              "prepare: h0 bf16 [64 * hidden], ss0 fp32 [64], pos int64 [64], contiguous");
+  for (const torch::Tensor* t : {&positions, &embed, &h0, &ss0, &pos})
+    TORCH_CHECK(t->device() == tokens.device(), "prepare: every tensor on ", tokens.device(), ", got one on ", t->device());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(embed.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(h0.data_ptr()) % 16 == 0,
+              "prepare: embed and h0 must be 16-byte aligned (16-byte loads and stores)");
   const c10::cuda::CUDAGuard guard(tokens.device());
   prepare_kernel<<<kM, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
       tokens.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
@@ -1088,7 +1093,7 @@ void prepare_inputs(torch::Tensor tokens, torch::Tensor positions, torch::Tensor
 // [Wg; Wu]). A packed 16-byte unit q of a matrix is (tile, chunk, half, block, row, u) in pack_weight's
 // order; it holds source unit u ^ (row % 8) of row tile*128 + half*64 + row (with glu: 32 gate rows then the
 // 32 matching up rows per half), scaled column-wise by gamma in fp32 and rounded once, as the torch fold.
-enum : int { P_DST, P_N, P_K, P_GLU, P_GAMMA, P_FIRST, P_NSRC, P_SRC0, P_ROWS0, P_SRC1, P_ROWS1, P_SRC2, P_ROWS2,
+enum : int { P_DST, P_N, P_K, P_GLU, P_GAMMA, P_FIRST, P_NSRC /* informational */, P_SRC0, P_ROWS0, P_SRC1, P_ROWS1, P_SRC2, P_ROWS2,
              P_COUNT = 16 };
 
 __global__ void __launch_bounds__(256) pack_kernel(const int64_t* __restrict__ table, int rows, int64_t units) {

@@ -87,7 +87,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from planner.cost_model.collectives import all_gather_time_s, all_reduce_time_s, p2p_time_s, reduce_scatter_time_s
-from planner.cost_model.profile import PLAIN_SAMPLING_MODE, LinkRate, Profile
+from planner.cost_model.profile import PLAIN_SAMPLING_MODE, STREAM_BLOCK_OPS, STREAM_STEP_OPS, LinkRate, Profile
 from planner.cost_model.shapes import (
     DTYPE_BYTES,
     ModelOptions,
@@ -236,8 +236,8 @@ def stream_decode_priced(spec: ModelSpec, p: Placement, profile: Profile, opts: 
     stream tables? Where generation would choose it (``ModelOptions.stream_decode``: an sm_90 profile device;
     tp = pp = 1 and shapes that fit, ``working_set.stream_decode_unfit``) and the profile measured it."""
     return (opts.stream_decode and working_set.stream_decode_unfit(spec, batch, p.tp, p.pp) is None
-            and profile.has_op(spec, "block", "stream_decode", 1) and profile.has_op(spec, "decode_step",
-                                                                                  "stream_launch", 1))
+            and all(profile.has_op(spec, "block", op, 1) for op in STREAM_BLOCK_OPS)
+            and all(profile.has_op(spec, "decode_step", op, 1) for op in STREAM_STEP_OPS))
 
 
 def stage_decode_s(st: Stage, spec: ModelSpec, p: Placement, profile: Profile, batch: float, kv_len: float,
@@ -368,8 +368,10 @@ def t_call(call: Call, placement: Placement, spec: ModelSpec, profile: Profile, 
                                for st in sts) + p2p_dec)
 
         capture = 0.0
-        if N >= 3:  # DecodeRunner: step 1 eager, step 2 captured (and replayed), then replays
-            capture = p.num_micro_batches * max(stage_capture_s(st, spec, p, profile, b, P, stream) for st in sts)
+        if N >= 3 or (stream and N >= 2):  # DecodeRunner: step 1 eager, step 2 captured (and replayed), then
+            # replays; the stream step packs its weights and permutes the cache at step 1 (a cache of P + N)
+            kv = working_set.stream_cache_len(P + N) if stream else P
+            capture = p.num_micro_batches * max(stage_capture_s(st, spec, p, profile, b, kv, stream) for st in sts)
         decode = sum_over_steps_s(round_s, P, N - 1)
         return CallTime(prefill + capture + decode, {"prefill_s": prefill, "capture_s": capture, "decode_s": decode})
     tok, s = b * call.max_seqlen, call.max_seqlen

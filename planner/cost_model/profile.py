@@ -83,7 +83,7 @@ gather, ``reallm.parallel.generate._sample``): device and host time, greedy (``g
 and sampling (``sample``, ``sample_host``: the measuring run's ``sampling`` settings, PPO's top-k/top-p
 with the logits mask by default; optionally ``sample_plain``, ``sample_plain_host``: temperature only, no
 top-k / top-p filter, as a call with ``top_k=0, top_p=1`` samples — without them such calls read
-``sample``). ``decode_step`` tables have one ``kv_len`` column.
+``sample``). ``decode_step`` tables have one ``kv_len`` column (the stream tables below excepted).
 
 The one-launch stream step (``reallm.model.stream_decode``: on sm_90 at tp = pp = 1, micro-batches of at
 most 64 sequences, shapes that fit) runs the whole model's step as one replayed kernel, so its time does
@@ -92,7 +92,8 @@ not split into the layers' library tables. Optional, measured where it runs: a b
 weights packed, cache permuted), both half the difference between steps of 3- and 1-block models; and in
 ``decode_step`` the rest — ``stream_launch`` (device: input preparation, final norm and LM head, launch),
 ``stream_launch_host`` and ``stream_capture`` (the runner made, the first step and the capture). Batches
-past 64 are never read (generation takes the library step there). On a CPU the host
+past 64 are never read (generation takes the library step there); the capture tables are read at the
+call's cache capacity. The cost model uses them only where all five are present. On a CPU the host
 does the work: device tables hold the wall time and the host and capture tables are 0.
 
 Version 1 (no ``decode_host``, ``decode_capture``, ``decode_step``; the head's decode included the

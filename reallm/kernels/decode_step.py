@@ -139,8 +139,12 @@ class DecodeStep:
         """New weights of the same shapes (HF names), packed in place: launches captured earlier read them.
         Without plain copies to update (``keep_plain=False``), on CUDA: one launch (``pack_many``)."""
         products = [p for p in self.program.products if p.packed is not None]
-        if all(p.w.device.type == "meta" for p in products) and decode_stream.pack_many(
-                [(p.packed, srcs, gamma, glu) for p, (srcs, gamma, glu) in zip(products, self._sources(weights))]):
+        jobs = [(p.packed, srcs, gamma, glu) for p, (srcs, gamma, glu) in zip(products, self._sources(weights))]
+        for p, (_, srcs, _, _) in zip(products, jobs):
+            got = (sum(t.shape[0] for t in srcs), srcs[0].shape[1])
+            if got != tuple(p.w.shape):
+                raise ValueError(f"DecodeStep.load: a {list(got)} matrix for a product of {list(p.w.shape)}")
+        if all(p.w.device.type == "meta" for p in products) and decode_stream.pack_many(jobs):
             return
         mats = self._matrices(weights)
         for i, p in enumerate(self.program.products):
@@ -185,6 +189,9 @@ class DecodeStep:
         (gather, chunked layout, sums of squares, positions), elsewhere the torch gather and :meth:`set_inputs`."""
         b = tokens.shape[0]
         ext = decode_stream._EXT.load() if tokens.is_cuda else None
+        if ext is not None and (tokens.dim() != 1 or tokens.dtype != torch.int64 or positions.dtype != torch.int64
+                                or embed.device != tokens.device or positions.device != tokens.device):
+            ext = None  # (the launch takes int64 ids and positions on the embedding's device)
         if ext is None or not hasattr(ext, "prepare"):
             self.set_inputs(torch.nn.functional.embedding(tokens, embed), positions)
             return

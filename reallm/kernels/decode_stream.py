@@ -26,6 +26,7 @@ rounding of each output): the definition the kernel is tested against.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -34,7 +35,7 @@ import torch
 from reallm.kernels.jit import JitExtension
 
 # wgmma needs the architecture-specific target (sm_90a), which torch's default arch flags do not give
-_EXT = JitExtension("reallm_decode_stream_v60", "decode_stream.cu",
+_EXT = JitExtension("reallm_decode_stream_v62", "decode_stream.cu",
                     cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",))
 #: Rows (sequences) of a step the kernel computes (``kM``); weight rows per tile (``kTile``), per consumer
 #: half (``kHalf``); chunk columns (``kBK``).
@@ -128,6 +129,19 @@ def schedule(shapes: list, grid: int) -> tuple[list[list[Segment]], list[int]]:
     return lists, slots
 
 
+@functools.lru_cache(maxsize=16)
+def _schedule_table(shapes: tuple, grid: int) -> tuple[list[list[Segment]], list[int], torch.Tensor]:
+    """:func:`schedule` and its segment table (int32 [grid, L, 8], on the host), kept per (shapes, grid): a
+    model's programs over new caches (a generation call's runner) share them (Python: ~2 ms a layer)."""
+    lists, slots = schedule(list(shapes), grid)
+    length = max(1, max(len(segs) for segs in lists))
+    table = torch.zeros(grid, length, 8, dtype=torch.int32)
+    for cta, segs in enumerate(lists):
+        if segs:
+            table[cta, :len(segs), :7] = torch.tensor(segs, dtype=torch.int32)
+    return lists, slots, table
+
+
 def available(verbose: bool = False) -> bool:
     return _EXT.load(verbose) is not None
 
@@ -176,7 +190,9 @@ def stream_caches_in_place(caches: list[torch.Tensor]) -> None:
     ext = _EXT.load() if caches and caches[0].is_cuda else None
     shape = caches[0].shape if caches else None
     if (ext is None or not hasattr(ext, "permute_caches") or shape[-1] != HEAD
-            or any(c.shape != shape or c.dtype != torch.bfloat16 or not c.is_contiguous() for c in caches)):
+            or len({c.data_ptr() for c in caches}) != len(caches)  # (twice in place would permute back)
+            or any(c.shape != shape or c.dtype != torch.bfloat16 or not c.is_contiguous() or c.data_ptr() % 16
+                   or c.device != caches[0].device for c in caches)):
         for c in caches:
             c.copy_(stream_cache(c))
         return
@@ -195,6 +211,7 @@ def pack_many(jobs: list[tuple[torch.Tensor, list[torch.Tensor], Optional[torch.
     extension or the tensors do not fit: the caller packs with torch."""
     if not jobs or not jobs[0][0].is_cuda:
         return False
+    device = jobs[0][0].device
     ext = _EXT.load()
     if ext is None or not hasattr(ext, "pack"):
         return False
@@ -202,12 +219,13 @@ def pack_many(jobs: list[tuple[torch.Tensor, list[torch.Tensor], Optional[torch.
     for dst, srcs, gamma, glu in jobs:
         k = srcs[0].shape[-1]
         n = sum(t.shape[0] for t in srcs)
+        tensors = [dst, *srcs] + ([gamma] if gamma is not None else [])
         ok = (1 <= len(srcs) <= 3 and dst.dtype == torch.bfloat16 and dst.is_contiguous() and dst.numel() == n * k
               and n % TILE == 0 and k % CHUNK == 0
               and all(t.dim() == 2 and t.shape[1] == k and t.dtype == torch.bfloat16 and t.is_contiguous()
-                      and t.device == dst.device for t in srcs)
-              and (gamma is None or (gamma.shape == (k,) and gamma.dtype == torch.bfloat16 and gamma.is_contiguous()
-                                     and gamma.device == dst.device)))
+                      for t in srcs)
+              and (gamma is None or (gamma.shape == (k,) and gamma.dtype == torch.bfloat16 and gamma.is_contiguous()))
+              and all(t.device == device and t.data_ptr() % 16 == 0 for t in tensors))  # 16-byte units
         if not ok:
             return False
         row = [dst.data_ptr(), n, k, int(glu), gamma.data_ptr() if gamma is not None else 0, first, len(srcs)]
@@ -523,7 +541,7 @@ class StreamProgram:
             return self._built[grid]
         dev = self.products[0].x.device
         shapes = self.shapes()
-        lists, slots = schedule(shapes, grid)
+        lists, slots, table = _schedule_table(tuple(shapes), grid)
         tiles = [s[0] if isinstance(s, tuple) else 0 for s in shapes]
         # fp32 sums tiles of the spread tiles, a region per product (zeroed here, left zeroed by the kernel)
         partial = torch.zeros(max(sum(slots), 1) * _SLOT_FLOATS, dtype=torch.float32, device=dev)
@@ -543,11 +561,6 @@ class StreamProgram:
                 "counters": [counters.data_ptr() + 4 * a for a in starts],
                 "ss": {i: scratch.data_ptr() + 4 * ROWS * r for i, r in self._ss.items()}}
         rows = [self._row(i, ptrs) for i in range(len(self.products))]
-        length = max(1, max(len(segs) for segs in lists))
-        table = torch.zeros(grid, length, 8, dtype=torch.int32)
-        for cta, segs in enumerate(lists):
-            if segs:
-                table[cta, :len(segs), :7] = torch.tensor(segs, dtype=torch.int32)
         self._built[grid] = {"prog": torch.tensor(rows, dtype=torch.int64, device=dev), "segs": table.to(dev),
                              "lens": torch.tensor([len(x) for x in lists], dtype=torch.int32, device=dev),
                              "lists": lists, "partial": partial, "tickets": tickets, "counters": counters,

@@ -7,8 +7,10 @@ combines the lanes at the end:
 
     token = first index of max(x),   log p(token) = x[token] − max − log Σ exp(x − max) = −log Σ exp(x − max)
 
-which is ``log_softmax(x.float())[argmax(x)]`` (the sum in another order: equal to rounding). CPU tensors,
-and CUDA without Triton, take the torch ops.
+which is ``log_softmax(x.float())[argmax(x)]`` (the sum in another order: equal to rounding; a row of −inf
+gives NaN, as torch does). A row holding NaN gets a NaN log-probability here too, but its token is the
+argmax of the other entries where torch's argmax returns the NaN's index. CPU tensors, and CUDA without
+Triton, take the torch ops.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if triton is not None:
 
     @triton.jit
     def _greedy_kernel(x_ptr, stride, V, tok_ptr, lp_ptr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # (row * stride past 2^31 elements: large vocabularies)
         lanes = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
@@ -50,7 +52,7 @@ if triton is not None:
         total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - top), 0.0), 0)
         first = tl.min(tl.where(m == top, idx, V), 0)
         tl.store(tok_ptr + row, first.to(tl.int64))
-        tl.store(lp_ptr + row, -tl.log(total))
+        tl.store(lp_ptr + row, tl.where(total > 0, -tl.log(total), float("nan")))  # all -inf: NaN, as torch
 
 
 def pick(logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
