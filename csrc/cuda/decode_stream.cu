@@ -1129,14 +1129,19 @@ __global__ void __launch_bounds__(256) pack_kernel(const int64_t* __restrict__ t
   }
 }
 
+// Blocks of 256 threads for a grid-stride loop over `work` items on `device`: enough to fill it (8 a SM).
+int64_t grid_stride_blocks(const torch::Device& device, int64_t work) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  return std::min<int64_t>((work + 255) / 256, (int64_t)sms * 8);
+}
+
 void pack_weights(torch::Tensor table, int64_t units) {
   TORCH_CHECK(table.is_cuda() && table.scalar_type() == torch::kInt64 && table.dim() == 2 && table.size(1) == P_COUNT &&
               table.is_contiguous(), "pack: table int64 [P, ", P_COUNT, "] CUDA");
   if (units == 0) return;
   const c10::cuda::CUDAGuard guard(table.device());
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, table.device().index()));
-  const int64_t blocks = std::min<int64_t>((units + 255) / 256, (int64_t)sms * 8);
+  const int64_t blocks = grid_stride_blocks(table.device(), units);
   pack_kernel<<<(unsigned)blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.data_ptr<int64_t>(),
                                                                               (int)table.size(0), units);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1165,9 +1170,7 @@ void permute_caches(torch::Tensor table, int64_t position_rows, int64_t max_len)
   const int64_t total = table.numel() * position_rows;
   if (total == 0) return;
   const c10::cuda::CUDAGuard guard(table.device());
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, table.device().index()));
-  const int64_t blocks = std::min<int64_t>((total + 255) / 256, (int64_t)sms * 8);
+  const int64_t blocks = grid_stride_blocks(table.device(), total);
   permute_kernel<<<(unsigned)blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.data_ptr<int64_t>(),
                                                                                  position_rows, (int)max_len, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
