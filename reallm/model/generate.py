@@ -16,7 +16,9 @@ greedy applies only the EOS ban). The logits mask, when asked for, is True where
 i.e. tokens outside the sampling support (top-k/top-p filtered, and EOS while banned), so training can
 recompute log-probs over the same support.
 
-Randomness depends only on (seed, step, sequence id, t) (``keyed_uniforms``, splitmix64 in numpy), not on
+On CUDA, where no top-k / top-p filter applies and no mask is asked for, steps 1, 2 and 5 and the
+log-probability run as one Triton program per row (``reallm/kernels/sample.py``; the same draw, its sums
+in another order). Randomness depends only on (seed, step, sequence id, t) (``keyed_uniforms``, splitmix64 in numpy), not on
 the batch a sequence lands in, its dp rank, or the device. A sequence that emitted EOS is finished:
 later positions are ``pad_token_id`` with log-prob 0 and are not part of its output; decode stops when
 every sequence is finished (checked every ``POLL_EVERY`` steps) or after ``max_new_tokens``. ``no_eos`` marks sequences cut by the limit.
@@ -38,7 +40,7 @@ import torch
 
 from reallm import working_set
 from reallm.errors import UserError
-from reallm.kernels import greedy
+from reallm.kernels import sample
 from reallm.model.transformer import KVCache, Transformer, pack_sequences
 from reallm.working_set import sampling_chunk_logits, sampling_chunk_rows
 
@@ -160,10 +162,15 @@ def sampling_step(logits_BV: torch.Tensor, cfg: GenerationConfig, t: int, eos_to
     """(token [B], its log-prob under the processed distribution [B], removed-token mask [B, V] or None).
     Rows are independent; they are processed in chunks of ``sampling_chunk_rows`` (bounded memory)."""
     B = logits_BV.shape[0]
-    if (cfg.greedy and not cfg.return_logits_mask and logits_BV.is_cuda
-            and (vocab_size is None or vocab_size >= logits_BV.shape[-1])
-            and not (t < cfg.min_new_tokens and eos_token_ids)):  # nothing to mask: one pass over the logits
-        tok, lp = greedy.pick(logits_BV)
+    V = logits_BV.shape[-1] if vocab_size is None else min(vocab_size, logits_BV.shape[-1])
+    ban = list(eos_token_ids) if t < cfg.min_new_tokens else []
+    if (logits_BV.is_cuda and not cfg.return_logits_mask and len(ban) <= 8
+            and (cfg.greedy or (u_B is not None and not 0 < cfg.top_k < V and cfg.top_p >= 1.0))):
+        # no filter over the vocabulary: the one-program-per-row kernels (reallm/kernels/sample.py)
+        if cfg.greedy:
+            tok, lp = sample.greedy(logits_BV[:, :V], ban)
+        else:
+            tok, lp = sample.plain(logits_BV, u_B, cfg.temperature, V, ban)
         return tok, lp, None
     rows = sampling_chunk_rows(logits_BV.shape[-1], sampling_chunk_logits(cfg.lean_memory), B)
     toks, logps, masks = [], [], []
