@@ -693,6 +693,14 @@ def points_per_config(g: Grids, graphed: bool = False, stream: bool = False) -> 
             + (sum(b <= working_set.STREAM_ROWS for b in g.batches) * nk if stream else 0))
 
 
+def stream_profiled(spec: ModelSpec, tp: int, settings: ProfileSettings) -> bool:
+    """Does this run time the stream step for ``spec`` at ``tp`` (``LayerBench.stream_step``)? Where generation
+    would run it: CUDA graphs on an sm_90 GPU, tp = 1, shapes that fit (the model's own checks follow there)."""
+    return (settings.device == "cuda" and tp == 1 and settings.decode_cuda_graph
+            and working_set.stream_decode_device(device_name(settings.device))
+            and working_set.stream_decode_unfit(spec, 1) is None)
+
+
 def split_stream_point(one: tuple[float, float, float], three: tuple[float, float, float]
                        ) -> tuple[float, float, float, float, float]:
     """(device, host, one-off) seconds of stream steps over 1- and 3-block models → (a block's device share,
@@ -1045,9 +1053,7 @@ class LayerBench:
         from reallm.model.transformer import Transformer
         from reallm.working_set import stream_cache_len
 
-        if (self.tp != 1 or not self.graph or self.s.device != "cuda"
-                or not working_set.stream_decode_device(device_name(self.s.device))
-                or working_set.stream_decode_unfit(self.spec, 1) is not None):
+        if not self.graph or not stream_profiled(self.spec, self.tp, self.s):
             return {}
         models = {}
         for layers in (1, 3):
@@ -1340,10 +1346,7 @@ def profile_models(specs: Sequence[ModelSpec], tps: Sequence[int], settings: Pro
     run["collectives_measured"] = collectives or {}
     d["runs"].append(run)
     graphed = settings.device == "cuda" and settings.compile_blocks
-    progress = _Progress(sum(points_per_config(settings.grids, graphed and tp == 1,
-                                               settings.device == "cuda" and tp == 1 and settings.decode_cuda_graph
-                                               and working_set.stream_decode_device(device_name(settings.device))
-                                               and working_set.stream_decode_unfit(spec, 1) is None)
+    progress = _Progress(sum(points_per_config(settings.grids, graphed and tp == 1, stream_profiled(spec, tp, settings))
                              for spec in unique for tp in tps),
                          settings.show_progress)
     try:

@@ -167,16 +167,7 @@ class DecodeStep:
     def set_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         """The step's input rows (embeddings, [B ≤ 64, hidden]) and their positions ([B]); rows past B are padding."""
         b = hidden.shape[0]
-        if b > ROWS or positions.shape != (b,):
-            raise ValueError(f"DecodeStep: up to {ROWS} rows with one position each, got {list(hidden.shape)} "
-                             f"and positions {list(positions.shape)}")
-        if b > self.cache_rows:
-            raise ValueError(f"DecodeStep: {b} rows but the caches hold {self.cache_rows}")
-        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and b and not bool(((positions >= 0) & (positions < self.max_len)).all()):
-            # (a write past max_len would land in another head's or row's entries; checked outside captures)
-            raise ValueError(f"DecodeStep: positions must be in [0, {self.max_len}), got "
-                             f"{positions.min().item()} .. {positions.max().item()}")
+        self._check_rows(list(hidden.shape), positions)
         rows = torch.zeros(ROWS, self.hidden, dtype=torch.bfloat16, device=hidden.device)
         rows[:b] = hidden
         self.h0.copy_(to_chunks(rows))
@@ -184,10 +175,24 @@ class DecodeStep:
         self.positions.fill_(-1)
         self.positions[:b] = positions
 
+    def _check_rows(self, got: list, positions: torch.Tensor) -> None:
+        """Input rows ``got`` (their shape; B first) with one position each, B ≤ 64 and ≤ the caches' rows, every
+        position inside the caches (checked outside captures: it reads the device)."""
+        b = got[0]
+        if b > ROWS or positions.shape != (b,):
+            raise ValueError(f"DecodeStep: up to {ROWS} rows with one position each, got {got} "
+                             f"and positions {list(positions.shape)}")
+        if b > self.cache_rows:
+            raise ValueError(f"DecodeStep: {b} rows but the caches hold {self.cache_rows}")
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and b and not bool(((positions >= 0) & (positions < self.max_len)).all()):
+            # (a write past max_len would land in another head's or row's entries)
+            raise ValueError(f"DecodeStep: positions must be in [0, {self.max_len}), got "
+                             f"{positions.min().item()} .. {positions.max().item()}")
+
     def set_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor) -> None:
         """:meth:`set_inputs` of the embedding rows ``embed[tokens]`` ([B ≤ 64] token ids): on CUDA one launch
         (gather, chunked layout, sums of squares, positions), elsewhere the torch gather and :meth:`set_inputs`."""
-        b = tokens.shape[0]
         ext = decode_stream._EXT.load() if tokens.is_cuda else None
         if ext is not None and (tokens.dim() != 1 or tokens.dtype != torch.int64 or positions.dtype != torch.int64
                                 or embed.device != tokens.device or positions.device != tokens.device):
@@ -195,15 +200,9 @@ class DecodeStep:
         if ext is None or not hasattr(ext, "prepare"):
             self.set_inputs(torch.nn.functional.embedding(tokens, embed), positions)
             return
-        if b > ROWS or positions.shape != (b,) or b > self.cache_rows:
-            raise ValueError(f"DecodeStep: up to {min(ROWS, self.cache_rows)} rows with one position each, got "
-                             f"tokens {list(tokens.shape)} and positions {list(positions.shape)}")
         if embed.shape[1] != self.hidden:
             raise ValueError(f"DecodeStep: embedding rows of {embed.shape[1]}, the model's hidden size is {self.hidden}")
-        if not torch.cuda.is_current_stream_capturing() and b and not bool(
-                ((positions >= 0) & (positions < self.max_len)).all()):
-            raise ValueError(f"DecodeStep: positions must be in [0, {self.max_len}), got "
-                             f"{positions.min().item()} .. {positions.max().item()}")
+        self._check_rows([tokens.shape[0], embed.shape[1]], positions)
         ext.prepare(tokens.contiguous(), positions.contiguous(), embed.contiguous(), self.h0, self.ss0,
                     self.positions)
 

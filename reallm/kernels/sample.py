@@ -2,7 +2,8 @@
 
 ``reallm.model.generate.sampling_step`` takes these where no top-k / top-p filter applies and no logits mask
 is asked for; a tp vocabulary padding is left out by reading only the first ``vocab_size`` columns, and
-the EOS ban before ``min_new_tokens`` by treating its few tokens as −inf (``ban``). One program per row.
+the EOS ban before ``min_new_tokens`` by treating its few tokens as −inf (``ban``). One program per row;
+where they cannot run (``usable``: no Triton, CPU logits) ``sampling_step`` takes its torch path.
 
 **Greedy** (``greedy``): the torch step took four kernels (an fp32 copy of the logits, ``argmax``,
 ``log_softmax``, ``gather``; ~27 µs at batch 64 × 32,000 on an H100). One pass keeps per lane a running
@@ -22,8 +23,7 @@ rounding leaves none; log p = z[token] − m − log S.
 Both equal the torch definitions (:func:`greedy_reference`, :func:`plain_reference`) up to the order of the
 sums: a draw whose u falls within rounding of a boundary between two tokens may pick the neighbour. A row
 of −inf gives NaN log-probabilities, as torch does; a row holding NaN gets a NaN log-probability too, but
-its token is chosen among the other entries (torch's argmax returns the NaN's index). CPU tensors, and
-CUDA without Triton, take the torch ops.
+its token is chosen among the other entries (torch's argmax returns the NaN's index).
 """
 
 from __future__ import annotations
@@ -49,18 +49,19 @@ def greedy_reference(logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def plain_reference(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float = 1.0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B] int64, its log-prob [B] fp32) drawn by inverse CDF of softmax(logits / T) at ``u_B``:
-    the torch definition (``reallm.model.generate.draw``)."""
+    """(token [B] int64, its log-prob [B] fp32) drawn by inverse CDF of softmax(logits / T) at ``u_B``: the
+    torch definition, ``reallm.model.generate.draw``."""
+    from reallm.model.generate import draw  # (generate imports this module)
+
     z = logits_BV.float()
     if temperature != 1.0:
         z = z / temperature
-    cdf = torch.softmax(z.double(), -1).cumsum(-1)
-    x = (u_B.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    tok = torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=z.shape[-1] - 1)
+    tok = draw(z, u_B)
     return tok, torch.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1)
 
 
-def _usable(logits_BV: torch.Tensor) -> bool:
+def usable(logits_BV: torch.Tensor) -> bool:
+    """Can :func:`greedy` / :func:`plain` run on these logits (Triton, CUDA, rows of unit stride)?"""
     return triton is not None and logits_BV.is_cuda and logits_BV.dim() == 2 and logits_BV.stride(-1) == 1
 
 
@@ -152,18 +153,11 @@ def _ban_tensor(ban: Sequence[int], device) -> torch.Tensor:
     return _BANS[key]
 
 
-def _banned_ref(logits_BV: torch.Tensor, ban: Sequence[int]) -> torch.Tensor:
-    z = logits_BV.float().clone()
-    if ban:
-        z[:, list(ban)] = float("-inf")
-    return z
-
-
 def greedy(logits_BV: torch.Tensor, ban: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """(first argmax [B] int64, its log-softmax [B] fp32) of each row of ``logits_BV`` [B, V], the tokens in
     ``ban`` removed (-inf)."""
-    if not _usable(logits_BV):
-        return greedy_reference(_banned_ref(logits_BV, ban))
+    if not usable(logits_BV):
+        raise ValueError("sample.greedy: needs Triton and CUDA logits rows of unit stride (sample.usable)")
     B, V = logits_BV.shape
     tok = torch.empty(B, dtype=torch.int64, device=logits_BV.device)
     lp = torch.empty(B, dtype=torch.float32, device=logits_BV.device)
@@ -179,8 +173,8 @@ def plain(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float = 1.0,
     docstring) and its log-probability; only the first ``vocab_size`` columns (a tp padding left out), the
     tokens in ``ban`` removed (-inf)."""
     V = logits_BV.shape[-1] if vocab_size is None else min(vocab_size, logits_BV.shape[-1])
-    if not _usable(logits_BV):
-        return plain_reference(_banned_ref(logits_BV[:, :V], ban), u_B, temperature)
+    if not usable(logits_BV):
+        raise ValueError("sample.plain: needs Triton and CUDA logits rows of unit stride (sample.usable)")
     B = logits_BV.shape[0]
     tok = torch.empty(B, dtype=torch.int64, device=logits_BV.device)
     lp = torch.empty(B, dtype=torch.float32, device=logits_BV.device)

@@ -164,7 +164,7 @@ def sampling_step(logits_BV: torch.Tensor, cfg: GenerationConfig, t: int, eos_to
     B = logits_BV.shape[0]
     V = logits_BV.shape[-1] if vocab_size is None else min(vocab_size, logits_BV.shape[-1])
     ban = list(eos_token_ids) if t < cfg.min_new_tokens else []
-    if (logits_BV.is_cuda and not cfg.return_logits_mask and len(ban) <= 8
+    if (sample.usable(logits_BV) and not cfg.return_logits_mask and len(ban) <= 8
             and (cfg.greedy or (u_B is not None and not 0 < cfg.top_k < V and cfg.top_p >= 1.0))):
         # no filter over the vocabulary: the one-program-per-row kernels (reallm/kernels/sample.py)
         if cfg.greedy:
